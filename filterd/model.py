@@ -1,0 +1,367 @@
+"""The three state levels a message passes through, kept apart:
+
+- :class:`Session` — one client connection: peer address and name, HELO, TLS, authenticated user.
+- :class:`Transaction` — one envelope: MAIL FROM with its ESMTP parameters and the recipients,
+  each a :class:`Recipient` carrying its own outcome.
+- :class:`Message` — the raw bytes, kept exact, and a parsed view built lazily on first use
+  (:class:`ParsedMessage`). A malformed message still gives a usable view: problems are recorded
+  in ``defects`` and never raised.
+"""
+from __future__ import annotations
+
+import email
+import email.header
+import email.policy
+import email.utils
+import html
+import ipaddress
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from email.message import Message as _EmailMessage
+from functools import cached_property
+
+from .verdict import Verdict
+
+# Bounds that keep hostile messages cheap to look at.
+MAX_PARTS = 1000
+MAX_DEPTH = 30
+MAX_TEXT_PER_PART = 1_000_000
+MAX_URLS = 1000
+
+
+@dataclass
+class Session:
+    peer_ip: str = "127.0.0.1"
+    peer_port: int = 0
+    peer_name: str = ""  # reverse DNS name, "" when unknown
+    helo: str = ""
+    tls: bool = False
+    tls_version: str = ""
+    tls_cipher: str = ""
+    auth_user: str = ""  # authenticated (SASL) user, "" when not authenticated
+    local_ip: str = ""
+    local_port: int = 0
+    front_door: str = "check"  # "smtp", "submission", "proxy", "milter", "check"
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    started: float = field(default_factory=time.time)
+    data: dict = field(default_factory=dict)  # scratch space for plugins, per connection
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.peer_ip.split("%")[0])
+        except ValueError:
+            return None
+
+
+@dataclass
+class Recipient:
+    address: str
+    params: dict[str, str] = field(default_factory=dict)
+    original: str = ""  # the address as the client gave it, before alias rewriting
+    verdict: Verdict = field(default_factory=Verdict.cont)
+    data: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.original:
+            self.original = self.address
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+    @property
+    def local_part(self) -> str:
+        return self.address.rpartition("@")[0]
+
+
+@dataclass
+class Transaction:
+    session: Session
+    mail_from: str = ""  # "" is the null sender <>
+    mail_params: dict[str, str] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    started: float = field(default_factory=time.time)
+    data: dict = field(default_factory=dict)  # scratch space for plugins, per transaction
+
+    @property
+    def sender_domain(self) -> str:
+        return self.mail_from.rpartition("@")[2].lower() if "@" in self.mail_from else ""
+
+    def recipient(self, address: str) -> Recipient | None:
+        for r in self.recipients:
+            if r.address.lower() == address.lower():
+                return r
+        return None
+
+
+@dataclass
+class Part:
+    """One leaf of the MIME tree."""
+
+    content_type: str
+    filename: str
+    size: int  # decoded size in bytes
+    disposition: str  # "attachment", "inline" or ""
+    depth: int
+    charset: str
+    payload: bytes  # decoded content (transfer encoding undone)
+    path: str  # position in the tree, e.g. "1.2"
+    defects: list[str] = field(default_factory=list)
+
+    @property
+    def is_text(self) -> bool:
+        return self.content_type.startswith("text/") and not self.is_attachment
+
+    @property
+    def is_attachment(self) -> bool:
+        return bool(self.filename) or self.disposition == "attachment" or not (
+            self.content_type.startswith("text/")
+            or self.content_type.startswith("multipart/")
+            or self.content_type == "message/rfc822"
+        )
+
+    def text(self) -> str:
+        data = self.payload[:MAX_TEXT_PER_PART]
+        for cs in (self.charset, "utf-8", "latin-1"):
+            if not cs:
+                continue
+            try:
+                return data.decode(cs, errors="replace" if cs == "utf-8" else "strict")
+            except (LookupError, UnicodeDecodeError):
+                continue
+        return data.decode("latin-1")
+
+
+_URL_RE = re.compile(r"""(?i)\b((?:https?|ftp)://[^\s<>"'\)\]]+|www\.[a-z0-9-]+(?:\.[a-z0-9-]+)+[^\s<>"'\)\]]*)""")
+_HREF_RE = re.compile(r"""(?i)(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
+_TAG_RE = re.compile(r"(?s)<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.I)
+_WS_RE = re.compile(r"[ \t\r\f\v]+")
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML part (good enough for scoring, not for display)."""
+    text = _TAG_RE.sub(" ", markup[:MAX_TEXT_PER_PART])
+    text = html.unescape(text)
+    return _WS_RE.sub(" ", text)
+
+
+def decode_header_value(value) -> str:
+    """RFC 2047 decoding that never raises: undecodable words are kept as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, email.header.Header):
+        value = str(value)
+    value = str(value)
+    if "=?" not in value:
+        return value
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:  # noqa: BLE001 - broken encoded words are common in spam
+        return value
+
+
+class ParsedMessage:
+    """A read-only view of a message built with the standard ``email`` package (compat32 policy,
+    which never raises on bad input). All properties are computed once and bounded in size."""
+
+    def __init__(self, raw: bytes):
+        self.defects: list[str] = []
+        try:
+            self.email: _EmailMessage = email.message_from_bytes(raw, policy=email.policy.compat32)
+        except Exception as exc:  # noqa: BLE001 - the parser is robust, but never trust it fully
+            self.defects.append(f"unparseable message: {exc!r}")
+            self.email = email.message_from_bytes(b"", policy=email.policy.compat32)
+        self.defects.extend(type(d).__name__ for d in getattr(self.email, "defects", []))
+
+    # -- headers ----------------------------------------------------------------------------
+    @cached_property
+    def headers(self) -> list[tuple[str, str]]:
+        """All headers in order, values RFC 2047-decoded and unfolded."""
+        out = []
+        for name, value in self.email.items():
+            v = decode_header_value(value)
+            out.append((name, re.sub(r"\r?\n[ \t]*", " ", v).strip()))
+        return out
+
+    def header(self, name: str, default: str = "") -> str:
+        lname = name.lower()
+        for n, v in self.headers:
+            if n.lower() == lname:
+                return v
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n.lower() == lname]
+
+    @property
+    def subject(self) -> str:
+        return self.header("Subject")
+
+    @cached_property
+    def from_addresses(self) -> list[tuple[str, str]]:
+        """(display name, address) pairs from every From header."""
+        try:
+            return email.utils.getaddresses(self.get_all("From"))
+        except Exception:  # noqa: BLE001
+            return []
+
+    @property
+    def from_address(self) -> str:
+        addrs = [a for _, a in self.from_addresses if a]
+        return addrs[0] if addrs else ""
+
+    @property
+    def from_domain(self) -> str:
+        addr = self.from_address
+        return addr.rpartition("@")[2].lower().rstrip(">") if "@" in addr else ""
+
+    @property
+    def message_id(self) -> str:
+        return self.header("Message-ID").strip()
+
+    # -- MIME tree --------------------------------------------------------------------------
+    @cached_property
+    def parts(self) -> list[Part]:
+        """Leaf parts in document order; nested message/rfc822 parts are descended into.
+        Walks iteratively with a depth and a count limit so hostile nesting stays cheap."""
+        parts: list[Part] = []
+        stack = [(self.email, 0, "1")]
+        while stack:
+            node, depth, path = stack.pop()
+            if len(parts) >= MAX_PARTS:
+                self.defects.append(f"too many MIME parts (more than {MAX_PARTS}); rest not scanned")
+                break
+            if depth > MAX_DEPTH:
+                self.defects.append(f"MIME nesting deeper than {MAX_DEPTH} at part {path}")
+                continue
+            try:
+                ctype = node.get_content_type()
+            except Exception:  # noqa: BLE001
+                ctype = "text/plain"
+            if node.is_multipart():
+                try:
+                    children = node.get_payload()
+                except Exception:  # noqa: BLE001
+                    children = []
+                if not isinstance(children, list):
+                    children = []
+                for i, child in reversed(list(enumerate(children[:MAX_PARTS], 1))):
+                    if isinstance(child, _EmailMessage):
+                        stack.append((child, depth + 1, f"{path}.{i}"))
+                continue
+            parts.append(self._leaf(node, ctype, depth, path))
+        return parts
+
+    def _leaf(self, node: _EmailMessage, ctype: str, depth: int, path: str) -> Part:
+        defects = [type(d).__name__ for d in getattr(node, "defects", [])]
+        try:
+            payload = node.get_payload(decode=True)
+        except Exception as exc:  # noqa: BLE001
+            defects.append(f"undecodable payload: {exc!r}")
+            payload = None
+        if payload is None:
+            raw = node.get_payload()
+            payload = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
+        try:
+            filename = decode_header_value(node.get_filename() or "")
+        except Exception:  # noqa: BLE001
+            filename = ""
+        try:
+            charset = (node.get_content_charset() or "").strip().lower()
+        except Exception:  # noqa: BLE001
+            charset = ""
+        disp = (node.get("Content-Disposition") or "").split(";")[0].strip().lower()
+        self.defects.extend(defects)
+        return Part(ctype, filename, len(payload), disp, depth, charset, payload, path, defects)
+
+    @property
+    def attachments(self) -> list[Part]:
+        return [p for p in self.parts if p.is_attachment]
+
+    @cached_property
+    def text_parts(self) -> list[str]:
+        """Decoded text of every text part; HTML reduced to its visible text."""
+        out = []
+        for p in self.parts:
+            if not p.is_text:
+                continue
+            t = p.text()
+            out.append(html_to_text(t) if p.content_type == "text/html" else t)
+        return out
+
+    @cached_property
+    def html_parts(self) -> list[str]:
+        return [p.text() for p in self.parts if p.is_text and p.content_type == "text/html"]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.text_parts)
+
+    @cached_property
+    def urls(self) -> list[str]:
+        """URLs in text and HTML parts (href/src attributes and bare links), de-duplicated."""
+        seen: dict[str, None] = {}
+        sources = [p.text() for p in self.parts if p.is_text]
+        for src in sources:
+            for m in _HREF_RE.finditer(src):
+                u = html.unescape(m.group(1))
+                if u.lower().startswith(("http://", "https://", "ftp://", "www.")):
+                    seen.setdefault(u, None)
+            for m in _URL_RE.finditer(src):
+                seen.setdefault(m.group(1).rstrip(".,;:!?"), None)
+            if len(seen) >= MAX_URLS:
+                break
+        return list(seen)[:MAX_URLS]
+
+    @cached_property
+    def url_hosts(self) -> list[str]:
+        hosts: dict[str, None] = {}
+        for u in self.urls:
+            rest = u.split("://", 1)[1] if "://" in u else u
+            host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+            host = host.rpartition("@")[2].split(":", 1)[0].strip("[]").lower().rstrip(".")
+            if host:
+                hosts.setdefault(host, None)
+        return list(hosts)
+
+
+class Message:
+    """Raw bytes, kept exactly as received, plus a lazily built :class:`ParsedMessage`."""
+
+    def __init__(self, raw: bytes):
+        self.raw = bytes(raw)
+        self._parsed: ParsedMessage | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @property
+    def parsed(self) -> ParsedMessage:
+        if self._parsed is None:
+            self._parsed = ParsedMessage(self.raw)
+        return self._parsed
+
+    # shortcuts to the parsed view
+    def header(self, name: str, default: str = "") -> str:
+        return self.parsed.header(name, default)
+
+    @property
+    def defects(self) -> list[str]:
+        return self.parsed.defects
+
+    def header_block_and_body(self) -> tuple[bytes, bytes]:
+        """Split raw bytes at the first empty line (either CRLF or LF style)."""
+        raw = self.raw
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            i = raw.find(sep)
+            if i >= 0:
+                j = raw.find(b"\r\n\r\n" if sep == b"\n\n" else b"\n\n")
+                if sep == b"\r\n\r\n" or j < 0 or i < j:
+                    return raw[: i + len(sep)], raw[i + len(sep):]
+        return raw, b""

@@ -1,0 +1,280 @@
+"""The plugin host: finds plugins, registers them with pluggy, and calls their hooks with a
+timeout and an error policy.
+
+Three sources, one mechanism:
+
+1. built-ins: every module (or package) of ``plugins/`` (installed as ``filterd_plugins``);
+2. third-party packages declaring an entry point in the group ``filterd.plugins``
+   (``name = "package.module"`` or ``"package.module:object"``);
+3. site plugins: every ``*.py`` file or package in ``[plugins] site_dir``.
+
+A plugin is a module (or object) with :data:`filterd.hookspecs.hookimpl` functions. If it has a
+``Plugin`` class (or the entry point names a class), one instance is made per pipeline with
+``Plugin(options=<its config section>, services=<Services>)`` so state is not global. A
+module-level ``CONFIG`` string holds the plugin's annotated default config (its section,
+without the ``[name]`` header); the name of the plugin is the name of its config section.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import pkgutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import Config, parse_duration
+from .verdict import Verdict
+
+log = logging.getLogger("filterd.plugins")
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    origin: str  # "builtin", "entry point <dist>", "site <path>"
+    target: Any = None  # module, class or object
+    config_text: str = ""
+    error: str = ""  # load error, "" when loaded
+    instance: Any = None
+    enabled: bool = True
+    hooks: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.target) if self.target is not None else ""
+        return (doc or "").strip().splitlines()[0] if doc else ""
+
+
+def _load_site_module(path: Path):
+    mod_name = f"filterd_site_{path.stem}"
+    if path.is_dir():
+        init = path / "__init__.py"
+        spec = importlib.util.spec_from_file_location(mod_name, init,
+                                                      submodule_search_locations=[str(path)])
+    else:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def discover(plugins_section: dict) -> list[PluginInfo]:
+    """Find every available plugin. Import errors are recorded in ``PluginInfo.error`` (with the
+    culprit's name and origin), never raised: one broken plugin must not stop the others."""
+    found: list[PluginInfo] = []
+    seen: set[str] = set()
+
+    def add(name: str, origin: str, loader) -> None:
+        if name in seen:
+            found.append(PluginInfo(name, origin, error=f"duplicate plugin name {name!r} "
+                                    f"(already loaded from another source); rename one"))
+            return
+        seen.add(name)
+        try:
+            target = loader()
+            text = getattr(target, "CONFIG", "") or ""
+            if not text and inspect.isclass(target):
+                text = getattr(sys.modules.get(target.__module__), "CONFIG", "") or ""
+            found.append(PluginInfo(name, origin, target, text))
+        except Exception as exc:  # noqa: BLE001 - report any import failure with its culprit
+            tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            found.append(PluginInfo(name, origin, error=f"failed to load: {tb}"))
+
+    import filterd_plugins
+
+    for mod in sorted(pkgutil.iter_modules(filterd_plugins.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        add(mod.name, "builtin",
+            lambda n=mod.name: importlib.import_module(f"filterd_plugins.{n}"))
+
+    if plugins_section.get("entry_points", True):
+        for ep in sorted(importlib.metadata.entry_points(group="filterd.plugins"),
+                         key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            origin = f"entry point {dist.name if dist else ep.value}"
+            add(ep.name, origin, ep.load)
+
+    site_dir = plugins_section.get("site_dir") or ""
+    if site_dir:
+        d = Path(site_dir)
+        if not d.is_dir():
+            found.append(PluginInfo("site_dir", f"site {d}",
+                                    error=f"[plugins] site_dir {d} is not a directory"))
+        else:
+            for p in sorted(d.iterdir()):
+                if p.name.startswith(("_", ".")):
+                    continue
+                if (p.suffix == ".py" and p.is_file()) or (p / "__init__.py").is_file():
+                    add(p.stem, f"site {p}", lambda p=p: _load_site_module(p))
+    return found
+
+
+class PluginError(Exception):
+    pass
+
+
+class PluginHost:
+    """Registers the enabled plugins and runs their hooks in the configured order."""
+
+    def __init__(self, config: Config, infos: list[PluginInfo], services):
+        self.config = config
+        self.services = services
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos = infos
+        section = config.section("plugins")
+        disabled = set(section.get("disabled", []))
+        self.default_timeout = parse_duration(section.get("timeout", "10s"))
+        self.default_on_error = section.get("on_error", "tempfail")
+        order = list(section.get("order", []))
+        by_name = {i.name: i for i in infos if not i.error}
+        names = [n for n in order if n in by_name] + [i.name for i in infos
+                                                      if not i.error and i.name not in order]
+        self.order: list[str] = []
+        for name in names:
+            info = by_name[name]
+            opts = self.options(name)
+            info.enabled = name not in disabled and opts.get("enabled", True)
+            if not info.enabled:
+                continue
+            target = info.target
+            if inspect.ismodule(target) and inspect.isclass(getattr(target, "Plugin", None)):
+                target = target.Plugin
+            obj = target(options=opts, services=services) if inspect.isclass(target) else target
+            info.instance = obj
+            try:
+                self.pm.register(obj, name=name)
+            except (ValueError, pluggy.PluginValidationError) as exc:
+                info.error = f"invalid plugin: {exc}"
+                info.enabled = False
+                continue
+            info.hooks = sorted(h.name for h in self.pm.get_hookcallers(obj) or [])
+            self.order.append(name)
+        self.failed = [i for i in infos if i.error]
+        for i in self.failed:
+            log.error("plugin %s (%s) %s", i.name, i.origin, i.error)
+        self._impls: dict[str, list] = {}
+
+    # -- configuration per plugin -------------------------------------------------------------
+    def options(self, name: str) -> dict:
+        return self.config.section(name) if isinstance(self.config.section(name), dict) else {}
+
+    def timeout(self, name: str) -> float:
+        t = self.options(name).get("timeout") or ""
+        return parse_duration(t) if t else self.default_timeout
+
+    def on_error(self, name: str) -> str:
+        return self.options(name).get("on_error") or self.default_on_error
+
+    def impls(self, hook: str) -> list:
+        """Hook implementations in configured plugin order."""
+        if hook not in self._impls:
+            caller = getattr(self.pm.hook, hook)
+            by_plugin = {i.plugin_name: i for i in caller.get_hookimpls()}
+            self._impls[hook] = [by_plugin[n] for n in self.order if n in by_plugin]
+        return self._impls[hook]
+
+    # -- calling ------------------------------------------------------------------------------
+    async def call_one(self, impl, kwargs: dict, ctx=None):
+        """Call one hook implementation under its timeout and error policy.
+
+        Returns ``(result, failure)``: failure is ``None`` on success, else a tempfail Verdict
+        (policy ``tempfail``) or the string ``"skipped"`` (policy ``skip``)."""
+        name = impl.plugin_name
+        args = {a: (self.options(name) if a == "options" else kwargs.get(a))
+                for a in impl.argnames}
+        hook = impl.function.__name__
+        timeout = self.timeout(name)
+        t0 = time.monotonic()
+        try:
+            result = impl.function(**args)
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, timeout)
+            if ctx is not None:
+                ctx.timings[f"{name}.{hook}"] = time.monotonic() - t0
+            return result, None
+        except asyncio.TimeoutError:
+            what, symbol = f"timed out after {timeout:g}s in hook {hook}", "PLUGIN_TIMEOUT"
+            log.error("plugin %s %s", name, what)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a crashing plugin must never crash the server
+            what, symbol = f"raised {type(exc).__name__}: {exc} in hook {hook}", "PLUGIN_ERROR"
+            log.error("plugin %s %s", name, what, exc_info=True)
+        return None, self._failure(name, what, symbol, ctx)
+
+    def _failure(self, name: str, what: str, symbol: str, ctx):
+        if ctx is not None:
+            ctx.add_symbol(symbol, 0.0, options=[name], description=f"plugin {name} {what}",
+                           source="host")
+            ctx.errors.append(f"plugin {name} {what}")
+        if self.on_error(name) == "skip":
+            return "skipped"
+        return Verdict.tempfail(f"Temporary local problem (filter {name}); please try again later",
+                                code=451, enhanced="4.3.0", source=name)
+
+    async def call_first(self, hook: str, ctx, **kwargs) -> Verdict | None:
+        """Early phases: the first non-None verdict (other than CONTINUE) wins."""
+        kwargs["ctx"] = ctx
+        for impl in self.impls(hook):
+            result, failure = await self.call_one(impl, kwargs, ctx)
+            if isinstance(failure, Verdict):
+                return failure
+            if isinstance(result, Verdict) and result.is_final():
+                result.source = result.source or impl.plugin_name
+                return result
+        return None
+
+    async def call_all(self, hook: str, ctx, **kwargs) -> list[tuple[str, Any]]:
+        """Every plugin runs; returns ``[(plugin name, result)]`` for non-None results. A plugin
+        failing under the ``tempfail`` policy tempfails every recipient of ``ctx`` right here."""
+        kwargs["ctx"] = ctx
+        out = []
+        for impl in self.impls(hook):
+            result, failure = await self.call_one(impl, kwargs, ctx)
+            if isinstance(failure, Verdict):
+                ctx.set_verdict(failure)
+            elif result is not None:
+                out.append((impl.plugin_name, result))
+        return out
+
+    async def notify(self, hook: str, **kwargs) -> None:
+        """Events after the fact: errors are logged and never propagate."""
+        for impl in self.impls(hook):
+            await self.call_one(impl, kwargs, kwargs.get("ctx"))
+
+    async def startup(self) -> None:
+        for impl in self.impls("startup"):
+            args = {"options": self.options(impl.plugin_name), "services": self.services}
+            try:
+                r = impl.function(**{a: args[a] for a in impl.argnames})
+                if inspect.isawaitable(r):
+                    await asyncio.wait_for(r, max(self.timeout(impl.plugin_name), 30))
+            except Exception as exc:  # noqa: BLE001
+                raise PluginError(f"plugin {impl.plugin_name} failed to start: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+
+    async def shutdown(self) -> None:
+        for impl in self.impls("shutdown"):
+            args = {"options": self.options(impl.plugin_name), "services": self.services}
+            try:
+                r = impl.function(**{a: args[a] for a in impl.argnames})
+                if inspect.isawaitable(r):
+                    await asyncio.wait_for(r, 10)
+            except Exception:  # noqa: BLE001
+                log.exception("plugin %s failed to shut down cleanly", impl.plugin_name)

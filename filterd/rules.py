@@ -1,0 +1,424 @@
+"""The rules engine: rules are data in TOML files.
+
+Files: the shipped ``rules/*.toml`` (unless ``[rules] shipped = false``), then every ``*.toml``
+of ``[rules] site_dir`` in name order. A site rule with the name of a shipped rule replaces it
+(``enabled = false`` switches it off). Each file may also hold ``[scores]`` (symbol weights) and
+``[actions]`` (thresholds); later files override earlier ones and the main config overrides all.
+
+A rule::
+
+    [[rule]]
+    name = "SUBJ_ALL_CAPS"            # the symbol it emits (A-Z, 0-9, _); "__X" = helper, silent
+    description = "Subject is all capitals"
+    score = 1.5
+    header = "Subject"                # conditions: every one given must match
+    match = '^[^a-z]{12,}$'
+
+Conditions:
+
+- ``sender``, ``recipient``, ``helo`` — regex on the envelope sender / each recipient / HELO
+  (a rule with ``recipient`` fires per recipient and scores for those recipients only);
+- ``client_ip`` — an address or CIDR, or a list of them;
+- ``header`` + ``match`` — regex on the decoded value of any header of that name
+  (without ``match``: the header exists); ``header = "*"`` searches every header;
+- ``body`` — regex on the decoded text of every text part (HTML reduced to text);
+- ``rawbody`` — regex on the raw message bytes (after the headers), as latin-1 text;
+- ``uri`` — regex on URLs found in the text; ``uri_domain`` — domains (a URL host matches the
+  domain and its subdomains);
+- ``attachment_name`` — regex on attachment file names; ``attachment_type`` — MIME type globs;
+- ``size_over`` / ``size_under`` — message size (``"500K"``, ``"10M"`` or bytes);
+- ``all`` / ``any`` — lists of other rule names; ``not`` — one rule name (meta rules).
+
+``flags`` holds regex flags: ``i`` (ignore case), ``m`` (multi-line), ``s`` (dot matches all).
+"""
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ConfigProblem, parse_size
+
+NAME_RE = re.compile(r"^_{0,2}[A-Z0-9][A-Z0-9_]*$")
+RULE_KEYS = {
+    "name", "description", "score", "enabled", "flags",
+    "sender", "recipient", "helo", "client_ip", "header", "match", "body", "rawbody", "uri",
+    "uri_domain", "attachment_name", "attachment_type", "size_over", "size_under",
+    "all", "any", "not",
+}
+FILE_KEYS = {"rule", "scores", "actions"}
+MAX_REGEX_TEXT = 512 * 1024  # text a body/raw regex looks at, per message
+
+
+@dataclass
+class Rule:
+    name: str
+    origin: str
+    description: str = ""
+    score: float = 0.0
+    enabled: bool = True
+    per_recipient: bool = False
+    conds: dict[str, Any] = field(default_factory=dict)
+    meta_all: list[str] = field(default_factory=list)
+    meta_any: list[str] = field(default_factory=list)
+    meta_not: str = ""
+
+    @property
+    def is_meta(self) -> bool:
+        return bool(self.meta_all or self.meta_any or self.meta_not)
+
+    @property
+    def silent(self) -> bool:
+        return self.name.startswith("__")
+
+
+class RuleError(ConfigError):
+    pass
+
+
+def _flags(text: str) -> int:
+    f = 0
+    for ch in text or "":
+        f |= {"i": re.I, "m": re.M, "s": re.S}.get(ch, 0)
+    return f
+
+
+def _compile_rule(entry: Any, origin: str, index: int, problems: list[ConfigProblem]) -> Rule | None:
+    where = f"rule #{index}"
+    if not isinstance(entry, dict):
+        problems.append(ConfigProblem(origin, None, where, "each [[rule]] must be a table"))
+        return None
+    name = entry.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        problems.append(ConfigProblem(origin, None, f"{where}.name",
+                                      f"expected a rule name like SUBJ_ALL_CAPS, got {name!r}"))
+        return None
+    where = f"rule {name}"
+    ok = True
+
+    def bad(key: str, msg: str) -> None:
+        nonlocal ok
+        ok = False
+        problems.append(ConfigProblem(origin, None, f"{where}.{key}", msg))
+
+    for k in entry:
+        if k not in RULE_KEYS:
+            bad(k, f"unknown rule key (known: {', '.join(sorted(RULE_KEYS))})")
+    rule = Rule(name, origin, str(entry.get("description", "")))
+    score = entry.get("score", 0.0)
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        bad("score", f"expected a number, got {score!r}")
+    else:
+        rule.score = float(score)
+    rule.enabled = bool(entry.get("enabled", True))
+    flags = _flags(str(entry.get("flags", "")))
+    for key in ("sender", "recipient", "helo", "match", "body", "rawbody", "uri",
+                "attachment_name"):
+        if key in entry:
+            pattern = entry[key]
+            if not isinstance(pattern, str):
+                bad(key, f"expected a regular expression string, got {pattern!r}")
+                continue
+            try:
+                rule.conds[key] = re.compile(pattern, flags)
+            except re.error as exc:
+                bad(key, f"bad regular expression {pattern!r}: {exc}")
+    if "match" in entry and "header" not in entry:
+        bad("match", "'match' needs a 'header' to match against")
+    if "header" in entry:
+        if not isinstance(entry["header"], str) or not entry["header"]:
+            bad("header", f"expected a header name, got {entry['header']!r}")
+        else:
+            rule.conds["header"] = entry["header"].lower()
+    if "client_ip" in entry:
+        nets = entry["client_ip"] if isinstance(entry["client_ip"], list) else [entry["client_ip"]]
+        parsed = []
+        for n in nets:
+            try:
+                parsed.append(ipaddress.ip_network(str(n), strict=False))
+            except ValueError:
+                bad("client_ip", f"expected an IP address or CIDR, got {n!r}")
+        rule.conds["client_ip"] = parsed
+    for key in ("uri_domain", "attachment_type"):
+        if key in entry:
+            v = entry[key] if isinstance(entry[key], list) else [entry[key]]
+            if not all(isinstance(x, str) for x in v):
+                bad(key, f"expected a string or a list of strings, got {entry[key]!r}")
+            else:
+                rule.conds[key] = [x.lower().strip(".") for x in v]
+    for key in ("size_over", "size_under"):
+        if key in entry:
+            try:
+                rule.conds[key] = parse_size(entry[key])
+            except ValueError as exc:
+                bad(key, str(exc))
+    for key in ("all", "any"):
+        if key in entry:
+            v = entry[key]
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                bad(key, f"expected a list of rule names, got {v!r}")
+            else:
+                setattr(rule, f"meta_{key}", v)
+    if "not" in entry:
+        if not isinstance(entry["not"], str):
+            bad("not", f"expected one rule name, got {entry['not']!r}")
+        else:
+            rule.meta_not = entry["not"]
+    if not rule.conds and not rule.is_meta:
+        bad("name", "rule has no condition (sender, header, body, uri, all, ...)")
+    rule.per_recipient = "recipient" in rule.conds
+    return rule if ok else None
+
+
+def rule_files(config) -> list[Path]:
+    files: list[Path] = []
+    section = config.section("rules")
+    if section.get("shipped", True):
+        shipped = resources.files("filterd_rules")
+        files += sorted((Path(str(f)) for f in shipped.iterdir() if f.name.endswith(".toml")),
+                        key=lambda p: p.name)
+    site = section.get("site_dir") or ""
+    if site:
+        d = Path(site)
+        if d.is_dir():
+            files += sorted(d.glob("*.toml"))
+    return files
+
+
+def _read(path: Path, problems: list[ConfigProblem]) -> dict:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(ConfigProblem(str(path), None, "", f"cannot read rule file: {exc}"))
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        problems.append(ConfigProblem(str(path), int(m.group(1)) if m else None, "",
+                                      f"not valid TOML: {exc}"))
+        return {}
+    for k in data:
+        if k not in FILE_KEYS:
+            problems.append(ConfigProblem(str(path), _line_of(path, k), k,
+                                          "unknown table in rule file (expected [[rule]], "
+                                          "[scores] or [actions])"))
+    return data
+
+
+def _line_of(path: Path, needle: str) -> int | None:
+    try:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if needle in line:
+                return n
+    except OSError:
+        pass
+    return None
+
+
+class RuleSet:
+    def __init__(self, rules: list[Rule]):
+        self.rules = [r for r in rules if r.enabled]
+        self.by_name = {r.name: r for r in self.rules}
+        self.simple = [r for r in self.rules if not r.is_meta]
+        self.meta = _meta_order([r for r in self.rules if r.is_meta], self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def evaluate(self, ctx) -> tuple[dict[str, bool], dict[str, set[str]]]:
+        """Returns (message-level hits, per-recipient hits {rule: {addresses}})."""
+        hits: dict[str, bool] = {}
+        rcpt_hits: dict[str, set[str]] = {}
+        view = _View(ctx)
+        for rule in self.simple:
+            if rule.per_recipient:
+                if not _match_message(rule, view):
+                    hits[rule.name] = False
+                    continue
+                addrs = {r.address for r in ctx.recipients
+                         if rule.conds["recipient"].search(r.address)}
+                rcpt_hits[rule.name] = addrs
+                hits[rule.name] = bool(addrs)
+            else:
+                hits[rule.name] = _match_message(rule, view)
+        for rule in self.meta:
+            ok = True
+            if rule.meta_all:
+                ok = all(hits.get(n, False) for n in rule.meta_all)
+            if ok and rule.meta_any:
+                ok = any(hits.get(n, False) for n in rule.meta_any)
+            if ok and rule.meta_not:
+                ok = not hits.get(rule.meta_not, False)
+            if ok and rule.conds:
+                ok = _match_message(rule, view)
+            hits[rule.name] = ok
+        return hits, rcpt_hits
+
+
+def _meta_order(metas: list[Rule], by_name: dict[str, Rule]) -> list[Rule]:
+    order: list[Rule] = []
+    state: dict[str, int] = {}
+
+    def visit(rule: Rule, chain: list[str]) -> None:
+        if state.get(rule.name) == 2:
+            return
+        if state.get(rule.name) == 1:
+            raise RuleError([ConfigProblem(rule.origin, None, f"rule {rule.name}",
+                                           "meta rules form a loop: " + " -> ".join(chain))])
+        state[rule.name] = 1
+        for dep in rule.meta_all + rule.meta_any + ([rule.meta_not] if rule.meta_not else []):
+            d = by_name.get(dep)
+            if d is not None and d.is_meta:
+                visit(d, chain + [dep])
+        state[rule.name] = 2
+        order.append(rule)
+
+    for r in metas:
+        visit(r, [r.name])
+    return order
+
+
+class _View:
+    """Lazily computed message facts, shared by all rules of one evaluation."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.msg = ctx.message
+        self._cache: dict[str, Any] = {}
+
+    def get(self, key: str, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def text(self) -> str:
+        return self.get("text", lambda: self.msg.parsed.text[:MAX_REGEX_TEXT] if self.msg else "")
+
+    @property
+    def rawbody(self) -> str:
+        def f():
+            if not self.msg:
+                return ""
+            from .rewrite import split_message
+
+            return split_message(self.msg.raw)[2][:MAX_REGEX_TEXT].decode("latin-1")
+        return self.get("rawbody", f)
+
+
+def _match_message(rule: Rule, v: _View) -> bool:
+    c = rule.conds
+    ctx = v.ctx
+    tx = ctx.transaction
+    msg = v.msg
+    if "sender" in c and not c["sender"].search(tx.mail_from or ""):
+        return False
+    if "helo" in c and not c["helo"].search(ctx.session.helo or ""):
+        return False
+    if "client_ip" in c:
+        ip = ctx.session.ip
+        if ip is None or not any(ip.version == n.version and ip in n for n in c["client_ip"]):
+            return False
+    if "size_over" in c and not (msg and msg.size > c["size_over"]):
+        return False
+    if "size_under" in c and not (msg and msg.size < c["size_under"]):
+        return False
+    if "header" in c:
+        if msg is None:
+            return False
+        name = c["header"]
+        values = [val for n, val in msg.parsed.headers if name == "*" or n.lower() == name]
+        if "match" in c:
+            if not any(c["match"].search(val) for val in values):
+                return False
+        elif not values:
+            return False
+    if "body" in c and not c["body"].search(v.text):
+        return False
+    if "rawbody" in c and not c["rawbody"].search(v.rawbody):
+        return False
+    if "uri" in c and not (msg and any(c["uri"].search(u) for u in msg.parsed.urls)):
+        return False
+    if "uri_domain" in c:
+        hosts = msg.parsed.url_hosts if msg else []
+        if not any(h == d or h.endswith("." + d) for h in hosts for d in c["uri_domain"]):
+            return False
+    if "attachment_name" in c:
+        names = [a.filename for a in msg.parsed.attachments] if msg else []
+        if not any(c["attachment_name"].search(n) for n in names if n):
+            return False
+    if "attachment_type" in c:
+        types = [a.content_type for a in msg.parsed.attachments] if msg else []
+        if not any(fnmatch.fnmatch(t, g) for t in types for g in c["attachment_type"]):
+            return False
+    return True
+
+
+def load_rules(config, strict: bool = True) -> tuple[RuleSet, list[ConfigProblem]]:
+    """All rule files in order; later rules replace earlier ones of the same name."""
+    problems: list[ConfigProblem] = []
+    rules: dict[str, Rule] = {}
+    for path in rule_files(config):
+        data = _read(path, problems)
+        entries = data.get("rule", [])
+        if not isinstance(entries, list):
+            problems.append(ConfigProblem(str(path), None, "rule",
+                                          "use [[rule]] (an array of tables)"))
+            continue
+        for i, entry in enumerate(entries, 1):
+            rule = _compile_rule(entry, str(path), i, problems)
+            if rule is not None:
+                rules[rule.name] = rule
+    for p in problems:
+        if p.line is None and p.key.startswith("rule "):
+            name = p.key.split(".")[0][5:]
+            p.line = _line_of(Path(p.file), f'"{name}"') if p.file else None
+    for r in rules.values():
+        for dep in r.meta_all + r.meta_any + ([r.meta_not] if r.meta_not else []):
+            if dep not in rules:
+                problems.append(ConfigProblem(r.origin, _line_of(Path(r.origin), f'"{r.name}"'),
+                                              f"rule {r.name}", f"refers to unknown rule {dep!r}"))
+    try:
+        ruleset = RuleSet(list(rules.values()))
+    except RuleError as exc:
+        problems.extend(exc.problems)
+        ruleset = RuleSet([r for r in rules.values() if not r.is_meta])
+    if problems and strict:
+        raise RuleError(problems)
+    return ruleset, problems
+
+
+def load_policy_tables(config) -> tuple[dict, dict]:
+    """Symbol weights and action thresholds: config defaults, then rule files in order, then
+    what the user set in the config (which wins)."""
+    scores: dict[str, float] = {}
+    actions: dict = {k: v for k, v in config.section("actions").items()}
+    sink: list[ConfigProblem] = []
+    for path in rule_files(config):
+        data = _read(path, sink)
+        for k, v in (data.get("scores") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                scores[k] = float(v)
+        _merge_actions(actions, data.get("actions") or {})
+    user = config.raw.data if getattr(config, "raw", None) else {}
+    scores.update({k: float(v) for k, v in (user.get("scores") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    _merge_actions(actions, user.get("actions") or {})
+    return scores, actions
+
+
+def _merge_actions(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict):
+            sub = base.setdefault(k, {})
+            for kk, vv in v.items():
+                if isinstance(vv, dict):
+                    sub.setdefault(kk, {}).update(vv)
+                else:
+                    sub[kk] = vv
+        else:
+            base[k] = v

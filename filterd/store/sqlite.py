@@ -1,0 +1,217 @@
+"""Embedded store: one SQLite file in WAL mode, safe for several processes on one node.
+
+Calls run synchronously on the event loop thread: each is a single indexed statement on a local
+file (microseconds with ``synchronous=NORMAL`` in WAL mode), cheaper than a thread hop.
+Expired rows are ignored on read and purged lazily.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable
+
+from . import Store, StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB, exp REAL);
+CREATE TABLE IF NOT EXISTS hash (k TEXT, f TEXT, n INTEGER, PRIMARY KEY (k, f)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hexp (k TEXT PRIMARY KEY, exp REAL);
+CREATE TABLE IF NOT EXISTS sets (k TEXT, m TEXT, PRIMARY KEY (k, m)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS win (k TEXT, t REAL, n INTEGER);
+CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
+"""
+
+
+class SQLiteStore(Store):
+    name = "sqlite"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    def _x(self, sql: str, args=()):
+        try:
+            return self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _exp(ttl: float | None) -> float | None:
+        return time.time() + ttl if ttl else None
+
+    # values
+    async def get(self, key):
+        row = self._x("SELECT v, exp FROM kv WHERE k=?", (key,)).fetchone()
+        if row is None:
+            return None
+        if row[1] is not None and row[1] < time.time():
+            self._x("DELETE FROM kv WHERE k=?", (key,))
+            return None
+        v = row[0]
+        return v if isinstance(v, bytes) else str(v).encode()
+
+    async def set(self, key, value, ttl=None):
+        if isinstance(value, str):
+            value = value.encode()
+        self._x("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (key, value, self._exp(ttl)))
+
+    async def delete(self, *keys):
+        n = 0
+        for k in keys:
+            for table in ("kv", "hash", "sets", "win", "hexp"):
+                n += self._x(f"DELETE FROM {table} WHERE k=?", (k,)).rowcount
+        return n
+
+    async def expire(self, key, ttl):
+        self._x("UPDATE kv SET exp=? WHERE k=?", (self._exp(ttl), key))
+        self._x("INSERT OR REPLACE INTO hexp VALUES (?,?)", (key, self._exp(ttl)))
+
+    async def incr(self, key, amount=1, ttl=None):
+        now = time.time()
+        self._x("BEGIN IMMEDIATE")
+        try:
+            row = self._x("SELECT v, exp FROM kv WHERE k=?", (key,)).fetchone()
+            cur, exp = 0, None
+            if row is not None and (row[1] is None or row[1] >= now):
+                cur, exp = int(row[0]), row[1]
+            new = cur + amount
+            exp = self._exp(ttl) if ttl else exp
+            self._x("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (key, str(new).encode(), exp))
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+        return new
+
+    # hashes
+    def _hash_alive(self, key: str) -> bool:
+        row = self._x("SELECT exp FROM hexp WHERE k=?", (key,)).fetchone()
+        if row and row[0] is not None and row[0] < time.time():
+            self._x("DELETE FROM hash WHERE k=?", (key,))
+            self._x("DELETE FROM hexp WHERE k=?", (key,))
+            return False
+        return True
+
+    async def hincr(self, key, counts, ttl=None):
+        await self.mhincr({key: counts}, ttl)
+
+    async def mhincr(self, items, ttl=None):
+        self._x("BEGIN IMMEDIATE")
+        try:
+            for key, counts in items.items():
+                self._hash_alive(key)
+                self.db.executemany(
+                    "INSERT INTO hash VALUES (?,?,?) ON CONFLICT(k,f) DO UPDATE SET n=n+excluded.n",
+                    [(key, f, int(n)) for f, n in counts.items()])
+                if ttl:
+                    self._x("INSERT OR REPLACE INTO hexp VALUES (?,?)", (key, self._exp(ttl)))
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+
+    async def hget_many(self, key, fields: Iterable[str]):
+        if not self._hash_alive(key):
+            return {}
+        fields = list(fields)
+        out: dict[str, int] = {}
+        for i in range(0, len(fields), 500):
+            chunk = fields[i:i + 500]
+            q = ",".join("?" * len(chunk))
+            for f, n in self._x(f"SELECT f, n FROM hash WHERE k=? AND f IN ({q})", (key, *chunk)):
+                out[f] = n
+        return out
+
+    async def hgetall(self, key):
+        if not self._hash_alive(key):
+            return {}
+        return {f: n for f, n in self._x("SELECT f, n FROM hash WHERE k=?", (key,))}
+
+    async def mhgetall(self, keys):
+        out = {k: {} for k in keys}
+        live = [k for k in keys if self._hash_alive(k)]
+        for i in range(0, len(live), 500):
+            chunk = live[i:i + 500]
+            q = ",".join("?" * len(chunk))
+            for k, f, n in self._x(f"SELECT k, f, n FROM hash WHERE k IN ({q})", chunk):
+                out[k][f] = n
+        return [out[k] for k in keys]
+
+    # sets
+    async def sadd(self, key, *members, ttl=None):
+        n = 0
+        for m in members:
+            n += self._x("INSERT OR IGNORE INTO sets VALUES (?,?)", (key, m)).rowcount
+        if ttl:
+            self._x("INSERT OR REPLACE INTO hexp VALUES (?,?)", (key, self._exp(ttl)))
+        return n
+
+    async def srem(self, key, *members):
+        return sum(self._x("DELETE FROM sets WHERE k=? AND m=?", (key, m)).rowcount
+                   for m in members)
+
+    def _set_alive(self, key: str) -> bool:
+        row = self._x("SELECT exp FROM hexp WHERE k=?", (key,)).fetchone()
+        if row and row[0] is not None and row[0] < time.time():
+            self._x("DELETE FROM sets WHERE k=?", (key,))
+            self._x("DELETE FROM hexp WHERE k=?", (key,))
+            return False
+        return True
+
+    async def smembers(self, key):
+        if not self._set_alive(key):
+            return set()
+        return {m for (m,) in self._x("SELECT m FROM sets WHERE k=?", (key,))}
+
+    async def sismember(self, key, member):
+        if not self._set_alive(key):
+            return False
+        return self._x("SELECT 1 FROM sets WHERE k=? AND m=?", (key, member)).fetchone() is not None
+
+    # windows
+    async def window_hit(self, key, window, now, cost=1):
+        self._x("BEGIN IMMEDIATE")
+        try:
+            self._x("DELETE FROM win WHERE k=? AND t<=?", (key, now - window))
+            self._x("INSERT INTO win VALUES (?,?,?)", (key, now, cost))
+            (n,) = self._x("SELECT COALESCE(SUM(n),0) FROM win WHERE k=?", (key,)).fetchone()
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+        return int(n)
+
+    async def window_count(self, key, window, now):
+        (n,) = self._x("SELECT COALESCE(SUM(n),0) FROM win WHERE k=? AND t>?",
+                       (key, now - window)).fetchone()
+        return int(n)
+
+    async def keys(self, prefix):
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        now = time.time()
+        found = set()
+        for table in ("kv", "hash", "sets", "win"):
+            extra = " AND (exp IS NULL OR exp>=?)" if table == "kv" else ""
+            args = (like, now) if extra else (like,)
+            for (k,) in self._x(f"SELECT DISTINCT k FROM {table} WHERE k LIKE ? ESCAPE '\\'{extra}",
+                                args):
+                found.add(k)
+        return sorted(found)
+
+    async def ping(self):
+        self._x("SELECT 1")
+        return True
+
+    async def close(self):
+        self.db.close()

@@ -1,0 +1,1 @@
+"""Shipped rule files (``*.toml``), installed as the data package ``filterd_rules``."""
