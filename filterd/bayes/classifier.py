@@ -1,0 +1,134 @@
+"""Combining token evidence into a spam probability.
+
+The method of Gary Robinson as used by SpamBayes and bogofilter:
+
+1. per token, the raw spam probability from the training counts, corrected for the different
+   numbers of spam and ham messages learned::
+
+       p(w) = (s/S) / (s/S + h/H)
+
+2. Robinson's f(w): a Bayesian estimate that pulls rare tokens toward the prior ``x`` with
+   strength ``s`` (how many messages of evidence the prior is worth)::
+
+       f(w) = (s*x + n*p(w)) / (s + n)        n = s + h (times the token was seen)
+
+3. only tokens that say something (``|f(w) - 0.5| >= min_dev``) take part, the strongest
+   ``max_tokens`` of them;
+4. Fisher's method: two chi-square tests, one for "these probabilities are not from a spammy
+   message" and one for "not from a hammy one"::
+
+       S = 1 - C⁻¹(-2 Σ ln(1 - f(w)), 2N)       H = 1 - C⁻¹(-2 Σ ln f(w), 2N)
+       probability = (1 + S - H) / 2
+
+   which lands near 0 (ham), near 1 (spam) or near 0.5 when the evidence is weak or
+   contradictory: the *unsure* band.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Params:
+    robs: float = 0.45  # strength of the prior (SpamBayes unknown_word_strength)
+    robx: float = 0.5  # the prior for a token never seen (SpamBayes unknown_word_prob)
+    min_dev: float = 0.1  # tokens closer than this to 0.5 are ignored
+    max_tokens: int = 150  # the strongest tokens used per message
+    min_count: int = 0  # tokens seen fewer times than this are ignored
+
+
+@dataclass
+class Result:
+    probability: float
+    spam_evidence: float  # S
+    ham_evidence: float  # H
+    tokens_used: int
+    clues: list[tuple[str, float]] = field(default_factory=list)  # strongest first
+
+
+def chi2q(x2: float, v: int) -> float:
+    """P(chisq >= x2) with ``v`` (even) degrees of freedom."""
+    m = x2 / 2.0
+    total = term = math.exp(-m)
+    for i in range(1, v // 2):
+        term *= m / i
+        total += term
+        if term < 1e-300:
+            break
+    return min(total, 1.0)
+
+
+def _chi2q_log(log_sum: float, n: int) -> float:
+    """chi2q(-2*log_sum, 2n) computed without underflow for long sums."""
+    m = -log_sum
+    if m <= 0:
+        return 1.0
+    # sum_{i<n} e^-m m^i / i!  in log space
+    log_term = -m
+    total = math.exp(log_term)
+    for i in range(1, n):
+        log_term += math.log(m / i)
+        total += math.exp(log_term)
+    return min(total, 1.0)
+
+
+def fw(spam: int, ham: int, nspam: int, nham: int, params: Params) -> float:
+    if nspam <= 0 or nham <= 0 or (spam == 0 and ham == 0):
+        return params.robx
+    sr = spam / nspam
+    hr = ham / nham
+    p = sr / (sr + hr)
+    n = spam + ham
+    return (params.robs * params.robx + n * p) / (params.robs + n)
+
+
+def classify(counts: dict[str, tuple[int, int]], nspam: int, nham: int,
+             params: Params | None = None, explain: int = 0) -> Result:
+    """Spam probability of a message from its tokens' ``(spam, ham)`` training counts
+    (tokens never seen may be left out: they carry no evidence)."""
+    params = params or Params()
+    if nspam <= 0 or nham <= 0:
+        return Result(0.5, 0.0, 0.0, 0)
+    robs, robx, min_dev, min_count = params.robs, params.robx, params.min_dev, params.min_count
+    inv_s, inv_h = 1.0 / nspam, 1.0 / nham
+    scored = []
+    for tok, (s, h) in counts.items():
+        n = s + h
+        if n <= 0 or n < min_count:
+            continue
+        sr = s * inv_s
+        p = sr / (sr + h * inv_h)
+        f = (robs * robx + n * p) / (robs + n)
+        d = abs(f - 0.5)
+        if d >= min_dev:
+            scored.append((d, f, tok))
+    if len(scored) > params.max_tokens:
+        scored.sort(reverse=True)
+        scored = scored[:params.max_tokens]
+    if not scored:
+        return Result(0.5, 0.0, 0.0, 0)
+    log_h = 0.0  # sum ln f
+    log_s = 0.0  # sum ln (1 - f)
+    for _, f, _ in scored:
+        f = min(max(f, 1e-9), 1 - 1e-9)
+        log_h += math.log(f)
+        log_s += math.log1p(-f)
+    n = len(scored)
+    spam_ev = 1.0 - _chi2q_log(log_s, n)
+    ham_ev = 1.0 - _chi2q_log(log_h, n)
+    prob = (1.0 + spam_ev - ham_ev) / 2.0
+    clues = []
+    if explain:
+        clues = [(tok, f) for _, f, tok in sorted(scored, reverse=True)[:explain]]
+    return Result(prob, spam_ev, ham_ev, n, clues)
+
+
+def band(p: float, ham_cutoff: float = 0.2, spam_cutoff: float = 0.9) -> str:
+    """The symbol for a probability: BAYES_SPAM_HIGH (>= 0.99), BAYES_SPAM (>= spam_cutoff),
+    BAYES_UNSURE, BAYES_HAM (<= ham_cutoff), BAYES_HAM_HIGH (<= 0.01)."""
+    if p >= spam_cutoff:
+        return "BAYES_SPAM_HIGH" if p >= 0.99 else "BAYES_SPAM"
+    if p <= ham_cutoff:
+        return "BAYES_HAM_HIGH" if p <= 0.01 else "BAYES_HAM"
+    return "BAYES_UNSURE"

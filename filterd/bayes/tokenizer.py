@@ -1,0 +1,302 @@
+"""Tokenizer: turns a message into the set of tokens the Bayesian classifier counts.
+
+It looks at what a sender controls, each kind of token under its own prefix so that the same word
+in a Subject and in a body are different evidence:
+
+- selected headers: ``subj:`` words, ``from:`` address/domain/name words, ``to:`` domains and
+  recipient count, ``rt:`` Reply-To, ``rp:`` Return-Path, ``mid:`` Message-ID domain,
+  ``mailer:`` X-Mailer/User-Agent words, ``rcvd:`` Received host domains and /24 networks,
+  ``hdr:`` the header names present (as spelled: mailers differ), ``enc:`` RFC 2047
+  encoded-word charsets and encodings, ``charset:`` declared charsets;
+- every text part, decoded (transfer encoding and charset undone; a broken charset falls back to
+  UTF-8 with replacement, then Latin-1): body words lower-cased, long words summarised as
+  ``skip:`` tokens, runs of CJK characters as character pairs;
+- HTML reduced to its visible text, plus ``tag:`` and ``attr:`` hints (which tags and attributes
+  were used, not their values);
+- URLs: ``url:`` host, registrable domain (approximated), IP literal, port and scheme hints;
+- attachments: ``att:`` content types, file name extensions and names; ``part:``/``cte:``
+  structure tokens; ``defect:`` parser defects.
+
+Work is bounded per message (parts, bytes of text per part, HTML bytes, URLs, headers and the
+number of distinct tokens), so a hostile message costs no more than a large ordinary one.
+"""
+from __future__ import annotations
+
+import html as _html
+import re
+
+from ..model import Message, ParsedMessage
+
+# -- bounds -------------------------------------------------------------------------------------
+MAX_PARTS = 60  # leaf parts looked at
+MAX_TEXT = 200_000  # characters of decoded text per part
+MAX_HTML = 400_000  # characters of HTML markup per part
+MAX_HEADERS = 120  # headers looked at
+MAX_URLS = 200
+MAX_TOKENS = 4000  # distinct tokens per message
+MAX_CJK_PAIRS = 2000
+MIN_WORD, MAX_WORD = 3, 20
+
+# Headers that carry another filter's verdict (or the corpus collector's): never learn them, a
+# filter must not learn to trust (or to copy) someone else's label.
+IGNORED_HEADER_PREFIXES = ("x-spam", "x-bogosity", "x-dspam", "x-filterd", "x-rspamd",
+                           "x-virus", "x-quarantine", "x-crm114", "x-ham-report")
+
+_WORD_RE = re.compile(r"[^\W_](?:[\w'$€£%.@-]*[\w$€£%])?")
+_CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{2,}")
+_TAG_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b([^>]{0,2000})>")
+_ATTR_RE = re.compile(r"\s([a-zA-Z][a-zA-Z-]{0,20})\s*=")
+_STRIP_RE = re.compile(r"(?s)<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.I)
+_URL_RE = re.compile(r"""(?i)\b(?:(?:https?|ftp)://|www\.)[^\s<>"'\)\]]{1,400}""")
+_HREF_RE = re.compile(r"""(?i)(?:href|src|action)\s*=\s*["']?([^"'\s>]{1,400})""")
+_ENCWORD_RE = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?")
+_HOST_RE = re.compile(r"(?i)\b((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,24})\b")
+_IP_RE = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}\b")
+_RCVD_IP_RE = re.compile(r"[\[(](\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}[\])]")
+_ADDR_RE = re.compile(r"([\w.+'=-]{1,64})@([\w-]{1,63}(?:\.[\w-]{1,63}){0,8})")
+
+# Second-level labels under which registrations happen (co.uk, com.au, ...): a short, stable
+# approximation of the public suffix list, good enough to group URL hosts into domains.
+_SLD = {"co", "com", "net", "org", "gov", "edu", "ac", "or", "ne", "go", "gob", "mil", "nom"}
+
+_SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-id",
+             "x-mailer", "user-agent", "received", "content-type", "sender", "errors-to",
+             "list-id", "organization", "x-priority", "importance", "precedence",
+             "content-transfer-encoding"}
+
+
+def registrable_domain(host: str) -> str:
+    labels = host.split(".")
+    if len(labels) >= 3 and labels[-2] in _SLD and len(labels[-1]) == 2:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def _words(text: str, prefix: str, out: set) -> None:
+    """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries."""
+    words = _WORD_RE.findall(text.lower())
+    if not words:
+        return
+    if prefix:
+        out.update(prefix + w for w in words if MIN_WORD <= len(w) <= MAX_WORD)
+    else:
+        out.update(w for w in words if MIN_WORD <= len(w) <= MAX_WORD)
+    long = [w for w in words if len(w) > MAX_WORD]
+    if long:
+        out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
+        # e-mail addresses and dotted names inside long runs still tell something
+        for w in long[:50]:
+            for piece in re.split(r"[.@/-]+", w):
+                if MIN_WORD <= len(piece) <= MAX_WORD:
+                    out.add(prefix + piece)
+    if not prefix or prefix == "subj:":
+        for run in _CJK_RE.findall(text)[:200]:
+            for i in range(min(len(run) - 1, MAX_CJK_PAIRS)):
+                out.add(prefix + "cjk:" + run[i:i + 2])
+
+
+def _url_tokens(url: str, out: set) -> None:
+    u = url.strip().rstrip(".,;:!?)'\"").lower()
+    if u.startswith("www."):
+        scheme, rest = "http", u
+    elif "://" in u:
+        scheme, rest = u.split("://", 1)
+    else:
+        return
+    out.add("url:scheme:" + scheme[:10])
+    hostport = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in hostport:
+        out.add("url:userinfo")
+        hostport = hostport.rpartition("@")[2]
+    host, _, port = hostport.partition(":")
+    host = host.strip("[]").rstrip(".")
+    if not host:
+        return
+    if port:
+        out.add("url:port")
+    if _IP_RE.fullmatch(host) or ":" in host:
+        out.add("url:ip")
+        return
+    if len(host) > 100:
+        out.add("url:longhost")
+        return
+    out.add("url:host:" + host)
+    out.add("url:dom:" + registrable_domain(host))
+    path = rest[len(hostport):]
+    if len(path) > 1:
+        for piece in re.split(r"[/?&=#.+_%-]+", path[:300]):
+            if 3 <= len(piece) <= 20 and not piece.isdigit():
+                out.add("url:p:" + piece)
+
+
+def _html_tokens(markup: str, out: set) -> str:
+    """Add tag/attribute hints and return the visible text."""
+    markup = markup[:MAX_HTML]
+    tags = set()
+    attrs = set()
+    for i, m in enumerate(_TAG_RE.finditer(markup)):
+        if i >= 5000:
+            break
+        tags.add(m.group(1).lower())
+        rest = m.group(2)
+        if "=" in rest:
+            attrs.update(a.lower() for a in _ATTR_RE.findall(rest))
+    out.update("tag:" + t for t in tags)
+    out.update("attr:" + a for a in attrs)
+    low = markup.lower()
+    if "display:none" in low or "visibility:hidden" in low:
+        out.add("html:hidden")
+    if "<!--" in low and low.count("<!--") > 20:
+        out.add("html:manycomments")
+    text = _STRIP_RE.sub(" ", markup)
+    return _html.unescape(text)
+
+
+def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) -> int:
+    n = 0
+    for local, dom in _ADDR_RE.findall(value)[:50]:
+        dom = dom.lower()
+        n += 1
+        out.add(f"{prefix}dom:{dom}")
+        if with_local:
+            out.add(f"{prefix}addr:{local.lower()}@{dom}")
+    return n
+
+
+def _header_tokens(parsed: ParsedMessage, out: set) -> None:
+    try:
+        raw_items = parsed.email.items()[:MAX_HEADERS]
+    except Exception:  # noqa: BLE001
+        raw_items = []
+    received = 0
+    for name, raw in raw_items:
+        lname = name.lower()
+        if lname.startswith(IGNORED_HEADER_PREFIXES):
+            continue
+        out.add("hdr:" + name[:40])
+        if lname not in _SELECTED:
+            continue
+        raw = str(raw)[:4000]
+        if "=?" in raw:
+            for cs, enc in _ENCWORD_RE.findall(raw)[:10]:
+                out.add(f"enc:{lname}:{cs.lower()}:{enc.lower()}")
+        if lname == "received":
+            received += 1
+            if received > 6:
+                continue
+            for host in _HOST_RE.findall(raw)[:6]:
+                out.add("rcvd:" + registrable_domain(host.lower()))
+            for a, b, c in _RCVD_IP_RE.findall(raw)[:4]:
+                out.add(f"rcvd:ip:{a}.{b}.{c}")
+            continue
+        value = _decode(raw)
+        if lname == "subject":
+            _words(value, "subj:", out)
+            if value and value.upper() == value and any(ch.isalpha() for ch in value):
+                out.add("subj:allcaps")
+            if "!!" in value:
+                out.add("subj:bangs")
+        elif lname in ("from", "sender"):
+            pre = "from:" if lname == "from" else "sender:"
+            if not _address_tokens(value, pre, out):
+                out.add(pre + "noaddr")
+            name_part = value.split("<", 1)[0] if "<" in value else ""
+            _words(name_part, pre + "name:", out)
+        elif lname in ("to", "cc"):
+            n = _address_tokens(value, "to:", out, with_local=False)
+            out.add(f"{lname}:count:{min(n, 10)}")
+        elif lname in ("reply-to", "errors-to"):
+            _address_tokens(value, "rt:" if lname == "reply-to" else "et:", out)
+        elif lname == "return-path":
+            if not _address_tokens(value, "rp:", out, with_local=False):
+                out.add("rp:empty")
+        elif lname == "message-id":
+            dom = value.rpartition("@")[2].strip(" <>").lower()
+            out.add("mid:dom:" + registrable_domain(dom)[:60] if dom else "mid:nodomain")
+        elif lname in ("x-mailer", "user-agent"):
+            _words(value, "mailer:", out)
+        elif lname == "content-type":
+            ct = value.split(";", 1)[0].strip().lower()
+            out.add("ctype:" + ct[:60])
+            m = re.search(r'(?i)charset\s*=\s*"?([^";\s]{1,40})', value)
+            if m:
+                out.add("charset:" + m.group(1).lower())
+        elif lname in ("list-id", "organization", "precedence", "x-priority", "importance"):
+            _words(value, lname + ":", out)
+        elif lname == "content-transfer-encoding":
+            out.add("cte:top:" + value.strip().lower()[:30])
+
+
+def _decode(value: str) -> str:
+    from ..model import decode_header_value
+
+    return decode_header_value(value) if "=?" in value else value
+
+
+def tokenize(message: Message | bytes) -> set[str]:
+    """The distinct tokens of a message (at most :data:`MAX_TOKENS`)."""
+    if isinstance(message, (bytes, bytearray)):
+        message = Message(bytes(message))
+    parsed = message.parsed
+    out: set[str] = set()
+    _header_tokens(parsed, out)
+    urls: list[str] = []
+    for i, part in enumerate(parsed.parts):
+        if i >= MAX_PARTS:
+            out.add("parts:many")
+            break
+        ctype = part.content_type.lower()
+        out.add("part:" + ctype[:60])
+        if part.charset:
+            out.add("charset:" + part.charset[:40])
+        if part.is_attachment:
+            out.add("att:type:" + ctype[:60])
+            name = (part.filename or "").lower().strip()[:100]
+            if name:
+                ext = name.rpartition(".")[2] if "." in name else ""
+                out.add("att:ext:" + ext[:10] if ext else "att:noext")
+                out.add("att:name:" + name)
+            continue
+        if not part.is_text:
+            continue
+        text = _part_text(part, out)
+        if ctype == "text/html":
+            for m in _HREF_RE.finditer(text[:MAX_HTML]):
+                urls.append(_html.unescape(m.group(1)))
+                if len(urls) > MAX_URLS:
+                    break
+            text = _html_tokens(text, out)
+        else:
+            out.add("body:plain")
+        for m in _URL_RE.finditer(text):
+            urls.append(m.group(0))
+            if len(urls) > MAX_URLS:
+                break
+        _words(text, "", out)
+    for u in urls[:MAX_URLS]:
+        _url_tokens(u, out)
+    for d in set(parsed.defects[:20]):
+        out.add("defect:" + d.split(":", 1)[0][:40])
+    if len(out) > MAX_TOKENS:
+        out = set(sorted(out)[:MAX_TOKENS])
+    return out
+
+
+def _part_text(part, out: set) -> str:
+    data = part.payload[:MAX_TEXT * 2]
+    cs = part.charset
+    if cs:
+        try:
+            return data.decode(cs)[:MAX_TEXT]
+        except LookupError:
+            out.add("charset:unknown")
+        except UnicodeDecodeError:
+            out.add("charset:broken")
+        except Exception:  # noqa: BLE001 - some codecs raise other errors on hostile input
+            out.add("charset:broken")
+    try:
+        return data.decode("utf-8")[:MAX_TEXT]
+    except UnicodeDecodeError:
+        if not cs:
+            out.add("charset:undeclared8bit")
+        return data.decode("latin-1")[:MAX_TEXT]
