@@ -103,8 +103,10 @@ def classify(counts: dict[str, tuple[int, int]], nspam: int, nham: int,
         d = abs(f - 0.5)
         if d >= min_dev:
             scored.append((d, f, tok))
+    # sorted always: the sums below then do not depend on the order the store returned
+    # the counts in, so every backend gives bit-identical results
+    scored.sort(reverse=True)
     if len(scored) > params.max_tokens:
-        scored.sort(reverse=True)
         scored = scored[:params.max_tokens]
     if not scored:
         return Result(0.5, 0.0, 0.0, 0)
