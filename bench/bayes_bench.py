@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from filterd.bayes import Bayes  # noqa: E402
+from filterd.bayes import Bayes, Params  # noqa: E402
 from filterd.store.sqlite import SQLiteStore  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def recall_at_fpr(ham_scores, spam_scores, fpr: float) -> float:
 
 
 # -- filterd ------------------------------------------------------------------------------------
-async def run_filterd(train_ham, train_spam, test, store_kind: str, tmp: Path):
+async def run_filterd(train_ham, train_spam, test, store_kind: str, tmp: Path, params=None):
     if store_kind == "redis":
         import uuid
 
@@ -147,7 +147,7 @@ async def run_filterd(train_ham, train_spam, test, store_kind: str, tmp: Path):
         store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"filterd-bench-{uuid.uuid4().hex}:")
     else:
         store = SQLiteStore(tmp / "filterd-bayes.sqlite")
-    bayes = Bayes(store)
+    bayes = Bayes(store, params=params)
 
     def read(files):
         for f in files:
@@ -220,12 +220,18 @@ def main(argv=None) -> int:
     ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
     ap.add_argument("--no-bogofilter", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="classifier parameter (robs, robx, min_dev, max_tokens), for tuning")
     args = ap.parse_args(argv)
     corpus = Path(args.corpus)
     if not corpus.is_dir():
         print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
         return 2
     ham, spam = load_corpus(corpus)
+    params = Params()
+    for item in args.param:
+        k, _, v = item.partition("=")
+        setattr(params, k, type(getattr(params, k))(v))
     if not ham or not spam:
         print(f"corpus {corpus}: need sub-directories named *ham* and *spam*", file=sys.stderr)
         return 2
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
         test = teh + tes
         with tempfile.TemporaryDirectory(prefix="bayes-bench-") as tmp:
             tmp = Path(tmp)
-            runs = [("filterd", lambda: asyncio.run(run_filterd(trh, trs, test, args.store, tmp)))]
+            runs = [("filterd", lambda: asyncio.run(run_filterd(trh, trs, test, args.store, tmp, params)))]
             if bogo:
                 runs.append(("bogofilter", lambda: run_bogofilter(trh, trs, test, tmp)))
             for name, fn in runs:

@@ -26,12 +26,12 @@ min_ham = 100
 # Weights are in rules/50-bayes-scores.toml (override them in [scores]).
 ham_cutoff = 0.2
 spam_cutoff = 0.9
-# Classifier tuning (Robinson/Fisher, as in SpamBayes): prior strength, prior probability,
+# Classifier tuning (Robinson f(w) + Fisher chi-square): prior strength, prior probability,
 # minimum distance from 0.5 for a token to count, and the most tokens used per message.
-robs = 0.45
-robx = 0.5
-min_dev = 0.1
-max_tokens = 150
+robs = 0.0178
+robx = 0.52
+min_dev = 0.2
+max_tokens = 10000
 # Autolearn after delivery/quarantine (never for mail rejected or deferred at SMTP time).
 # Spam: total score WITHOUT the Bayes symbols at least autolearn_spam_score.
 # Ham: score without Bayes at most autolearn_ham_score AND a Bayes probability at most

@@ -91,5 +91,7 @@ def test_classifier_bands_strong_weak_and_conflicting_evidence():
     assert classify({}, 100, 100).probability == 0.5
     assert classify(spammy, 0, 100).probability == 0.5  # untrained says nothing
     # rare tokens are pulled toward the prior: one sighting is weak evidence
-    weak = classify({"x": (1, 0)}, 100, 100, Params()).probability
-    assert 0.5 < weak < 0.9
+    prior = Params(robs=1.0)
+    weak = classify({"x": (1, 0)}, 100, 100, prior).probability
+    strong = classify({"x": (50, 0)}, 100, 100, prior).probability
+    assert 0.5 < weak < strong

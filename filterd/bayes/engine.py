@@ -50,9 +50,10 @@ class Bayes:
 
     @classmethod
     def from_options(cls, store, options: dict) -> "Bayes":
-        p = Params(robs=float(options.get("robs", 0.45)), robx=float(options.get("robx", 0.5)),
-                   min_dev=float(options.get("min_dev", 0.1)),
-                   max_tokens=int(options.get("max_tokens", 150)))
+        d = Params()
+        p = Params(robs=float(options.get("robs", d.robs)), robx=float(options.get("robx", d.robx)),
+                   min_dev=float(options.get("min_dev", d.min_dev)),
+                   max_tokens=int(options.get("max_tokens", d.max_tokens)))
         return cls(store, options.get("namespace", "bayes:"), p)
 
     async def classify(self, message: Message | bytes, explain: int = 0,
