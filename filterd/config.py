@@ -121,7 +121,8 @@ class Schema:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([ConfigProblem(origin, None, section or "", f"bad defaults: {exc}")])
+            raise ConfigError([ConfigProblem(origin, None, section or "",
+                                             f"bad defaults: {exc}")]) from exc
         if section:
             data.setdefault(section, {})
             for k, v in PLUGIN_RESERVED.items():

@@ -58,7 +58,7 @@ def test_the_documented_site_plugin_loads_and_runs(tmp_path):
     assert {"name": "X-Shouting", "value": "yes"} in out["headers"]
     assert out["action"] == "add_header"
     proc = run_filterd("plugins", "--set", f"plugins.site_dir={tmp_path / 'plugins.d'}")
-    line = next(l for l in proc.stdout.decode().splitlines() if l.startswith("shouting"))
+    line = next(ln for ln in proc.stdout.decode().splitlines() if ln.startswith("shouting"))
     assert "enabled" in line and "data" in line and "modify" in line
 
 
@@ -195,3 +195,12 @@ def test_a_disabled_plugin_does_not_run(tmp_path):
                          "--set", f"plugins.site_dir={tmp_path / 'p'}",
                          "--set", "plugins.disabled=['onfire']")
     assert out["action"] == "accept"
+
+
+async def test_the_shipped_testing_helper_scans_with_a_site_plugin(tmp_path):
+    from filterd.testing import scan, symbol_names
+
+    write_plugin(tmp_path / "p", "shouting", site_plugin_from_docs())
+    result = await scan(make_message(subject="A SUBJECT THAT SHOUTS"),
+                        overrides=[f"plugins.site_dir={tmp_path / 'p'}"], state_dir=tmp_path)
+    assert "SHOUTING_SUBJECT" in symbol_names(result)
