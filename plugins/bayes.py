@@ -158,13 +158,14 @@ class Plugin:
             await self._learn_from(ctx, message, options)
             if len(learners) == len(ctx.recipients):
                 return None  # nothing else to scan for: the message is consumed
-        nspam, nham = await self.bayes.tokens.totals()
+        state = await self.bayes.tokens.state()
+        nspam, nham = state[0], state[1]
         if nspam < int(options["min_spam"]) or nham < int(options["min_ham"]):
             ctx.add_symbol("BAYES_NOT_TRAINED", 0.0, [f"spam={nspam}", f"ham={nham}"],
                            "Bayes has not learned enough messages yet", source="bayes")
             ctx.data["bayes"] = {"trained": False, "nspam": nspam, "nham": nham}
             return None
-        res = await self.bayes.classify(message, totals=(nspam, nham))
+        res = await self.bayes.classify(message, state=state)
         name = band(res.probability, float(options["ham_cutoff"]), float(options["spam_cutoff"]))
         sym = ctx.add_symbol(name, WEIGHTS[name], [f"{res.probability:.4f}"],
                              f"Bayes spam probability {res.probability:.4f}", source="bayes")

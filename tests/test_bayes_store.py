@@ -95,3 +95,22 @@ def test_classifier_bands_strong_weak_and_conflicting_evidence():
     weak = classify({"x": (1, 0)}, 100, 100, prior).probability
     strong = classify({"x": (50, 0)}, 100, 100, prior).probability
     assert 0.5 < weak < strong
+
+
+async def test_a_change_by_another_node_empties_the_token_cache(redis_store):
+    from filterd.store.redis import RedisStore
+
+    other = RedisStore("redis://127.0.0.1:6379/0", prefix=redis_store.prefix)
+    try:
+        node_a, node_b = Bayes(redis_store), Bayes(other)
+        await train(node_b, 10)
+        probe = synth("ham", 500, seed=11).replace(b"Subject: ", b"Subject: frobnicate ")
+        first = await node_a.classify(probe)
+        assert node_a.tokens._cache  # counts are cached on node A now
+        # node B learns the probe as spam many times over (distinct copies)
+        await node_b.learn([probe.replace(b"Message-ID: <", b"Message-ID: <%d" % i)
+                            for i in range(40)], spam=True)
+        second = await node_a.classify(probe)
+        assert second.probability > first.probability + 0.3
+    finally:
+        await other.close()

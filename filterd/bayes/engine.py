@@ -57,12 +57,15 @@ class Bayes:
         return cls(store, options.get("namespace", "bayes:"), p)
 
     async def classify(self, message: Message | bytes, explain: int = 0,
-                       totals: tuple[int, int] | None = None) -> Result:
+                       state: tuple[int, int, int] | None = None) -> Result:
+        """Spam probability of a message. ``state`` is :meth:`TokenStore.state` when the
+        caller has just read it (saves a read); token counts are cached while it holds."""
         toks = tokenize(message)
-        nspam, nham = totals or await self.tokens.totals()
+        state = state or await self.tokens.state()
+        nspam, nham = state[0], state[1]
         if nspam <= 0 or nham <= 0:
             return Result(0.5, 0.0, 0.0, 0)
-        counts = await self.tokens.counts(toks)
+        counts = await self.tokens.counts(toks, state)
         return classify(counts, nspam, nham, self.params, explain)
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,

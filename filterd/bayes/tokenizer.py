@@ -163,13 +163,39 @@ def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) 
     return n
 
 
-def _header_tokens(parsed: ParsedMessage, out: set) -> None:
-    try:
-        raw_items = parsed.email.items()[:MAX_HEADERS]
-    except Exception:  # noqa: BLE001
-        raw_items = []
+_HEADER_RE = re.compile(rb"^([!-9;-~]{1,80})[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.M)
+_UNFOLD_RE = re.compile(r"\r?\n[ \t]+")
+
+
+def raw_headers(raw: bytes) -> list[tuple[str, str]]:
+    """(name, unfolded raw value) of the top-level header block, read straight from the bytes
+    (much cheaper than the email package's header objects); 8-bit values are taken as UTF-8,
+    else Latin-1."""
+    end = raw.find(b"\n\n")
+    end2 = raw.find(b"\r\n\r\n")
+    if end2 >= 0 and (end < 0 or end2 < end):
+        end = end2
+    block = raw if end < 0 else raw[:end + 1]
+    if block.startswith(b"From "):  # mbox separator line
+        block = block[block.find(b"\n") + 1:]
+    out = []
+    for name, value in _HEADER_RE.findall(block[:200_000])[:MAX_HEADERS]:
+        try:
+            v = value.decode("ascii")
+        except UnicodeDecodeError:
+            try:
+                v = value.decode("utf-8")
+            except UnicodeDecodeError:
+                v = value.decode("latin-1")
+        if "\n" in v:
+            v = _UNFOLD_RE.sub(" ", v)
+        out.append((name.decode("ascii"), v.rstrip()))
+    return out
+
+
+def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
     received = 0
-    for name, raw in raw_items:
+    for name, raw in headers:
         lname = name.lower()
         if lname.startswith(IGNORED_HEADER_PREFIXES):
             continue
@@ -239,7 +265,7 @@ def tokenize(message: Message | bytes) -> set[str]:
         message = Message(bytes(message))
     parsed = message.parsed
     out: set[str] = set()
-    _header_tokens(parsed, out)
+    _header_tokens(raw_headers(message.raw), out)
     urls: list[str] = []
     for i, part in enumerate(parsed.parts):
         if i >= MAX_PARTS:

@@ -309,7 +309,8 @@ async def cmd_classify(args) -> int:
     spam_cut = float(db.options.get("spam_cutoff", 0.9))
     rc = 0
     try:
-        totals = await db.bayes.tokens.totals()
+        state = await db.bayes.tokens.state()
+        totals = state[:2]
         if not args.json and (totals[0] == 0 or totals[1] == 0):
             print(f"note: the database ({db.where}) has {totals[0]} spam and {totals[1]} ham: "
                   "train it first (filterd bayes train)", file=sys.stderr)
@@ -322,7 +323,7 @@ async def cmd_classify(args) -> int:
                 rc = 1
                 continue
             for i, m in enumerate(msgs):
-                res = await db.bayes.classify(m, explain=args.explain, totals=totals)
+                res = await db.bayes.classify(m, explain=args.explain, state=state)
                 sym = band(res.probability, ham_cut, spam_cut)
                 if args.json:
                     d = {"file": str(f), "probability": round(res.probability, 6),
