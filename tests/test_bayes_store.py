@@ -106,7 +106,7 @@ async def test_a_change_by_another_node_empties_the_token_cache(redis_store):
         await train(node_b, 10)
         probe = synth("ham", 500, seed=11).replace(b"Subject: ", b"Subject: frobnicate ")
         first = await node_a.classify(probe)
-        assert node_a.tokens._cache  # counts are cached on node A now
+        assert node_a._fcache  # token probabilities are cached on node A now
         # node B learns the probe as spam many times over (distinct copies)
         await node_b.learn([probe.replace(b"Message-ID: <", b"Message-ID: <%d" % i)
                             for i in range(40)], spam=True)

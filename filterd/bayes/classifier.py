@@ -112,20 +112,39 @@ def classify(counts: dict[str, tuple[int, int]], nspam: int, nham: int,
         scored = scored[:params.max_tokens]
     if not scored:
         return Result(0.5, 0.0, 0.0, 0)
-    log_h = 0.0  # sum ln f
-    log_s = 0.0  # sum ln (1 - f)
-    for _, f, _ in scored:
-        f = min(max(f, 1e-9), 1 - 1e-9)
-        log_h += math.log(f)
-        log_s += math.log1p(-f)
-    n = len(scored)
+    res = combine([f for _, f, _ in scored])
+    if explain:
+        res.clues = [(tok, f) for _, f, tok in scored[:explain]]
+    return res
+
+
+def token_probability(packed: int, nspam: int, nham: int, params: Params) -> float | None:
+    """f(w) of a token from its packed counts, or None when it says too little (closer than
+    ``min_dev`` to 0.5, or seen fewer than ``min_count`` times)."""
+    s, h = packed >> 32, packed & 0xFFFFFFFF
+    n = s + h
+    if n <= 0 or n < params.min_count:
+        return None
+    sr = s / nspam
+    p = sr / (sr + h / nham)
+    f = (params.robs * params.robx + n * p) / (params.robs + n)
+    return f if abs(f - 0.5) >= params.min_dev else None
+
+
+def combine(fs: list[float], max_tokens: int = 0) -> Result:
+    """Fisher's combination of token probabilities. Sorted first, so the result does not
+    depend on the order the tokens came in (every backend gives bit-identical results)."""
+    if max_tokens and len(fs) > max_tokens:
+        fs = sorted(fs, key=lambda f: -abs(f - 0.5))[:max_tokens]
+    if not fs:
+        return Result(0.5, 0.0, 0.0, 0)
+    fs = sorted(min(max(f, 1e-9), 1 - 1e-9) for f in fs)
+    log_h = math.fsum(map(math.log, fs))  # sum ln f
+    log_s = math.fsum(math.log1p(-f) for f in fs)  # sum ln (1 - f)
+    n = len(fs)
     spam_ev = 1.0 - _chi2q_log(log_s, n)
     ham_ev = 1.0 - _chi2q_log(log_h, n)
-    prob = (1.0 + spam_ev - ham_ev) / 2.0
-    clues = []
-    if explain:
-        clues = [(tok, f) for _, f, tok in sorted(scored, reverse=True)[:explain]]
-    return Result(prob, spam_ev, ham_ev, n, clues)
+    return Result((1.0 + spam_ev - ham_ev) / 2.0, spam_ev, ham_ev, n)
 
 
 def band(p: float, ham_cutoff: float = 0.2, spam_cutoff: float = 0.9) -> str:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import Message
-from .classifier import Params, Result, classify
+from .classifier import Params, Result, combine, token_probability
 from .store import HAM, SHIFT, SPAM, TokenStore, digest
 from .tokenizer import tokenize
 
 log = logging.getLogger("filterd.bayes")
 
 ONE = {SPAM: 1 << SHIFT, HAM: 1}
+CACHE_MAX = 500_000  # token probabilities kept in memory (some 50 MB at most)
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Bayes:
     def __init__(self, store, namespace: str = "bayes:", params: Params | None = None):
         self.tokens = TokenStore(store, namespace)
         self.params = params or Params()
+        # token -> f(w) (None: too weak to count), valid while the store's state is unchanged
+        self._fcache: dict[str, float | None] = {}
+        self._fstate: tuple | None = None
 
     @classmethod
     def from_options(cls, store, options: dict) -> "Bayes":
@@ -65,8 +69,24 @@ class Bayes:
         nspam, nham = state[0], state[1]
         if nspam <= 0 or nham <= 0:
             return Result(0.5, 0.0, 0.0, 0)
-        counts = await self.tokens.counts(toks, state)
-        return classify(counts, nspam, nham, self.params, explain)
+        fc = self._fcache
+        if state != self._fstate or len(fc) > CACHE_MAX:
+            fc.clear()
+            self._fstate = state
+        missing = toks.difference(fc)
+        if missing:
+            packed = await self.tokens.packed(missing)
+            params = self.params
+            for t in missing:
+                v = packed.get(t)
+                fc[t] = token_probability(v, nspam, nham, params) if v else None
+        if explain:
+            clues = sorted(((fc[t], t) for t in toks if fc[t] is not None),
+                           key=lambda x: -abs(x[0] - 0.5))
+            res = combine([f for f, _ in clues], self.params.max_tokens)
+            res.clues = [(t, f) for f, t in clues[:explain]]
+            return res
+        return combine([f for t in toks if (f := fc[t]) is not None], self.params.max_tokens)
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,
                     batch: int = 500, progress=None) -> LearnStats:

@@ -8,9 +8,10 @@ Layout under a namespace (default ``bayes:``):
   ``IN`` query (SQLite), and learning is one ``HINCRBY`` per token. Unlearning adds negative
   amounts; counts never go below zero because only learned messages are unlearned.
 - ``<ns>meta`` — hash with ``nspam`` and ``nham``, the numbers of messages learned, and ``gen``,
-  bumped by every change: a node keeps the counts it looked up in memory for as long as the
-  ``(nspam, nham, gen)`` it reads before each message is unchanged, so lookups of common tokens
-  cost nothing, and a change made by any node (learn, forget) empties every node's cache.
+  bumped by every change: a node keeps the token probabilities it computed in memory for as
+  long as the ``(nspam, nham, gen)`` it reads before each message is unchanged (see
+  :class:`filterd.bayes.engine.Bayes`), so common tokens cost no lookup, and a change made by
+  any node (learn, forget) empties every node's cache.
 - ``<ns>seen`` — hash, field = message digest, value 1 (learned as spam) or 2 (as ham), so a
   message is never counted twice and learning it as the other class moves it (SpamAssassin's
   behaviour).
@@ -44,9 +45,6 @@ def digest(raw: bytes) -> str:
     return h.hexdigest()[:24]
 
 
-CACHE_MAX = 500_000  # tokens kept in memory per TokenStore (about 60 MB at most)
-
-
 class TokenStore:
     def __init__(self, store: Store, namespace: str = "bayes:"):
         self.store = store
@@ -54,8 +52,6 @@ class TokenStore:
         self.k_tokens = namespace + "tokens"
         self.k_meta = namespace + "meta"
         self.k_seen = namespace + "seen"
-        self._cache: dict[str, int] = {}
-        self._cache_state: tuple | None = None
 
     async def state(self) -> tuple[int, int, int]:
         """(nspam, nham, generation): one small read per message."""
@@ -66,27 +62,14 @@ class TokenStore:
         nspam, nham, _ = await self.state()
         return nspam, nham
 
-    async def counts(self, tokens, state: tuple | None = None) -> dict[str, tuple[int, int]]:
-        """(spam, ham) counts of the tokens that were ever learned. With ``state`` (from
-        :meth:`state`) counts are cached in memory while the state stays the same."""
-        if state is None:
-            raw = await self.store.hget_many(self.k_tokens, tokens)
-            return {t: (v >> SHIFT, v & MASK) for t, v in raw.items() if v}
-        cache = self._cache
-        if state != self._cache_state or len(cache) > CACHE_MAX:
-            cache.clear()
-            self._cache_state = state
-        missing = [t for t in tokens if t not in cache]
-        if missing:
-            raw = await self.store.hget_many(self.k_tokens, missing)
-            for t in missing:
-                cache[t] = raw.get(t, 0)
-        out = {}
-        for t in tokens:
-            v = cache[t]
-            if v:
-                out[t] = (v >> SHIFT, v & MASK)
-        return out
+    async def packed(self, tokens) -> dict[str, int]:
+        """Packed counts (``spam << 32 | ham``) of the tokens that were ever learned."""
+        return await self.store.hget_many(self.k_tokens, tokens)
+
+    async def counts(self, tokens) -> dict[str, tuple[int, int]]:
+        """(spam, ham) counts of the tokens that were ever learned."""
+        raw = await self.store.hget_many(self.k_tokens, tokens)
+        return {t: (v >> SHIFT, v & MASK) for t, v in raw.items() if v}
 
     async def seen(self, digests: list[str]) -> dict[str, int]:
         return await self.store.hget_many(self.k_seen, digests)
@@ -106,8 +89,6 @@ class TokenStore:
         if seen:
             items[self.k_seen] = seen
         if items:
-            self._cache.clear()
-            self._cache_state = None
             await self.store.mhincr(items)
 
     async def all_tokens(self) -> dict[str, tuple[int, int]]:

@@ -74,25 +74,30 @@ def registrable_domain(host: str) -> str:
 
 def _words(text: str, prefix: str, out: set) -> None:
     """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries."""
-    words = _WORD_RE.findall(text.lower())
+    words = set(_WORD_RE.findall(text.lower()))
     if not words:
         return
-    if prefix:
-        out.update(prefix + w for w in words if MIN_WORD <= len(w) <= MAX_WORD)
-    else:
-        out.update(w for w in words if MIN_WORD <= len(w) <= MAX_WORD)
-    long = [w for w in words if len(w) > MAX_WORD]
-    if long:
-        out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
-        # e-mail addresses and dotted names inside long runs still tell something
-        for w in long[:50]:
-            for piece in re.split(r"[.@/-]+", w):
-                if MIN_WORD <= len(piece) <= MAX_WORD:
-                    out.add(prefix + piece)
-    if not prefix or prefix == "subj:":
+    keep = {w for w in words if MIN_WORD <= len(w) <= MAX_WORD}
+    out.update({prefix + w for w in keep} if prefix else keep)
+    if len(words) > len(keep):  # some words were too short or too long
+        long = [w for w in words if len(w) > MAX_WORD]
+        if long:
+            long.sort()
+            out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
+            # e-mail addresses and dotted names inside long runs still tell something
+            for w in long[:50]:
+                for piece in _SPLIT_RE.split(w):
+                    if MIN_WORD <= len(piece) <= MAX_WORD:
+                        out.add(prefix + piece)
+    if (not prefix or prefix == "subj:") and not text.isascii():
         for run in _CJK_RE.findall(text)[:200]:
             for i in range(min(len(run) - 1, MAX_CJK_PAIRS)):
                 out.add(prefix + "cjk:" + run[i:i + 2])
+
+
+_SPLIT_RE = re.compile(r"[.@/-]+")
+_TAGNAME_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b")
+_ATTRS_RE = re.compile(r"""\s([a-zA-Z][a-zA-Z-]{0,20})\s*=\s*["'#\w]""")
 
 
 def _url_tokens(url: str, out: set) -> None:
@@ -132,24 +137,15 @@ def _url_tokens(url: str, out: set) -> None:
 def _html_tokens(markup: str, out: set) -> str:
     """Add tag/attribute hints and return the visible text."""
     markup = markup[:MAX_HTML]
-    tags = set()
-    attrs = set()
-    for i, m in enumerate(_TAG_RE.finditer(markup)):
-        if i >= 5000:
-            break
-        tags.add(m.group(1).lower())
-        rest = m.group(2)
-        if "=" in rest:
-            attrs.update(a.lower() for a in _ATTR_RE.findall(rest))
-    out.update("tag:" + t for t in tags)
-    out.update("attr:" + a for a in attrs)
+    out.update({"tag:" + t.lower() for t in set(_TAGNAME_RE.findall(markup))})
+    out.update({"attr:" + a.lower() for a in set(_ATTRS_RE.findall(markup))})
     low = markup.lower()
     if "display:none" in low or "visibility:hidden" in low:
         out.add("html:hidden")
-    if "<!--" in low and low.count("<!--") > 20:
+    if low.count("<!--") > 20:
         out.add("html:manycomments")
     text = _STRIP_RE.sub(" ", markup)
-    return _html.unescape(text)
+    return _html.unescape(text) if "&" in text else text
 
 
 def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) -> int:
@@ -287,19 +283,16 @@ def tokenize(message: Message | bytes) -> set[str]:
             continue
         text = _part_text(part, out)
         if ctype == "text/html":
-            for m in _HREF_RE.finditer(text[:MAX_HTML]):
-                urls.append(_html.unescape(m.group(1)))
-                if len(urls) > MAX_URLS:
-                    break
+            if len(urls) < MAX_URLS:
+                urls.extend(_html.unescape(u) if "&" in u else u
+                            for u in _HREF_RE.findall(text, 0, MAX_HTML)[:MAX_URLS])
             text = _html_tokens(text, out)
         else:
             out.add("body:plain")
-        for m in _URL_RE.finditer(text):
-            urls.append(m.group(0))
-            if len(urls) > MAX_URLS:
-                break
+        if len(urls) < MAX_URLS:
+            urls.extend(_URL_RE.findall(text)[:MAX_URLS])
         _words(text, "", out)
-    for u in urls[:MAX_URLS]:
+    for u in set(urls[:MAX_URLS]):
         _url_tokens(u, out)
     for d in set(parsed.defects[:20]):
         out.add("defect:" + d.split(":", 1)[0][:40])
