@@ -74,15 +74,15 @@ def registrable_domain(host: str) -> str:
 
 def _words(text: str, prefix: str, out: set) -> None:
     """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries."""
-    words = set(_WORD_RE.findall(text.lower()))
-    if not words:
+    found = _WORD_RE.findall(text.lower())
+    if not found:
         return
+    words = set(found)
     keep = {w for w in words if MIN_WORD <= len(w) <= MAX_WORD}
     out.update({prefix + w for w in keep} if prefix else keep)
     if len(words) > len(keep):  # some words were too short or too long
-        long = [w for w in words if len(w) > MAX_WORD]
+        long = [w for w in found if len(w) > MAX_WORD]  # in order of appearance
         if long:
-            long.sort()
             out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
             # e-mail addresses and dotted names inside long runs still tell something
             for w in long[:50]:
@@ -96,8 +96,6 @@ def _words(text: str, prefix: str, out: set) -> None:
 
 
 _SPLIT_RE = re.compile(r"[.@/-]+")
-_TAGNAME_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b")
-_ATTRS_RE = re.compile(r"""\s([a-zA-Z][a-zA-Z-]{0,20})\s*=\s*["'#\w]""")
 
 
 def _url_tokens(url: str, out: set) -> None:
@@ -137,8 +135,13 @@ def _url_tokens(url: str, out: set) -> None:
 def _html_tokens(markup: str, out: set) -> str:
     """Add tag/attribute hints and return the visible text."""
     markup = markup[:MAX_HTML]
-    out.update({"tag:" + t.lower() for t in set(_TAGNAME_RE.findall(markup))})
-    out.update({"attr:" + a.lower() for a in set(_ATTRS_RE.findall(markup))})
+    tags = _TAG_RE.findall(markup)[:5000]
+    out.update({"tag:" + t.lower() for t, _ in tags})
+    attrs = set()
+    for _, rest in tags:
+        if "=" in rest:
+            attrs.update(_ATTR_RE.findall(rest))
+    out.update({"attr:" + a.lower() for a in attrs})
     low = markup.lower()
     if "display:none" in low or "visibility:hidden" in low:
         out.add("html:hidden")
