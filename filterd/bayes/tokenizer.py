@@ -22,10 +22,13 @@ number of distinct tokens), so a hostile message costs no more than a large ordi
 """
 from __future__ import annotations
 
+import binascii
 import html as _html
 import re
+import urllib.parse
+from dataclasses import dataclass
 
-from ..model import Message, ParsedMessage
+from ..model import Message
 
 # -- bounds -------------------------------------------------------------------------------------
 MAX_PARTS = 60  # leaf parts looked at
@@ -80,15 +83,14 @@ def _words(text: str, prefix: str, out: set) -> None:
     words = set(found)
     keep = {w for w in words if MIN_WORD <= len(w) <= MAX_WORD}
     out.update({prefix + w for w in keep} if prefix else keep)
-    if len(words) > len(keep):  # some words were too short or too long
+    if len(words) > len(keep) and any(len(w) > MAX_WORD for w in words):
         long = [w for w in found if len(w) > MAX_WORD]  # in order of appearance
-        if long:
-            out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
-            # e-mail addresses and dotted names inside long runs still tell something
-            for w in long[:50]:
-                for piece in _SPLIT_RE.split(w):
-                    if MIN_WORD <= len(piece) <= MAX_WORD:
-                        out.add(prefix + piece)
+        out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
+        # e-mail addresses and dotted names inside long runs still tell something
+        for w in long[:50]:
+            for piece in _SPLIT_RE.split(w):
+                if MIN_WORD <= len(piece) <= MAX_WORD:
+                    out.add(prefix + piece)
     if (not prefix or prefix == "subj:") and not text.isascii():
         for run in _CJK_RE.findall(text)[:200]:
             for i in range(min(len(run) - 1, MAX_CJK_PAIRS)):
@@ -166,15 +168,25 @@ _HEADER_RE = re.compile(rb"^([!-9;-~]{1,80})[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)",
 _UNFOLD_RE = re.compile(r"\r?\n[ \t]+")
 
 
-def raw_headers(raw: bytes) -> list[tuple[str, str]]:
-    """(name, unfolded raw value) of the top-level header block, read straight from the bytes
-    (much cheaper than the email package's header objects); 8-bit values are taken as UTF-8,
-    else Latin-1."""
-    end = raw.find(b"\n\n")
-    end2 = raw.find(b"\r\n\r\n")
+def split_head(data: bytes) -> tuple[bytes, bytes]:
+    """Header block and body of a message or MIME part (either line-ending style)."""
+    if data.startswith((b"\n", b"\r\n")):
+        return b"", data[data.find(b"\n") + 1:]
+    end = data.find(b"\n\n")
+    end2 = data.find(b"\r\n\r\n")
     if end2 >= 0 and (end < 0 or end2 < end):
-        end = end2
-    block = raw if end < 0 else raw[:end + 1]
+        return data[:end2 + 2], data[end2 + 4:]
+    if end >= 0:
+        return data[:end + 1], data[end + 2:]
+    return data, b""
+
+
+def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]:
+    """(name, unfolded raw value) of the header block, read straight from the bytes (much
+    cheaper than the email package's header objects); 8-bit values are taken as UTF-8, else
+    Latin-1."""
+    if block is None:
+        block = split_head(raw)[0]
     if block.startswith(b"From "):  # mbox separator line
         block = block[block.find(b"\n") + 1:]
     out = []
@@ -190,6 +202,117 @@ def raw_headers(raw: bytes) -> list[tuple[str, str]]:
             v = _UNFOLD_RE.sub(" ", v)
         out.append((name.decode("ascii"), v.rstrip()))
     return out
+
+
+# -- a small MIME walker: only what the tokenizer needs, straight from the bytes -----------------
+_PARAM_RE = re.compile(r"""(?i)(?:^|;)\s*(charset|boundary|name|filename)(\*)?\s*=\s*(?:"([^"]*)"|([^;\s]*))""")
+_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
+MAX_DEPTH = 12
+
+
+@dataclass
+class MimePart:
+    content_type: str
+    charset: str
+    filename: str
+    is_attachment: bool
+    payload: bytes  # decoded (empty for attachments: only their names and types count)
+
+
+def _params(value: str) -> dict[str, str]:
+    out = {}
+    for key, star, quoted, bare in _PARAM_RE.findall(value):
+        v = quoted if quoted else bare
+        key = key.lower()
+        if star and "''" in v:  # RFC 2231: charset'lang'percent-encoded
+            cs, _, rest = v.partition("'")
+            rest = rest.partition("'")[2]
+            try:
+                v = urllib.parse.unquote(rest, encoding=cs or "utf-8", errors="replace")
+            except LookupError:
+                v = urllib.parse.unquote(rest, errors="replace")
+        out.setdefault(key, v)
+    return out
+
+
+def _decode_payload(body: bytes, cte: str, out: set) -> bytes:
+    body = body[:MAX_TEXT * 4]
+    if cte == "base64":
+        data = _B64_JUNK.sub(b"", body)
+        data = data[: len(data) - len(data) % 4]
+        try:
+            return binascii.a2b_base64(data)
+        except binascii.Error:
+            out.add("defect:base64")
+            return b""
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(body)
+    return body
+
+
+def walk(raw: bytes, out: set) -> list[MimePart]:
+    """Leaf parts of a message, iteratively, bounded in depth and number."""
+    parts: list[MimePart] = []
+    stack = [(raw, 0, True, "text/plain")]
+    while stack:
+        data, depth, top, default_ct = stack.pop()
+        if len(parts) >= MAX_PARTS:
+            out.add("parts:many")
+            break
+        if depth > MAX_DEPTH:
+            out.add("defect:deep")
+            continue
+        head, body = split_head(data)
+        ctype, cte, disp, params, dparams = default_ct, "", "", {}, {}
+        for name, value in raw_headers(b"", head):
+            lname = name.lower()
+            if lname == "content-type":
+                ctype = value.split(";", 1)[0].strip().lower() or default_ct
+                params = _params(value)
+            elif lname == "content-transfer-encoding":
+                cte = value.strip().lower()
+            elif lname == "content-disposition":
+                disp = value.split(";", 1)[0].strip().lower()
+                dparams = _params(value)
+        if ctype.startswith("multipart/"):
+            boundary = params.get("boundary", "").encode("latin-1", "replace")
+            if not boundary:
+                out.add("defect:noboundary")
+                ctype = "text/plain"
+            else:
+                delim = b"\n--" + boundary
+                chunks = (b"\n" + body).split(delim)
+                children = []
+                for chunk in chunks[1:MAX_PARTS + 1]:
+                    if chunk.startswith(b"--"):
+                        break
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
+                    child = chunk[nl + 1:]
+                    if child.endswith(b"\r"):
+                        child = child[:-1]
+                    children.append(child)
+                if len(chunks) < 2:
+                    out.add("defect:nostartboundary")
+                sub_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+                for child in reversed(children):
+                    stack.append((child, depth + 1, False, sub_default))
+                continue
+        if ctype == "message/rfc822" and not top:
+            stack.append((_decode_payload(body, cte, out), depth + 1, True, "text/plain"))
+            continue
+        filename = dparams.get("filename") or params.get("name") or ""
+        if "=?" in filename:
+            from ..model import decode_header_value
+
+            filename = decode_header_value(filename)
+        is_text = ctype.startswith("text/")
+        attachment = bool(filename) or disp == "attachment" or not is_text
+        payload = b"" if attachment else _decode_payload(body, cte, out)
+        parts.append(MimePart(ctype, params.get("charset", "").strip().lower(), filename,
+                              attachment, payload))
+    return parts
 
 
 def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
@@ -259,17 +382,12 @@ def _decode(value: str) -> str:
 
 def tokenize(message: Message | bytes) -> set[str]:
     """The distinct tokens of a message (at most :data:`MAX_TOKENS`)."""
-    if isinstance(message, (bytes, bytearray)):
-        message = Message(bytes(message))
-    parsed = message.parsed
+    raw = message.raw if isinstance(message, Message) else bytes(message)
     out: set[str] = set()
-    _header_tokens(raw_headers(message.raw), out)
+    _header_tokens(raw_headers(raw), out)
     urls: list[str] = []
-    for i, part in enumerate(parsed.parts):
-        if i >= MAX_PARTS:
-            out.add("parts:many")
-            break
-        ctype = part.content_type.lower()
+    for part in walk(raw, out):
+        ctype = part.content_type
         out.add("part:" + ctype[:60])
         if part.charset:
             out.add("charset:" + part.charset[:40])
@@ -280,8 +398,6 @@ def tokenize(message: Message | bytes) -> set[str]:
                 ext = name.rpartition(".")[2] if "." in name else ""
                 out.add("att:ext:" + ext[:10] if ext else "att:noext")
                 out.add("att:name:" + name)
-            continue
-        if not part.is_text:
             continue
         text = _part_text(part, out)
         if ctype == "text/html":
@@ -296,8 +412,6 @@ def tokenize(message: Message | bytes) -> set[str]:
         _words(text, "", out)
     for u in set(urls[:MAX_URLS]):
         _url_tokens(u, out)
-    for d in set(parsed.defects[:20]):
-        out.add("defect:" + d.split(":", 1)[0][:40])
     if len(out) > MAX_TOKENS:
         out = set(sorted(out)[:MAX_TOKENS])
     return out
