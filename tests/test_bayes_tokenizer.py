@@ -112,3 +112,34 @@ def test_cjk_text_yields_character_pairs():
 def test_tokenize_is_deterministic():
     raw = msg("Subject: hello world\nContent-Type: text/plain", "some body text here")
     assert tokenize(raw) == tokenize(raw)
+
+
+def test_nested_message_and_rfc2231_filenames_are_walked():
+    inner = ("From: x@inner.example\r\nSubject: inner\r\nContent-Type: text/plain\r\n\r\n"
+             "innerword appears here\r\n")
+    raw = msg('MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="outer"',
+              "preamble\r\n--outer\r\nContent-Type: multipart/alternative; boundary=alt\r\n\r\n"
+              "--alt\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+              "Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=E9 qpword\r\n"
+              "--alt--\r\n"
+              "--outer\r\nContent-Type: message/rfc822\r\n\r\n" + inner +
+              "--outer\r\nContent-Type: application/pdf\r\n"
+              "Content-Disposition: attachment; filename*=utf-8''%E2%82%AC%20bill.pdf\r\n\r\n"
+              "JVBERi0=\r\n--outer--\r\nepilogue\r\n")
+    toks = tokenize(raw)
+    assert {"café", "qpword", "innerword", "att:ext:pdf", "att:name:€ bill.pdf",
+            "part:message/rfc822"} - toks == {"part:message/rfc822"}  # rfc822 is walked into
+    assert "part:text/plain" in toks and "charset:iso-8859-1" in toks
+
+
+def test_mime_nesting_bomb_is_bounded():
+    depth = 500
+    head = "".join(f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'
+                   for i in range(depth))
+    raw = ("Subject: bomb\r\nMIME-Version: 1.0\r\n" + head + "Content-Type: text/plain\r\n\r\n"
+           "deepword\r\n").encode()
+    toks = tokenize(raw)
+    assert "defect:deep" in toks and "deepword" not in toks
+    many = "".join("--m\r\nContent-Type: text/plain\r\n\r\nw%d\r\n" % i for i in range(5000))
+    toks = tokenize(msg('Content-Type: multipart/mixed; boundary="m"', many + "--m--\r\n"))
+    assert "parts:many" in toks

@@ -283,6 +283,8 @@ def walk(raw: bytes, out: set) -> list[MimePart]:
                 delim = b"\n--" + boundary
                 chunks = (b"\n" + body).split(delim)
                 children = []
+                if len(chunks) > MAX_PARTS + 1:
+                    out.add("parts:many")
                 for chunk in chunks[1:MAX_PARTS + 1]:
                     if chunk.startswith(b"--"):
                         break
