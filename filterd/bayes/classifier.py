@@ -62,16 +62,28 @@ def chi2q(x2: float, v: int) -> float:
 
 
 def _chi2q_log(log_sum: float, n: int) -> float:
-    """chi2q(-2*log_sum, 2n) computed without underflow for long sums."""
+    """chi2q(-2*log_sum, 2n) without underflow for long sums: the Poisson CDF
+    P(X <= n-1), X ~ Poisson(m), m = -log_sum, summed outward from its largest term until the
+    terms stop mattering (O(sqrt m) terms instead of n)."""
     m = -log_sum
     if m <= 0:
         return 1.0
-    # sum_{i<n} e^-m m^i / i!  in log space
-    log_term = -m
-    total = math.exp(log_term)
-    for i in range(1, n):
-        log_term += math.log(m / i)
-        total += math.exp(log_term)
+    k = min(n - 1, int(m))  # the largest term of the sum
+    t0 = math.exp(-m + k * math.log(m) - math.lgamma(k + 1))
+    if t0 == 0.0:
+        return 0.0
+    total = t = t0
+    for i in range(k, 0, -1):
+        t *= i / m
+        total += t
+        if t < total * 1e-17:
+            break
+    t = t0
+    for i in range(k + 1, n):
+        t *= m / i
+        total += t
+        if t < total * 1e-17:
+            break
     return min(total, 1.0)
 
 
@@ -112,7 +124,7 @@ def classify(counts: dict[str, tuple[int, int]], nspam: int, nham: int,
         scored = scored[:params.max_tokens]
     if not scored:
         return Result(0.5, 0.0, 0.0, 0)
-    res = combine([f for _, f, _ in scored])
+    res = combine([min(max(f, 1e-9), 1 - 1e-9) for _, f, _ in scored])
     if explain:
         res.clues = [(tok, f) for _, f, tok in scored[:explain]]
     return res
@@ -128,7 +140,9 @@ def token_probability(packed: int, nspam: int, nham: int, params: Params) -> flo
     sr = s / nspam
     p = sr / (sr + h / nham)
     f = (params.robs * params.robx + n * p) / (params.robs + n)
-    return f if abs(f - 0.5) >= params.min_dev else None
+    if abs(f - 0.5) < params.min_dev:
+        return None
+    return min(max(f, 1e-9), 1 - 1e-9)
 
 
 def combine(fs: list[float], max_tokens: int = 0) -> Result:
@@ -138,9 +152,9 @@ def combine(fs: list[float], max_tokens: int = 0) -> Result:
         fs = sorted(fs, key=lambda f: -abs(f - 0.5))[:max_tokens]
     if not fs:
         return Result(0.5, 0.0, 0.0, 0)
-    fs = sorted(min(max(f, 1e-9), 1 - 1e-9) for f in fs)
-    log_h = math.fsum(map(math.log, fs))  # sum ln f
-    log_s = math.fsum(math.log1p(-f) for f in fs)  # sum ln (1 - f)
+    fs = sorted(fs)
+    log_h = sum(map(math.log, fs))  # sum ln f
+    log_s = sum(map(math.log, [1.0 - f for f in fs]))  # sum ln (1 - f)
     n = len(fs)
     spam_ev = 1.0 - _chi2q_log(log_s, n)
     ham_ev = 1.0 - _chi2q_log(log_h, n)
