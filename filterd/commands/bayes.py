@@ -109,6 +109,19 @@ class Opened:
         await self.store.close()
 
 
+def open_db(args, cmd: str) -> "Opened | None":
+    """The database, or None after telling why it cannot be opened."""
+    from ..store import StoreError
+
+    try:
+        return Opened(args)
+    except (StoreError, OSError) as exc:
+        what = exc if isinstance(exc, StoreError) else f"cannot open the token store: {exc}"
+        print(f"filterd bayes {cmd}: {what} (use --db PATH for a token file of your own)",
+              file=sys.stderr)
+        return None
+
+
 def describe_store(config) -> str:
     if config.get("store.backend") == "redis":
         return f"Redis {str(config.get('store.url')).split('@')[-1]} prefix {config.get('store.prefix')}"
@@ -225,7 +238,9 @@ async def cmd_train(args) -> int:
         print(f"filterd bayes train: {exc}", file=sys.stderr)
         return 1
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
-    db = Opened(args)
+    db = open_db(args, "train")
+    if db is None:
+        return 1
     total = LearnStats()
     t0 = time.monotonic()
     n = 0
@@ -264,7 +279,9 @@ async def cmd_train(args) -> int:
 
 
 async def cmd_learn(args) -> int:
-    db = Opened(args)
+    db = open_db(args, "learn")
+    if db is None:
+        return 1
     rc = 0
     try:
         for f in args.files:
@@ -284,7 +301,9 @@ async def cmd_learn(args) -> int:
 
 
 async def cmd_forget(args) -> int:
-    db = Opened(args)
+    db = open_db(args, "forget")
+    if db is None:
+        return 1
     rc = 0
     try:
         for f in args.files:
@@ -304,7 +323,9 @@ async def cmd_forget(args) -> int:
 
 
 async def cmd_classify(args) -> int:
-    db = Opened(args)
+    db = open_db(args, "classify")
+    if db is None:
+        return 1
     ham_cut = float(db.options.get("ham_cutoff", 0.2))
     spam_cut = float(db.options.get("spam_cutoff", 0.9))
     rc = 0
@@ -344,7 +365,9 @@ async def cmd_classify(args) -> int:
 
 
 async def cmd_stats(args) -> int:
-    db = Opened(args)
+    db = open_db(args, "stats")
+    if db is None:
+        return 1
     try:
         nspam, nham = await db.bayes.tokens.totals()
         toks = await db.bayes.tokens.all_tokens()
