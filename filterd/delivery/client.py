@@ -208,8 +208,9 @@ class Connection:
             raise ConnectError(f"{self.peer} refused {verb}: {r}", reply=r)
         self.ext = {}
         for line in r.lines[1:]:
-            kw, _, arg = line.partition(" ")
-            self.ext[kw.upper()] = arg
+            kw, _, arg = line.strip().partition(" ")
+            if kw:
+                self.ext[kw.upper()] = arg
 
     async def send(self, mail_from: str, rcpts: list[str], data: bytes,
                    mail_params: dict | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -31,6 +32,29 @@ from .local import LocalDeliveryError, deliver_maildir, maildir_for
 from .routing import Route, RouteError, Router
 
 log = logging.getLogger("filterd.delivery")
+
+NUDGE_SOCKET = "delivery.sock"  # datagram socket in the spool directory
+
+
+class RemoteNotify:
+    """``notify(queue_id)`` for processes that enqueue but do not deliver (worker processes of
+    ``filterd serve``): a datagram to the delivery process's socket in the spool directory.
+    Best effort: if it is lost, the delivery process's once-a-second spool scan finds the
+    message anyway."""
+
+    def __init__(self, spool_dir):
+        self.path = os.path.join(str(spool_dir), NUDGE_SOCKET)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def notify(self, queue_id: str) -> None:
+        try:
+            self.sock.sendto(queue_id.encode("ascii"), self.path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @dataclass
@@ -87,15 +111,45 @@ class DeliveryCore:
         self._stopping = False
         self._last_flush = 0.0
         self._last_scan = 0.0
+        self._nudge_sock: socket.socket | None = None
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
 
     # -- public interface -------------------------------------------------------------------
     async def start(self) -> None:
-        """Recover the spool, start the scheduler."""
+        """Recover the spool, start the scheduler and the cross-process nudge socket."""
         self._wake = asyncio.Event()
         self._last_flush = self.spool.flush_mtime()
         await self._rescan()
+        self._open_nudge_socket()
         self._runner = asyncio.create_task(self._run(), name="filterd-delivery")
+
+    def _open_nudge_socket(self) -> None:
+        path = str(self.spool.dir / NUDGE_SOCKET)
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setblocking(False)
+        except OSError as exc:  # the 1-second spool scan still finds new messages
+            log.warning("delivery: cannot bind %s (%s); messages from other processes are "
+                        "found by the spool scan only", path, exc)
+            return
+        self._nudge_sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_nudge)
+
+    def _on_nudge(self) -> None:
+        assert self._nudge_sock is not None
+        while True:
+            try:
+                msg = self._nudge_sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            for qid in msg.decode("ascii", "replace").split():
+                if qid not in self._inflight:
+                    self._schedule(qid, 0.0)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop scheduling, let in-flight deliveries finish (at most ``timeout`` seconds; the
@@ -103,6 +157,13 @@ class DeliveryCore:
         self._stopping = True
         if self._wake:
             self._wake.set()
+        if self._nudge_sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._nudge_sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self._nudge_sock.close()
+            self._nudge_sock = None
         if self._runner:
             self._runner.cancel()
             try:
@@ -135,6 +196,16 @@ class DeliveryCore:
         heapq.heappush(self._heap, (when, qid))
         if self._wake is not None:
             self._wake.set()
+
+    def _light_scan(self) -> None:
+        """Schedule messages that appeared in active/ (other processes, `queue release`)."""
+        try:
+            names = os.listdir(self.spool.dir / "active")
+        except OSError:
+            return
+        for n in names:
+            if "." not in n and n not in self._scheduled and n not in self._inflight:
+                self._schedule(n, 0.0)
 
     async def _rescan(self) -> None:
         due = await asyncio.to_thread(self.spool.recover)
@@ -173,11 +244,16 @@ class DeliveryCore:
                 await self.pool.reap()
                 flush = self.spool.flush_mtime()
                 if flush != self._last_flush or mono - self._last_scan >= self.scan_interval:
+                    if flush != self._last_flush:  # `filterd queue flush`: everything now
+                        for qid in list(self._scheduled):
+                            self._schedule(qid, 0.0)
                     self._last_flush = flush
                     try:
                         await self._rescan()
                     except OSError as exc:
                         log.error("delivery: cannot scan spool %s: %s", self.spool.dir, exc)
+                else:
+                    self._light_scan()
 
     def _done(self, qid: str, task: asyncio.Task) -> None:
         self._inflight.pop(qid, None)
@@ -187,7 +263,7 @@ class DeliveryCore:
             self._wake.set()
 
     # -- one message ------------------------------------------------------------------------
-    async def _deliver_one(self, qid: str) -> None:
+    async def _deliver_one(self, qid: str, force: bool = False) -> None:
         try:
             h = self.spool.open(qid, "active")
         except (Locked, NotFound):
@@ -196,6 +272,9 @@ class DeliveryCore:
             self.spool.mark_corrupt(qid, "active", str(exc))
             return
         try:
+            if h.state.next_attempt > time.time() + 0.5 and not force:
+                self._schedule(qid, h.state.next_attempt)  # not due (found by a scan)
+                return
             try:
                 await self._attempt(h)
             except asyncio.CancelledError:
