@@ -619,6 +619,8 @@ class SMTPConnection:
                 self.session.peer_name = v
             elif k == "HELO" and v:
                 self.session.helo = v
+        log.info("session %s: XFORWARD %s", self.session.id,
+                 " ".join(f"{k}={v}" for k, v in self.xforward.items()))
         self.reply(250, "OK", "2.0.0")
 
     async def cmd_MAIL(self, arg):
