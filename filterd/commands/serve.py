@@ -110,6 +110,23 @@ def _bind(specs, reuseport: bool):
         s.port = s.sock.getsockname()[1]
 
 
+def _raise_fd_limit(sessions: int) -> None:
+    """Each session needs a socket (and, in proxy mode, a second one): raise the soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = sessions * 2 + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+        if new < want:
+            log.warning("open files limit %d is below what [smtp] max_sessions = %d needs (%d)",
+                        new, sessions, want)
+
+
 def run(args) -> int:
     """Synchronous entry: binds the listeners, forks workers if asked, then runs asyncio."""
     from ..pipeline import load_config_and_plugins
@@ -119,6 +136,7 @@ def run(args) -> int:
     if args.log_level is None:
         logging.getLogger().setLevel(getattr(logging, cfg.get("server.log_level").upper()))
     specs = _listener_specs(cfg)
+    _raise_fd_limit(int(cfg.get("smtp.max_sessions")))
     workers = int(cfg.get("smtp.workers"))
     if workers == 0:
         workers = os.cpu_count() or 1
