@@ -106,9 +106,9 @@ class Connection:
         assert self.reader is not None
         while True:
             try:
-                raw = await asyncio.wait_for(self.reader.readline(),
-                                             timeout or self.command_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout or self.command_timeout):
+                    raw = await self.reader.readline()
+            except TimeoutError:
                 self.broken = True
                 raise ConnectionLost(f"timeout waiting for a reply from {self.peer}") from None
             except (ConnectionError, OSError, ValueError) as exc:
@@ -131,8 +131,9 @@ class Connection:
         assert self.writer is not None
         try:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self.data_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.data_timeout):
+                await self.writer.drain()
+        except TimeoutError:
             self.broken = True
             raise ConnectionLost(f"timeout sending to {self.peer}") from None
         except (ConnectionError, OSError) as exc:

@@ -271,19 +271,27 @@ class DeliveryCore:
         except SpoolError as exc:
             self.spool.mark_corrupt(qid, "active", str(exc))
             return
+        closed = False
         try:
             if h.state.next_attempt > time.time() + 0.5 and not force:
                 self._schedule(qid, h.state.next_attempt)  # not due (found by a scan)
                 return
             try:
-                await self._attempt(h)
+                finished = await self._attempt(h)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug must not lose the message
                 log.exception("delivery: internal error delivering %s", qid)
                 await self._internal_error(h, exc)
+            else:
+                if finished:
+                    # unlinking and closing the last reference frees the inode: file system
+                    # work that must not stall the event loop
+                    closed = True
+                    await asyncio.get_running_loop().run_in_executor(None, h.discard)
         finally:
-            h.close()
+            if not closed:
+                h.close()
 
     async def _internal_error(self, h: MessageHandle, exc: Exception) -> None:
         st = h.state
@@ -308,7 +316,9 @@ class DeliveryCore:
         return min(self.retry_initial * (self.retry_factor ** max(attempts - 1, 0)),
                    self.retry_max)
 
-    async def _attempt(self, h: MessageHandle) -> None:
+    async def _attempt(self, h: MessageHandle) -> bool:
+        """One delivery attempt for every pending recipient; True when the message is finished
+        (the caller removes it)."""
         env, st = h.envelope, h.state
         data = h.read_data()
         now = time.time()
@@ -377,9 +387,8 @@ class DeliveryCore:
             st.next_attempt = max(nxt, now + 0.05)
             await asyncio.to_thread(h.save_state)
             self._schedule(h.queue_id, st.next_attempt)
-        else:
-            h.remove()
         await self._events(h, data, results, expired)
+        return not (still and not expired)
 
     async def _send_dsn(self, h: MessageHandle, data: bytes,
                         reports: list[dsn_mod.RecipientReport]) -> None:

@@ -12,8 +12,9 @@ Layout under the spool directory::
 
 Durability: a message is written to ``tmp/``, fsync'd, renamed into ``active/`` (or ``hold/``)
 and the directory is fsync'd before :meth:`Spool.enqueue` returns — only then may the caller
-answer 250. Concurrent enqueues share one commit (one worker thread writes the batch, then one
-directory fsync covers all its renames: group commit). Removing a finished message needs no
+answer 250. Concurrent enqueues share one commit (group commit): the messages that arrived while
+the previous commit was on disk are written and fsync'd in parallel (the file system merges
+concurrent fsyncs into few journal commits), then one directory fsync covers all their renames. Removing a finished message needs no
 fsync: if the unlink is lost in a crash the message is delivered again (a duplicate, never a loss).
 
 Several processes may share one spool (worker processes of ``filterd serve``, the ``filterd
@@ -65,7 +66,10 @@ class Envelope:
     rcpt_params: dict = field(default_factory=dict)  # address -> ESMTP params (NOTIFY, ORCPT)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"mail_from": self.mail_from, "recipients": list(self.recipients),
+                "queue_id": self.queue_id, "received_at": self.received_at, "meta": self.meta,
+                "hold": self.hold, "mail_params": self.mail_params,
+                "rcpt_params": self.rcpt_params}
 
     @classmethod
     def from_json(cls, d: dict) -> "Envelope":
@@ -226,12 +230,20 @@ class MessageHandle:
         self.spool._fsync_dir(self.spool.dir / self.area)
         self.area = area
 
+    def discard(self) -> None:
+        """remove() and close() (for a worker thread: freeing the inode can block)."""
+        try:
+            self.remove()
+        finally:
+            self.close()
+
     def close(self) -> None:
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
         finally:
             self.file.close()
-            self.spool._local_locks.discard(self.queue_id)
+            with self.spool._lock:
+                self.spool._local_locks.discard(self.queue_id)
 
     def __enter__(self) -> "MessageHandle":
         return self
@@ -249,6 +261,7 @@ class Spool:
         self._pending: list[tuple[str, str, bytes, asyncio.Future]] = []
         self._committer: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
+        self._file_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-write")
         self._local_locks: set[str] = set()  # flock does not exclude within one process
         self._lock = threading.Lock()
         self.commits = 0  # number of group commits (for tests and stats)
@@ -293,32 +306,39 @@ class Spool:
                 else:
                     fut.set_result(qid)
 
-    def _write_batch(self, batch: list[tuple[str, str, bytes]]) -> dict[str, Exception]:
-        errors: dict[str, Exception] = {}
-        dirs: set[Path] = set()
-        for qid, area, blob in batch:
-            tmp = self.dir / "tmp" / qid
+    def _write_one(self, item: tuple[str, str, bytes]) -> Exception | None:
+        qid, area, blob = item
+        tmp = self.dir / "tmp" / qid
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    view = memoryview(blob)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                    if self.fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, self.dir / area / qid)
-                dirs.add(self.dir / area)
-            except OSError as exc:
-                errors[qid] = exc
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        for d in dirs:
-            self._fsync_dir(d)
+                view = memoryview(blob)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.dir / area / qid)
+            return None
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return exc
+
+    def _write_batch(self, batch: list[tuple[str, str, bytes]]) -> dict[str, Exception]:
+        """Write, fsync and rename every file of the batch (in parallel: the file system
+        merges concurrent fsyncs into few journal commits), then fsync each directory once."""
+        if len(batch) == 1 or not self.fsync:
+            results = [self._write_one(item) for item in batch]
+        else:
+            results = list(self._file_pool.map(self._write_one, batch))
+        errors = {item[0]: exc for item, exc in zip(batch, results) if exc is not None}
+        for area in {item[1] for item, exc in zip(batch, results) if exc is None}:
+            self._fsync_dir(self.dir / area)
         return errors
 
     def _fsync_dir(self, d: Path) -> None:
@@ -494,3 +514,4 @@ class Spool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._file_pool.shutdown(wait=True)
