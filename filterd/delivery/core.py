@@ -407,6 +407,9 @@ class DeliveryCore:
                       expired: bool) -> None:
         if self.pipeline is None or not results:
             return
+        host = getattr(self.pipeline, "host", None)
+        if host is not None and not host.impls("delivered") and not host.impls("bounced"):
+            return  # nobody listens: skip building a context per message
         try:
             from ..model import Message, Recipient, Session
 

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import random
 import socket
+import time
 from dataclasses import dataclass
 
 
@@ -81,6 +82,7 @@ class Router:
         self.relay = parse_transport(d["relayhost"], 25) if d.get("relayhost") else None
         self.default = d.get("default_transport", "mx")
         self._resolver_getter = resolver_getter
+        self._static_hops: dict[Route, tuple[float, list[tuple[str, str]]]] = {}
 
     def route(self, recipient: str) -> Route:
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
@@ -113,7 +115,12 @@ class Router:
             return await self._mx_hops(route.host)
         if route.unix_path:
             return [(route.unix_path, "")]
-        return [(route.host, a) for a in await self._addresses(route.host, use_dns=False)]
+        cached = self._static_hops.get(route)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        hops = [(route.host, a) for a in await self._addresses(route.host, use_dns=False)]
+        self._static_hops[route] = (time.monotonic() + 60.0, hops)  # configured next hops
+        return hops
 
     async def _addresses(self, host: str, use_dns: bool) -> list[str]:
         try:

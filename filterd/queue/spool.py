@@ -261,7 +261,7 @@ class Spool:
         self._pending: list[tuple[str, str, bytes, asyncio.Future]] = []
         self._committer: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
-        self._file_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-write")
+        self._file_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-write")
         self._local_locks: set[str] = set()  # flock does not exclude within one process
         self._lock = threading.Lock()
         self.commits = 0  # number of group commits (for tests and stats)
