@@ -468,3 +468,27 @@ def test_sigterm_lets_a_running_session_finish(tmp_path, sink):
     r.close()
     assert g.proc.wait(30) == 0
     assert "stopped" in g.log()
+
+
+def test_worker_processes_share_the_listener_and_deliver(tmp_path, sink):
+    g = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{sink.port}", "--workers", "2")
+    try:
+        children = subprocess.run(["pgrep", "-P", str(g.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2
+        tokens = [uuid.uuid4().hex for _ in range(12)]
+        for t in tokens:
+            assert send(g.port, ["b@example.org"], message(t))[0] == 250
+        for t in tokens:
+            wait_for(lambda t=t: at_sink(sink, t), what=f"message {t}")
+        # a worker that dies is replaced
+        import os
+        os.kill(int(children[0]), signal.SIGKILL)
+        wait_for(lambda: "restarting" in g.log(), what="worker restart")
+        token = uuid.uuid4().hex
+        for _ in range(4):  # the kernel spreads connections over both workers
+            assert send(g.port, ["b@example.org"], message(token))[0] == 250
+    finally:
+        assert g.stop() == 0
+    left = subprocess.run(["pgrep", "-P", str(g.proc.pid)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
