@@ -358,11 +358,12 @@ class DeliveryCore:
                 log.warning("delivery: %s to=<%s> relay=%s status=bounced (%s)", h.queue_id, r,
                             res.remote or "none", why)
                 if dsn_mod.wants_notify(env, r, "FAILURE"):
+                    # Diagnostic-Code carries only what a remote MTA said; our own explanation
+                    # (routing errors, expiry) goes into the text part
                     failed.append(dsn_mod.RecipientReport(
-                        r, "failed", status if status[0] in "45" else "5.0.0",
-                        res.response if res.remote else "", res.remote, now))
-                    if not res.remote:  # our own explanation goes into the text part
-                        failed[-1].diagnostic = why
+                        r, "failed", status if status[:1] in ("4", "5") else "5.0.0",
+                        diagnostic=res.response if res.remote else "", remote_mta=res.remote,
+                        last_attempt=now, text=why))
             else:
                 self.stats["deferred"] += 1
                 log.info("delivery: %s to=<%s> relay=%s status=deferred (%s)", h.queue_id, r,
@@ -375,10 +376,17 @@ class DeliveryCore:
         if still and not expired:
             if (self.delay_warning > 0 and not st.warned
                     and now - env.received_at >= self.delay_warning):
-                delayed = [dsn_mod.RecipientReport(
-                    r, "delayed", _status("temp", ""), st.rcpt(r).response, "", now,
-                    env.received_at + self.max_lifetime)
-                    for r in still if dsn_mod.wants_notify(env, r, "DELAY")]
+                delayed = []
+                for r in still:
+                    if not dsn_mod.wants_notify(env, r, "DELAY"):
+                        continue
+                    res = results.get(r)
+                    delayed.append(dsn_mod.RecipientReport(
+                        r, "delayed", res.status if res and res.status[:1] == "4" else "4.0.0",
+                        diagnostic=res.response if res and res.remote else "",
+                        remote_mta=res.remote if res else "", last_attempt=now,
+                        will_retry_until=env.received_at + self.max_lifetime,
+                        text=st.rcpt(r).response))
                 if delayed:
                     await self._send_dsn(h, data, delayed)
                 st.warned = True

@@ -26,6 +26,7 @@ class RecipientReport:
     remote_mta: str = ""  # host name of the next hop that answered
     last_attempt: float = 0.0
     will_retry_until: float = 0.0  # delayed only
+    text: str = ""  # our explanation for the human-readable part ("" = the diagnostic)
 
 
 def wants_notify(envelope: Envelope, recipient: str, kind: str) -> bool:
@@ -41,14 +42,6 @@ def wants_notify(envelope: Envelope, recipient: str, kind: str) -> bool:
     if "NEVER" in words:
         return False
     return kind in words
-
-
-def status_for(reply_code: int, enhanced: str, permanent: bool) -> str:
-    if enhanced and enhanced[0] in "45":
-        return enhanced
-    if permanent:
-        return "5.0.0"
-    return "4.0.0"
 
 
 def _rfc822_date(t: float) -> str:
@@ -92,7 +85,7 @@ def build_dsn(envelope: Envelope, original: bytes, reports: list[RecipientReport
         lines += ["I'm sorry to have to inform you that your message could not",
                   "be delivered to one or more recipients. It's attached below.", ""]
     for r in reports:
-        why = r.diagnostic or r.status
+        why = r.text or r.diagnostic or r.status
         lines.append(f"<{r.recipient}>: {why}" + (f" (from {r.remote_mta})" if r.remote_mta
                                                    else ""))
     lines += ["", f"--{boundary}",
