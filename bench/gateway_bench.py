@@ -193,6 +193,16 @@ class Filterd:
                 pass
         return total / 1024
 
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -267,13 +277,14 @@ def main() -> int:
         t = smtp_source(sink_port, n, s, size)
         p50, p99 = latency(sink_port, args.latency_messages, s, size)
         results["smtp-sink direct"] = (n / t, p50, p99)
+        accept: dict[str, float] = {}
 
         if not args.skip_postfix:
             pf_port = free_port()
             pf = Postfix(pf_port, sink_port)
             try:
                 t0 = time.monotonic()
-                smtp_source(pf_port, n, s, size)
+                accept["Postfix relay -> sink"] = n / smtp_source(pf_port, n, s, size)
                 t1 = wait_until(pf.empty, step=0.1)
                 p50, p99 = latency(pf_port, args.latency_messages, s, size)
                 wait_until(pf.empty, step=0.1)
@@ -285,8 +296,10 @@ def main() -> int:
         fd = Filterd(fport, sink_port, args.workers)
         try:
             t0 = time.monotonic()
-            smtp_source(fport, n, s, size)
+            c0 = fd.cpu_seconds()
+            accept["filterd gateway -> sink (fsync)"] = n / smtp_source(fport, n, s, size)
             t1 = wait_until(fd.empty)
+            cpu_ms = (fd.cpu_seconds() - c0) * 1000 / n
             p50, p99 = latency(fport, args.latency_messages, s, size)
             wait_until(fd.empty)
             results["filterd gateway -> sink (fsync)"] = (n / (t1 - t0), p50, p99)
@@ -297,9 +310,14 @@ def main() -> int:
         sink.terminate()
         sink.wait()
 
-    print(f"{'target':<34} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'target':<34} {'msg/s':>9} {'accept/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, (rate, p50, p99) in results.items():
-        print(f"{name:<34} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}")
+        acc = f"{accept[name]:>9.0f}" if name in accept else f"{'':>9}"
+        print(f"{name:<34} {rate:>9.0f} {acc} {p50:>8.2f} {p99:>8.2f}")
+    print("(msg/s: end to end until the relay's queue is empty; accept/s: smtp-source alone)")
+    print(f"filterd CPU per message (all processes, accept+scan+spool+deliver): {cpu_ms:.2f} ms")
+    print(f"machine load average during the run: {os.getloadavg()[0]:.1f} "
+          f"(other work on the machine distorts every figure)")
     f = results["filterd gateway -> sink (fsync)"][0]
     if "Postfix relay -> sink" in results:
         print(f"ratio filterd / Postfix relay: {f / results['Postfix relay -> sink'][0]:.2f}x "

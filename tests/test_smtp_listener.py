@@ -492,3 +492,14 @@ def test_worker_processes_share_the_listener_and_deliver(tmp_path, sink):
         assert g.stop() == 0
     left = subprocess.run(["pgrep", "-P", str(g.proc.pid)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+def test_empty_message_ends_at_the_first_dot_line(gw):
+    r = start_session(gw.port)
+    r.cmd("MAIL FROM:<a@example.com>")
+    r.cmd("RCPT TO:<b@example.org>")
+    assert r.cmd("DATA")[0] == 354
+    time.sleep(0.2)  # the dot arrives on its own, after the 354
+    code, text = r.cmd(".")
+    assert code == 250, text
+    r.close()

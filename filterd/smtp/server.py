@@ -169,15 +169,15 @@ class Input:
     async def read_data(self, max_size: int, timeout: float) -> tuple[bytes | None, int]:
         """Read DATA content through CRLF.CRLF. Returns (content with its final CRLF, still
         dot-stuffed, or None when larger than max_size; wire size)."""
-        # The content starts right after the DATA command's CRLF, so an immediate ".\r\n" is an
-        # empty message: scan as if preceded by CRLF.
-        if self.buf[:3] == b".\r\n":
-            del self.buf[:3]
-            return b"", 0
         pos = 0
         oversized = False
         discarded = 0
         while True:
+            # The content starts right after the DATA command's CRLF, so a ".\r\n" at its very
+            # start is the end of an empty message.
+            if not discarded and self.buf[:3] == b".\r\n":
+                del self.buf[:3]
+                return b"", 0
             i = self.buf.find(EOD, max(0, pos - 4))
             if i >= 0:
                 end = i + 2  # keep the CRLF that ends the last line
