@@ -129,8 +129,12 @@ class MiniLMTP:
     """An LMTP server (RFC 2033) answering per recipient after the data, from ``results``
     (address -> reply line; default 250). Runs on the test's event loop."""
 
-    def __init__(self, results: dict[str, str] | None = None, unix_path: str = ""):
+    def __init__(self, results: dict[str, str] | None = None, unix_path: str = "",
+                 smtp: bool = False, broken_starttls: bool = False):
         self.results = results or {}
+        self.smtp = smtp  # plain SMTP (EHLO, one reply after the data) instead of LMTP
+        self.broken_starttls = broken_starttls  # offer STARTTLS, then garble the handshake
+        self.sessions = 0
         self.delivered: list[tuple[str, bytes]] = []
         self.unix_path = unix_path
         self.port = 0
@@ -147,6 +151,7 @@ class MiniLMTP:
     async def _session(self, reader, writer):
         def send(line):
             writer.write(line.encode() + b"\r\n")
+        self.sessions += 1
         send("220 mini-lmtp LMTP ready")
         rcpts: list[str] = []
         while True:
@@ -154,8 +159,15 @@ class MiniLMTP:
             if not line:
                 break
             cmd = line[:4].upper()
-            if cmd == "LHLO":
-                send("250-mini-lmtp\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES")
+            if cmd == ("EHLO" if self.smtp else "LHLO"):
+                tls = "250-STARTTLS\r\n" if self.broken_starttls else ""
+                send(f"250-mini\r\n{tls}250-PIPELINING\r\n250 ENHANCEDSTATUSCODES")
+            elif cmd == "STAR" and self.broken_starttls:
+                send("220 2.0.0 go ahead")
+                await writer.drain()
+                writer.write(b"this is not a TLS server hello\r\n" * 10)
+                await writer.drain()
+                break
             elif cmd == "MAIL":
                 rcpts = []
                 send("250 2.1.0 ok")
@@ -171,11 +183,15 @@ class MiniLMTP:
                     if chunk == b".\r\n":
                         break
                     data += chunk
-                for r in rcpts:
-                    rep = self.results.get(r, "250 2.0.0 delivered")
-                    if rep.startswith("2"):
-                        self.delivered.append((r, data))
-                    send(rep)
+                if self.smtp:
+                    self.delivered += [(r, data) for r in rcpts]
+                    send("250 2.0.0 queued")
+                else:
+                    for r in rcpts:
+                        rep = self.results.get(r, "250 2.0.0 delivered")
+                        if rep.startswith("2"):
+                            self.delivered.append((r, data))
+                        send(rep)
             elif cmd == "QUIT":
                 send("221 bye")
                 break

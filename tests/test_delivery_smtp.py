@@ -387,3 +387,16 @@ async def test_pipeline_events_delivered_and_bounced(state, tmp_path, capture, p
         assert lines == ["bounced bad@dest.test True", f"delivered good@dest.test {q}"]
     finally:
         await core.stop()
+
+
+async def test_opportunistic_tls_falls_back_to_plain_text_when_the_handshake_fails(state):
+    peer = await MiniLMTP(smtp=True, broken_starttls=True).start()
+    core = await make_core(state, f"delivery.relayhost=[127.0.0.1]:{peer.port}")
+    try:
+        q = await core.spool.enqueue(Envelope("a@sender.test", ["u@dest.test"]), msg(18))
+        core.notify(q)
+        await wait_for(lambda: peer.delivered, what="plain-text delivery after TLS failure")
+        assert peer.sessions == 2  # the failed TLS session, then the plain one
+    finally:
+        await core.stop()
+        await peer.stop()

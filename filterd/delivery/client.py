@@ -70,6 +70,24 @@ def prepare_data(data: bytes) -> bytes:
     return data + b".\r\n"
 
 
+_TLS_CONTEXTS: dict[bool, ssl.SSLContext] = {}
+
+
+def tls_context(verify: bool) -> ssl.SSLContext:
+    """Client TLS contexts, built once (loading the CA store per connection is costly).
+    Unverified for opportunistic TLS (RFC 7435: encryption against passive listeners)."""
+    ctx = _TLS_CONTEXTS.get(verify)
+    if ctx is None:
+        if verify:
+            ctx = ssl.create_default_context()
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _TLS_CONTEXTS[verify] = ctx
+    return ctx
+
+
 class Connection:
     def __init__(self, host: str, address: str, port: int, *, lmtp: bool = False,
                  helo: str = "localhost", connect_timeout: float = 30.0,
@@ -167,10 +185,7 @@ class Connection:
             if tls != "none" and "STARTTLS" in self.ext and not self.unix_path:
                 r = await self.command("STARTTLS")
                 if r.code == 220:
-                    ctx = ssl.create_default_context()
-                    if not tls_verify:
-                        ctx.check_hostname = False
-                        ctx.verify_mode = ssl.CERT_NONE
+                    ctx = tls_context(tls_verify)
                     try:
                         await asyncio.wait_for(self.writer.start_tls(
                             ctx, server_hostname=self.host if tls_verify else None),

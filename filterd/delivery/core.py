@@ -243,17 +243,16 @@ class DeliveryCore:
                 last_reap = mono
                 await self.pool.reap()
                 flush = self.spool.flush_mtime()
-                if flush != self._last_flush or mono - self._last_scan >= self.scan_interval:
-                    if flush != self._last_flush:  # `filterd queue flush`: everything now
-                        for qid in list(self._scheduled):
-                            self._schedule(qid, 0.0)
+                if flush != self._last_flush:  # `filterd queue flush|release|requeue`
                     self._last_flush = flush
-                    try:
+                    for qid in list(self._scheduled):
+                        self._schedule(qid, 0.0)  # not-due ones are re-timed from their state
+                if mono - self._last_scan >= self.scan_interval:
+                    try:  # full recovery scan: stale temp files, corrupt files
                         await self._rescan()
                     except OSError as exc:
                         log.error("delivery: cannot scan spool %s: %s", self.spool.dir, exc)
-                else:
-                    self._light_scan()
+                self._light_scan()  # new files in active/ (other processes, release)
 
     def _done(self, qid: str, task: asyncio.Task) -> None:
         self._inflight.pop(qid, None)
