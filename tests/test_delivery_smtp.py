@@ -400,3 +400,28 @@ async def test_opportunistic_tls_falls_back_to_plain_text_when_the_handshake_fai
     finally:
         await core.stop()
         await peer.stop()
+
+
+async def test_message_that_keeps_failing_internally_moves_to_failed(state, capture):
+    core = await make_core(state, f"delivery.relayhost=[127.0.0.1]:{capture.port}",
+                           "queue.max_internal_errors=2")
+    real_route = core.router.route
+
+    def broken(rcpt):
+        raise RuntimeError("simulated bug in routing")
+    core.router.route = broken
+    try:
+        q = await core.spool.enqueue(Envelope("a@sender.test", ["u@dest.test"]), msg(19))
+        core.notify(q)
+        await wait_for(lambda: core.spool.ids("failed") == [q], what="moved to failed/")
+        (e,) = core.spool.entries(["failed"])
+        assert e.state.internal_errors == 2
+        # the operator fixes the cause and requeues: it is delivered
+        core.router.route = real_route
+        with core.spool.open(q, "failed") as h:
+            h.state.internal_errors = 0
+            h.save_state()
+            h.move("active")
+        await wait_for(lambda: capture.handler.to("u@dest.test"), what="delivery after requeue")
+    finally:
+        await core.stop()
