@@ -43,7 +43,10 @@ class Serve:
         self.log = open(state / "serve.log", "ab")
 
     def start(self) -> None:
+        empty = self.state / "empty.toml"  # hermetic: never /etc/filterd/filterd.toml
+        empty.touch()
         cmd = [sys.executable, "-m", "filterd", "serve", "--log-level", "warning",
+               "--config", str(empty),
                "--listen", f"127.0.0.1:{self.port}", "--relayhost", f"127.0.0.1:{self.sink_port}",
                "--mynetworks", "127.0.0.0/8", "--spool", str(self.state / "spool"),
                "--set", f"server.state_dir={self.state}", "--set", "server.hostname=gw.test",
@@ -65,8 +68,9 @@ class Serve:
             except OSError:
                 pass
             if self.proc.poll() is not None:
-                raise AssertionError(f"filterd serve exited {self.proc.returncode}; see "
-                                     f"{self.state / 'serve.log'}")
+                self.log.flush()
+                tail = (self.state / "serve.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"filterd serve exited {self.proc.returncode}:\n{tail}")
             time.sleep(0.05)
         raise AssertionError("filterd serve did not come up")
 

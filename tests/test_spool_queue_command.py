@@ -15,7 +15,10 @@ MSG = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: queued\r\n\r\nbody\r\
 
 
 def q(spool_dir, *args):
-    return run_filterd("queue", *args, "--spool", str(spool_dir))
+    empty = spool_dir.parent / "empty.toml"  # hermetic: never /etc/filterd/filterd.toml
+    empty.parent.mkdir(parents=True, exist_ok=True)
+    empty.touch()
+    return run_filterd("queue", *args, "--spool", str(spool_dir), "--config", str(empty))
 
 
 async def _fill(spool_dir, n=2, **kw):
