@@ -161,14 +161,20 @@ class Filterd:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-filterd-"))
         self.spool = self.tmp / "spool"
         self.log = open(self.tmp / "serve.log", "wb")
+        (self.tmp / "filterd.toml").write_text("# bench: the built-in defaults\n")
         cmd = [sys.executable, "-m", "filterd", "serve", "--log-level", "warning",
+               "--config", str(self.tmp / "filterd.toml"),
                "--listen", f"127.0.0.1:{port}", "--relayhost", f"127.0.0.1:{sink_port}",
                "--spool", str(self.spool), "--workers", str(workers),
                "--set", f"server.state_dir={self.tmp}", "--set", "smtp.max_sessions=20000",
                "--set", "smtp.max_sessions_per_ip=20000", *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
-        wait_port(port)
+        try:
+            wait_port(port)
+        except SystemExit:
+            raise SystemExit("filterd did not start:\n" +
+                             (self.tmp / "serve.log").read_text(errors="replace")[-2000:])
         time.sleep(0.5 + 0.3 * workers)
 
     def empty(self) -> bool:

@@ -102,10 +102,10 @@ class Gateway:
         self.log_path = self.state / "serve.log"
         cmd = [sys.executable, "-m", "filterd", "serve", "--log-level", "info",
                "--set", f"server.state_dir={self.state}", "--set", "server.hostname=gw.test"]
-        if config_text:
-            cfg = self.state / "filterd.toml"
-            cfg.write_text(config_text)
-            cmd += ["--config", str(cfg)]
+        # always an explicit config file: never pick up a machine's /etc/filterd/filterd.toml
+        cfg = self.state / "filterd.toml"
+        cfg.write_text(config_text or "# test gateway: settings come from --set\n")
+        cmd += ["--config", str(cfg)]
         if not any(a.startswith("--listen") for a in args):
             cmd += ["--listen", "127.0.0.1:0"]
         cmd += list(args)
