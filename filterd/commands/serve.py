@@ -215,13 +215,17 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
             return ProxyBackend(conn, next_hop, proxy_timeout, spool)
         return GatewayBackend(conn, spool, delivery)
 
+    if any(s.kind == "submission" for s in specs) and (settings.ssl_context is None or
+                                                        settings.users is None):
+        log.warning("submission listener without %s: no client can authenticate, so every MAIL "
+                    "there gets 530 (set [smtp] tls_cert, tls_key and users_file)",
+                    "a TLS certificate" if settings.ssl_context is None else "[smtp] users_file")
     server = SMTPServer(pipe, settings, relay, factory, mode=mode)
     await server.start(specs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    old_pipes = []
 
     async def reload():
         nonlocal pipe
@@ -231,18 +235,9 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
         except Exception as exc:  # noqa: BLE001 - keep serving with the old config
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        old = server.pipeline
-        server.pipeline, server.settings, server.relay = new_pipe, new_settings, new_relay
         pipe = new_pipe
-        old_pipes.append(old)
+        await server.swap_pipeline(new_pipe, new_settings, new_relay)
         log.info("reload done; sessions already running finish on the old configuration")
-
-        async def close_later():
-            await asyncio.sleep(new_settings.data_timeout + 60)
-            if old in old_pipes:
-                old_pipes.remove(old)
-                await old.close()
-        asyncio.ensure_future(close_later())
 
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
     log.info("filterd %s ready (mode %s%s)", "worker %d" % worker if worker is not None else "",
@@ -255,9 +250,9 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
             await delivery.stop()
         else:
             delivery.close()
-    for p in old_pipes:
-        await p.close()
     await pipe.close()
+    if server.keep_open is not pipe:
+        await server.keep_open.close()
     try:
         spool.close()
     except Exception:  # noqa: BLE001
@@ -288,6 +283,8 @@ async def _parent(args, overrides, children, spawn) -> int:
             except ProcessLookupError:
                 pass
     loop.add_signal_handler(signal.SIGHUP, hup)
+    quick_deaths: list[float] = []
+    exit_code = 0
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), 0.5)
@@ -300,6 +297,14 @@ async def _parent(args, overrides, children, spawn) -> int:
                 done, status = pid, 0
             if done and not stop.is_set():
                 i = children.pop(pid)
+                now = time.monotonic()
+                quick_deaths[:] = [t for t in quick_deaths if now - t < 30] + [now]
+                if len(quick_deaths) > 5 * max(1, len(children) + 1):
+                    log.error("workers keep dying (%d times in 30s, last: worker %d status %d); "
+                              "giving up — see the errors above", len(quick_deaths), i, status)
+                    exit_code = 1
+                    stop.set()
+                    break
                 log.error("worker %d (pid %d) died (status %d); restarting", i, pid, status)
                 time.sleep(0.2)
                 children[spawn(i)] = i
@@ -320,4 +325,4 @@ async def _parent(args, overrides, children, spawn) -> int:
         await asyncio.sleep(0.1)
     await delivery.stop()
     await pipe.close()
-    return 0
+    return exit_code

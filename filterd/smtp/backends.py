@@ -172,9 +172,11 @@ class NextHop:
         return await self.read_reply()
 
     async def send_data(self, data: bytes) -> tuple[int, list[str]]:
+        self.data_sent = False
         code, lines = await self.command("DATA")
         if code != 354:
             return code, lines
+        self.data_sent = True
         if not data.endswith(b"\r\n"):
             data += b"\r\n"
         if data.startswith(b"."):
@@ -224,6 +226,7 @@ class ProxyBackend:
         self.mail_params: dict = {}
         self.sender = ""
         self.forwarded: list[tuple[str, dict]] = []
+        self.in_tx = False  # a MAIL is open at the next hop
 
     async def _ensure(self) -> NextHop:
         if self.hop is None or self.hop.writer is None:
@@ -252,6 +255,7 @@ class ProxyBackend:
         if code != 250:
             return _as_reply(code, lines)
         self.sender, self.mail_params, self.forwarded = sender, params, []
+        self.in_tx = True
         return None
 
     async def rcpt(self, address, params):
@@ -267,6 +271,9 @@ class ProxyBackend:
         return None
 
     async def rset(self):
+        if not self.in_tx:
+            return  # the next hop's transaction already ended (DATA done): no RSET round trip
+        self.in_tx = False
         if self.hop is not None and self.hop.writer is not None:
             try:
                 await self.hop.command("RSET")
@@ -314,6 +321,8 @@ class ProxyBackend:
                 if not ok:
                     return (451, "4.4.0", "Next hop refused the recipients, try again later")
             code, lines = await hop.send_data(data)
+            if hop.data_sent:
+                self.in_tx = False  # the final reply ends the next hop's transaction
         except NextHopError as exc:
             log.error("proxy id=%s: %s", ctx.transaction.id, exc)
             await self._drop()

@@ -882,6 +882,30 @@ class SMTPServer:
         self.sessions: set[asyncio.Task] = set()
         self.per_ip: dict[str, int] = {}
         self.accepting = True
+        self.pipeline_users: dict[int, int] = {}  # id(pipeline) -> sessions using it
+        self.keep_open = pipeline  # the first pipeline (the delivery core reports events to it)
+        self.retired: list = []  # pipelines replaced by a reload, closed when their last
+        #                          session ends
+
+    async def swap_pipeline(self, pipeline, settings: Settings, relay: RelayPolicy) -> None:
+        """SIGHUP: new sessions use the new pipeline; running ones finish on the old one, which
+        is closed when its last session ends."""
+        old = self.pipeline
+        self.pipeline, self.settings, self.relay = pipeline, settings, relay
+        if old is self.keep_open:
+            return  # still used by the delivery core for its events; closed at shutdown
+        if self.pipeline_users.get(id(old), 0) == 0:
+            await self._close_pipeline(old)
+        else:
+            self.retired.append(old)
+
+    async def _close_pipeline(self, pipe) -> None:
+        if pipe in self.retired:
+            self.retired.remove(pipe)
+        try:
+            await pipe.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the previous pipeline failed")
 
     async def start(self, listeners: list[ListenerSpec]) -> None:
         for spec in listeners:
@@ -913,10 +937,19 @@ class SMTPServer:
         self.per_ip[peer] = self.per_ip.get(peer, 0) + 1
         task = asyncio.current_task()
         self.sessions.add(task)
+        pipe = self.pipeline
+        self.pipeline_users[id(pipe)] = self.pipeline_users.get(id(pipe), 0) + 1
         try:
             await SMTPConnection(self, spec, reader, writer).run()
         finally:
             self.sessions.discard(task)
+            left = self.pipeline_users.get(id(pipe), 1) - 1
+            if left <= 0:
+                self.pipeline_users.pop(id(pipe), None)
+                if pipe is not self.pipeline and pipe in self.retired:
+                    await self._close_pipeline(pipe)
+            else:
+                self.pipeline_users[id(pipe)] = left
             n = self.per_ip.get(peer, 1) - 1
             if n <= 0:
                 self.per_ip.pop(peer, None)
@@ -947,6 +980,8 @@ class SMTPServer:
                 await asyncio.wait_for(srv.wait_closed(), 5)
             except asyncio.TimeoutError:
                 pass
+        for pipe in list(self.retired):
+            await self._close_pipeline(pipe)
 
 
 async def _close(writer) -> None:
