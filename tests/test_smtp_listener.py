@@ -503,3 +503,47 @@ def test_empty_message_ends_at_the_first_dot_line(gw):
     code, text = r.cmd(".")
     assert code == 250, text
     r.close()
+
+
+def test_global_session_limit(tmp_path, sink):
+    g = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{sink.port}", "--set", "smtp.max_sessions=2")
+    try:
+        conns = [Raw(g.port) for _ in range(2)]
+        for c in conns:
+            assert c.reply()[0] == 220
+        extra = Raw(g.port)
+        code, text = extra.reply()
+        assert code == 421 and "4.7.0" in text
+        extra.close()
+        conns[0].cmd("QUIT")
+        conns[0].close()
+        time.sleep(0.3)
+        again = Raw(g.port)  # a slot is free again
+        assert again.reply()[0] == 220
+        again.close()
+        conns[1].close()
+    finally:
+        g.stop()
+
+
+def test_connect_time_reject_allows_only_quit(tmp_path, sink):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "no_clients.py").write_text(
+        "from filterd.hookspecs import hookimpl\n"
+        "from filterd.verdict import Verdict\n"
+        "@hookimpl\n"
+        "def connect(ctx):\n"
+        "    return Verdict.reject('Your network is blocked')\n")
+    g = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{sink.port}",
+                "--set", f"plugins.site_dir={site}")
+    try:
+        r = Raw(g.port)
+        code, text = r.reply()
+        assert code == 554 and "Your network is blocked" in text
+        assert r.cmd("EHLO x.test")[0] == 503
+        assert r.cmd("MAIL FROM:<a@example.com>")[0] == 503
+        assert r.cmd("QUIT")[0] == 221
+        r.close()
+    finally:
+        g.stop()
