@@ -189,6 +189,7 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
 
         delivery = DeliveryCore(cfg, spool, pipe.services, pipe)
         await delivery.start()
+    side = [] if is_worker else await _start_side_services(pipe)
     next_hop = parse_hostport(cfg.get("smtp.proxy_next_hop"))
     proxy_timeout = cfg.duration("smtp.proxy_timeout")
 
@@ -232,6 +233,8 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
     await stop.wait()
     log.info("stopping: no new sessions; waiting for running ones")
     await server.stop(cfg.duration("smtp.shutdown_grace"))
+    for close in side:
+        await close()
     if delivery is not None:
         if hasattr(delivery, "stop"):
             await delivery.stop()
@@ -248,6 +251,14 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
     return 0
 
 
+async def _start_side_services(pipe) -> list:
+    """Services that run once per gateway (in the process that owns delivery), beside SMTP:
+    the mailstore's POP3 listeners and Junk scanner. Returns async closers."""
+    from ..mailstore import service as mailstore_service
+
+    return await mailstore_service.start(pipe)
+
+
 async def _parent(args, overrides, children, spawn) -> int:
     """Multi-worker parent: runs the delivery core, restarts dead workers, forwards signals."""
     from ..delivery.core import DeliveryCore
@@ -258,6 +269,7 @@ async def _parent(args, overrides, children, spawn) -> int:
     spool = _open_spool(cfg)
     delivery = DeliveryCore(cfg, spool, pipe.services, pipe)
     await delivery.start()
+    side = await _start_side_services(pipe)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -300,6 +312,8 @@ async def _parent(args, overrides, children, spawn) -> int:
             if done:
                 children.pop(pid, None)
         await asyncio.sleep(0.1)
+    for close in side:
+        await close()
     await delivery.stop()
     await pipe.close()
     return 0
