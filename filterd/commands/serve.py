@@ -189,6 +189,7 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
 
         delivery = DeliveryCore(cfg, spool, pipe.services, pipe)
         await delivery.start()
+    _register_submit(pipe, spool, delivery)
     side = [] if is_worker else await _start_side_services(pipe)
     next_hop = parse_hostport(cfg.get("smtp.proxy_next_hop"))
     proxy_timeout = cfg.duration("smtp.proxy_timeout")
@@ -215,6 +216,7 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         old = server.pipeline
+        _register_submit(new_pipe, spool, delivery)
         server.pipeline, server.settings, server.relay = new_pipe, new_settings, new_relay
         pipe = new_pipe
         old_pipes.append(old)
@@ -251,6 +253,22 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
     return 0
 
 
+def _register_submit(pipe, spool, delivery) -> None:
+    """Mail filterd sends itself (list copies, confirmations, digests: filterd.mailer) goes
+    through the same durable spool and delivery core as received mail."""
+    from ..queue.spool import Envelope
+
+    async def submit(sender, recipients, data, meta):
+        env = Envelope(mail_from=sender, recipients=list(recipients), received_at=time.time(),
+                       meta={"origin": "filterd", **(meta or {})})
+        qid = await spool.enqueue(env, data)
+        if delivery is not None:
+            delivery.notify(qid)
+        return qid
+
+    pipe.services.extra["submit"] = submit
+
+
 async def _start_side_services(pipe) -> list:
     """Services that run once per gateway (in the process that owns delivery), beside SMTP:
     the mailstore's POP3 listeners and Junk scanner. Returns async closers."""
@@ -269,6 +287,7 @@ async def _parent(args, overrides, children, spawn) -> int:
     spool = _open_spool(cfg)
     delivery = DeliveryCore(cfg, spool, pipe.services, pipe)
     await delivery.start()
+    _register_submit(pipe, spool, delivery)
     side = await _start_side_services(pipe)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
