@@ -63,3 +63,59 @@ def test_subscribe_confirm_and_post_over_smtp(tmp_path):
     finally:
         gw.stop()
         sink.stop()
+
+
+def test_track_follows_a_message_delivered_deferred_and_bounced(tmp_path):
+    good = Sink()
+    soft = Sink(extra=("-r", "rcpt"))  # answers 4xx to every RCPT
+    gw = Gateway(tmp_path, "--set", f'delivery.transports."ok.test"="smtp:127.0.0.1:{good.port}"',
+                 "--set", f'delivery.transports."slow.test"="smtp:127.0.0.1:{soft.port}"',
+                 "--set", 'smtp.relay_domains=["ok.test", "slow.test"]',
+                 "--set", "delivery.retry_initial=1s", "--set", "delivery.retry_max=1s",
+                 "--set", "delivery.max_lifetime=3s", "--set", "queue.scan_interval=1s")
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as s:
+            s.sendmail("carol@sender.test", ["ann@ok.test", "bob@slow.test"],
+                       b"From: carol@sender.test\r\nSubject: journey\r\n\r\nHello.\r\n")
+        good.wait_count(1, 30)
+
+        def journey():
+            out = filterd(gw.state, "track", "--from", "carol@sender.test", "--json").stdout
+            return json.loads(out) if out.strip() else None
+
+        def bounced():
+            j = journey()
+            return j if j and j["state"].get("bob@slow.test") == "bounced" else None
+
+        from gateway_fixtures import wait_for
+        j = wait_for(bounced, 60, "the bounce of bob@slow.test in the trace")
+        kinds = [(e["event"], e.get("rcpt")) for e in j["events"]]
+        assert ("arrival", "ann@ok.test") in kinds and ("arrival", "bob@slow.test") in kinds
+        assert ("delivered", "ann@ok.test") in kinds
+        assert ("deferred", "bob@slow.test") in kinds
+        assert kinds[-1] == ("bounced", "bob@slow.test")
+        assert j["state"] == {"ann@ok.test": "delivered", "bob@slow.test": "bounced"}
+        text = filterd(gw.state, "track", "--id", j["id"]).stdout
+        assert "delivered" in text and "deferred" in text and "bounced" in text
+    finally:
+        gw.stop()
+        good.stop()
+        soft.stop()
+
+
+def test_aliases_expand_before_policy_through_the_gateway(tmp_path):
+    sink = Sink()
+    aliases = tmp_path / "aliases"
+    aliases.write_text("sales: ann, ceo\nceo: boss@corp.test\n")
+    gw = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{sink.port}",
+                 "--set", 'smtp.relay_domains=["corp.test"]', "--set", f"aliases.file={aliases}",
+                 "--set", 'actions.recipients."boss@corp.test".quarantine=0.5')
+    try:
+        send(gw.port, "x@remote.test", "sales@corp.test", subject="FREE MONEY NOW!!!!")
+        [m] = [email.message_from_bytes(b) for b in sink.wait_count(1, 30)]
+        assert m["X-Rcpt-Args"] == "<ann@corp.test>"  # the quarantined boss copy is held
+        out = filterd(gw.state, "track", "--to", "boss@corp.test", "--json").stdout
+        assert json.loads(out)["events"][0]["action"] == "quarantine"
+    finally:
+        gw.stop()
+        sink.stop()

@@ -407,6 +407,8 @@ class DeliveryCore:
                               helo=meta.get("helo", ""), auth_user=meta.get("auth_user", ""),
                               front_door="delivery")
             ctx = self.pipeline.begin(session)
+            # the same id as at arrival, so the message trace joins the events
+            ctx.transaction.id = meta.get("transaction") or ctx.transaction.id
             ctx.transaction.mail_from = env.mail_from
             ctx.transaction.recipients = [Recipient(r) for r in env.recipients]
             ctx.message = Message(data)
