@@ -68,15 +68,21 @@ def test_deb_builds_installs_runs_and_purges_cleanly():
                           f'[delivery]\nrelayhost = "127.0.0.1:{sink.port}"\n')
         exec_start = next(line.split("=", 1)[1] for line in unit.splitlines()
                           if line.startswith("ExecStart="))
-        proc = subprocess.Popen(["runuser", "-u", "filterd", "--", *shlex.split(exec_start)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # as User=filterd/Group=filterd in the unit: the daemon itself, not a wrapper, so the
+        # SIGTERM below reaches it as systemd's would
+        proc = subprocess.Popen(shlex.split(exec_start), user="filterd", group="filterd",
+                                extra_groups=[], cwd="/", stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
         wait_port(port, 60)
         run(["swaks", "--server", f"127.0.0.1:{port}", "--from", "alice@example.com",
              "--to", "bob@example.net", "--header", "Subject: via the deb", "--silent", "2"])
         msgs = sink.wait_count(1, 60)
         assert b"Subject: via the deb" in msgs[0] and b"X-Filterd-ID:" in msgs[0]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        code = proc.wait(60)
+        log = proc.stdout.read().decode(errors="replace")
+        assert code == 0, log
+        assert "stopped" in log
         proc = None
         dropin.unlink()
 
