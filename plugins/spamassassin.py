@@ -34,6 +34,9 @@ max_size = "512K"
 score_factor = 1.0
 # Also report each rule that hit as SA_<RULE> (weight 0 unless set in [scores]).
 rule_symbols = true
+# An unexpected error inside this plugin skips it (symbol PLUGIN_ERROR) rather than deferring
+# mail: SpamAssassin is one opinion among several.
+on_error = "skip"
 """
 
 _RULE_LINE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+([A-Z0-9_]{2,60})\s+(.*)$")
