@@ -12,12 +12,10 @@ so the classifier works outside a configured gateway.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 from ..bayes import Bayes
 from ..bayes.classifier import band
