@@ -175,14 +175,21 @@ class Plugin:
 
     @hookimpl
     def decide(self, ctx):
-        """Messages to the learn addresses are consumed (learned), never delivered."""
+        """Messages to the learn addresses are consumed (learned), never delivered; when
+        learning failed (token store down) they are deferred so the sender's server retries."""
         learned = ctx.data.get("bayes_learned")
         out = {}
         for r in ctx.recipients:
             kind = r.data.get("bayes_learn")
-            if kind:
-                what = ",".join(learned["results"]) if learned else "not learned"
-                out[r.address] = Verdict.discard(f"learned as {kind} ({what})", source="bayes")
+            if not kind:
+                continue
+            if learned is None:
+                out[r.address] = Verdict.tempfail(
+                    "Learning is temporarily unavailable; please try again later",
+                    code=451, enhanced="4.3.0", source="bayes")
+            else:
+                out[r.address] = Verdict.discard(
+                    f"learned as {kind} ({','.join(learned['results'])})", source="bayes")
         return out or None
 
     # -- autolearn ------------------------------------------------------------------------------

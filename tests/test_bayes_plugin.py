@@ -148,3 +148,19 @@ async def test_autolearn_after_delivery_and_never_for_rejected_mail(pipeline_fac
     await pipe2.delivered(ctx, "bob@example.org", "250 ok")
     assert ctx.data.get("bayes_autolearned") is None
     assert await bayes2.tokens.totals() == before
+
+
+async def test_learn_message_is_deferred_when_the_token_store_is_down(pipeline_factory):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    pipe = await pipeline_factory(*LEARN, "store.backend=redis",
+                                  f"store.url=redis://127.0.0.1:{port}/0")
+    _, replies, result = await transaction(pipe, forward_as_attachment(synth("spam", 904)),
+                                           ["spam@gw.example"], auth_user="alice")
+    assert replies["spam@gw.example"].action is Action.ACCEPT
+    out = result.outcomes["spam@gw.example"]
+    assert out.action is Action.TEMPFAIL and out.verdict.smtp_reply()[0] == 451
+    assert any(s.name == "PLUGIN_ERROR" for s in result.symbols)
