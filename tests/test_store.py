@@ -283,3 +283,9 @@ async def test_open_store_wraps_redis_with_the_degrade(tmp_path):
         assert (tmp_path / "store.sqlite").exists()
     finally:
         await s.close()
+
+
+async def test_hash_fields_can_be_deleted(store):
+    await store.hincr("h:del", {"a": 1, "b": 2, "c": 3})
+    assert await store.hdel("h:del", "a", "c", "zz") == 2
+    assert await store.hgetall("h:del") == {"b": 2}

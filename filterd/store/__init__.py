@@ -75,6 +75,10 @@ class Store:
     async def hgetall(self, key: str) -> dict[str, int]:
         raise NotImplementedError
 
+    async def hdel(self, key: str, *fields: str) -> int:
+        """Remove fields of a hash; returns how many existed."""
+        raise NotImplementedError
+
     async def mhincr(self, items: dict[str, dict[str, int]], ttl: float | None = None) -> None:
         """Many :meth:`hincr` in one round trip: ``{key: {field: amount}}``."""
         for key, counts in items.items():
@@ -143,7 +147,7 @@ class Store:
 
 # Every data method of the interface; ResilientStore delegates exactly these.
 DATA_METHODS = ("get", "set", "delete", "exists", "expire", "incr", "get_int", "hincr",
-                "hget_many", "hgetall", "mhincr", "mhgetall", "sadd", "srem", "smembers",
+                "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "sadd", "srem", "smembers",
                 "sismember", "window_hit", "window_count", "window_check", "get_json",
                 "set_json", "keys")
 

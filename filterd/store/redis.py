@@ -210,6 +210,12 @@ class RedisStore(Store):
         return {f.decode(): int(v) for f, v in d.items()}
 
     @_wrap
+    async def hdel(self, key, *fields):
+        if not fields:
+            return 0
+        return int(await self.r.hdel(self.k(key), *fields))
+
+    @_wrap
     async def mhgetall(self, keys):
         async with self.r.pipeline(transaction=False) as p:
             for k in keys:

@@ -142,6 +142,10 @@ class SQLiteStore(Store):
             return {}
         return {f: n for f, n in self._x("SELECT f, n FROM hash WHERE k=?", (key,))}
 
+    async def hdel(self, key, *fields):
+        return sum(self._x("DELETE FROM hash WHERE k=? AND f=?", (key, f)).rowcount
+                   for f in fields)
+
     async def mhgetall(self, keys):
         out = {k: {} for k in keys}
         live = [k for k in keys if self._hash_alive(k)]
