@@ -20,7 +20,7 @@ import logging
 
 from filterd.dns import DNSError
 from filterd.hookspecs import hookimpl
-from filterd.reputation import active, guarded, sender_domain
+from filterd.reputation import _ip_in, active, guarded, sender_domain
 
 log = logging.getLogger("filterd.plugins.dnsbl")
 
@@ -31,7 +31,7 @@ in_check = false
 # How long answers are cached in the store (listed / not listed).
 cache_ttl = "10m"
 negative_cache_ttl = "5m"
-# Check client IPs in private, loopback and reserved ranges too (normally pointless).
+# Check client IPs in private, loopback, link-local and CGNAT ranges too (normally pointless).
 check_private = false
 # At most this many URL domains per message are looked up.
 max_uri_domains = 20
@@ -61,6 +61,9 @@ check_from_header = true
 """
 
 NAME = "dnsbl"
+# Addresses no public list knows about: private, loopback, link-local, shared (CGNAT), ULA.
+LOCAL_NETWORKS = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8",
+                  "169.254.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7", "fe80::/10"]
 
 
 def reversed_ip(ip: str) -> str | None:
@@ -156,10 +159,7 @@ class Plugin:
         if o["ip_zones"]:
             ip = ctx.session.peer_ip
             rev = reversed_ip(ip)
-            try:
-                private = not ipaddress.ip_address(ip.split("%")[0]).is_global
-            except ValueError:
-                private = True
+            private = _ip_in(ip, LOCAL_NETWORKS) is not None
             if rev and (o["check_private"] or not private):
                 jobs.append(self._check(ctx, o["ip_zones"], [(rev, ip)], "client IP"))
         if o["rhsbl_zones"]:
