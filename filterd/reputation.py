@@ -192,19 +192,32 @@ class ReputationModel:
             out[cat] = out.get(cat, 0.0) + n * math.pow(0.5, max(age, 0) / self.half_life)
         return out
 
-    async def lookup(self, store, ip: str, sender: str, now: float | None = None
-                     ) -> dict[str, Standing]:
+    def standings(self, subj: dict[str, str], rows: list[dict[str, int]], now: float
+                  ) -> dict[str, Standing]:
+        return {kind: Standing(key.split(":", 2)[2], self.decay(row, now))
+                for (kind, key), row in zip(subj.items(), rows)}
+
+    async def lookup(self, store, ip: str, sender: str, now: float | None = None,
+                     ctx=None) -> dict[str, Standing]:
+        """The standings of the message's subjects. With ``ctx``, rows another plugin already
+        fetched in this transaction (``ctx.data["rep_rows"]``, e.g. the greylist at RCPT) are
+        reused instead of asking the store again."""
         now = time.time() if now is None else now
         subj = self.subjects(ip, sender)
-        rows = await store.mhgetall(list(subj.values()))
+        keys = list(subj.values())
+        cache = ctx.data.setdefault("rep_rows", {}) if ctx is not None else {}
+        if all(k in cache for k in keys):
+            rows = [cache[k] for k in keys]
+        else:
+            rows = await store.mhgetall(keys)
+            cache.update(zip(keys, rows))
         cur = int(now // self.bucket)
-        for key, row in zip(subj.values(), rows):
+        for key, row in zip(keys, rows):
             stale = [f for f in row if f.partition(":")[2].isdigit()
                      and (cur - int(f.partition(":")[2])) * self.bucket > self.max_age]
             if stale:  # prune buckets past max_age (a busy subject's hash never expires)
                 await store.hdel(key, *stale)
-        return {kind: Standing(key.split(":", 2)[2], self.decay(row, now))
-                for (kind, key), row in zip(subj.items(), rows)}
+        return self.standings(subj, rows, now)
 
     async def record(self, store, ip: str, sender: str, category: str,
                      now: float | None = None) -> None:

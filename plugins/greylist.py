@@ -17,6 +17,7 @@ deferral because the store failed.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 
@@ -54,6 +55,8 @@ text = "Greylisted: this is a temporary deferral, please retry in {delay} second
 """
 
 NAME = "greylist"
+# A passed triplet's expiry is pushed back at most once a day (not a write per message).
+REFRESH = 86400.0
 _BATV = re.compile(r"^(prvs|btv1|msprvs1)=[^=]+=(.+)$", re.I)
 
 
@@ -83,13 +86,6 @@ class Plugin:
         raw = f"{net}|{normalize_sender(sender)}|{rcpt.lower()}"
         return f"grey:t:{hashlib.sha1(raw.encode()).hexdigest()}", f"grey:net:{net}"
 
-    async def _good_reputation(self, ctx, store) -> bool:
-        if "greylist_good_rep" not in ctx.data:
-            standings = await self.model.lookup(store, ctx.session.peer_ip, "")
-            ctx.data["greylist_good_rep"] = any(
-                self.model.judge(st) == "good" for st in standings.values())
-        return ctx.data["greylist_good_rep"]
-
     @hookimpl
     async def rcpt_to(self, ctx, recipient):
         o = self.options
@@ -104,24 +100,34 @@ class Plugin:
         key, net_key = self.triplet_key(ip, sender, recipient.address)
 
         async def check(store):
-            if int(o["auto_allow_after"]) and \
-                    await store.get_int(net_key) >= int(o["auto_allow_after"]):
+            # one round trip: the triplet, the network's auto-allow counter and the reputation
+            # rows (kept in ctx.data for the reputation plugin's data hook)
+            subj = self.model.subjects(ip, sender)
+            (rec_raw, auto_raw), rows = await store.fetch([key, net_key], list(subj.values()))
+            ctx.data.setdefault("rep_rows", {}).update(zip(subj.values(), rows))
+            auto = int(o["auto_allow_after"])
+            if auto and int(auto_raw or 0) >= auto:
                 return "auto"
-            if o["skip_good_reputation"] and await self._good_reputation(ctx, store):
-                return "reputation"
             now = time.time()
-            rec = await store.get_json(key)
+            if o["skip_good_reputation"]:
+                st = self.model.standings(subj, rows, now)
+                if any(self.model.judge(st[k]) == "good" for k in ("ip", "net") if k in st):
+                    return "reputation"
+            rec = json.loads(rec_raw) if rec_raw else None
             if rec is None:
                 await store.set_json(key, {"first": now}, ttl=self.window)
                 return self.delay
             if rec.get("passed"):
-                await store.set_json(key, rec, ttl=self.pass_ttl)
+                if now - rec.get("seen", rec["passed"]) > REFRESH:
+                    rec["seen"] = now  # keep it alive for pass_ttl after the last message
+                    await store.set_json(key, rec, ttl=self.pass_ttl)
                 return "known"
             wait = rec["first"] + self.delay - now
             if wait > 0:
                 return wait
-            await store.set_json(key, {"first": rec["first"], "passed": now}, ttl=self.pass_ttl)
-            if int(o["auto_allow_after"]):
+            await store.set_json(key, {"first": rec["first"], "passed": now, "seen": now},
+                                 ttl=self.pass_ttl)
+            if auto:
                 await store.incr(net_key, 1, ttl=self.auto_ttl)
             return "retried"
 

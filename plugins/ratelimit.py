@@ -2,7 +2,8 @@
 and per envelope sender (inbound, counted per message at MAIL FROM) and per authenticated user
 (outbound, counted per recipient at RCPT TO, so a compromised account cannot send one message to
 thousands of recipients either). A refused attempt is not counted: a client hammering the limit
-gets through again as soon as its window has room.
+gets through again as soon as its window has room. When both the IP and the sender limit apply,
+both windows are checked (and counted) in one store round trip.
 
 Store down: the limit is not enforced for that message (STORE_UNAVAILABLE symbol), never a
 tempfail for everyone; with [store.redis_down] mode = "fallback" each node enforces it on its own.
@@ -63,20 +64,24 @@ class Plugin:
             return Verdict.reject(text, code=int(o["code"]), enhanced=o["enhanced"], source=NAME)
         return Verdict.tempfail(text, code=int(o["code"]), enhanced=o["enhanced"], source=NAME)
 
-    async def _hit(self, ctx, kind: str, subject: str) -> Verdict | None:
+    async def _hit(self, ctx, checks: list[tuple[str, str]]) -> Verdict | None:
+        """checks: [(kind, subject)], looked up in one store round trip."""
         from filterd.config import parse_duration
 
-        o = self.options[kind]
-        if not int(o["limit"]) or not subject:
+        todo = [(kind, subject) for kind, subject in checks
+                if int(self.options[kind]["limit"]) and subject]
+        if not todo:
             return None
-        window = parse_duration(o["window"])
-        res = await guarded(ctx, NAME, lambda st: st.window_check(
-            f"rl:{kind}:{subject.lower()}", window, time.time(), int(o["limit"])))
-        if res is None or res[1]:
-            return None
-        ctx.add_symbol("RATELIMITED", 0.0, [kind, subject], f"{kind} rate limit exceeded",
-                       source=NAME)
-        return self._reply(kind, subject)
+        now = time.time()
+        items = [(f"rl:{kind}:{subject.lower()}", parse_duration(self.options[kind]["window"]),
+                  now, int(self.options[kind]["limit"]), 1) for kind, subject in todo]
+        res = await guarded(ctx, NAME, lambda st: st.window_check_many(items))
+        for (kind, subject), r in zip(todo, res or []):
+            if not r[1]:
+                ctx.add_symbol("RATELIMITED", 0.0, [kind, subject],
+                               f"{kind} rate limit exceeded", source=NAME)
+                return self._reply(kind, subject)
+        return None
 
     @hookimpl
     async def mail_from(self, ctx, sender):
@@ -85,10 +90,10 @@ class Plugin:
         ip = ctx.session.peer_ip
         if _ip_in(ip, self.options["exempt_networks"]):
             return None
-        return await self._hit(ctx, "ip", ip) or await self._hit(ctx, "sender", sender)
+        return await self._hit(ctx, [("ip", ip), ("sender", sender)])
 
     @hookimpl
     async def rcpt_to(self, ctx, recipient):
         if not active(ctx, self.options) or not ctx.session.auth_user:
             return None
-        return await self._hit(ctx, "user", ctx.session.auth_user)
+        return await self._hit(ctx, [("user", ctx.session.auth_user)])

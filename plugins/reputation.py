@@ -89,7 +89,8 @@ class Plugin:
             return None
         ip = ctx.session.peer_ip
         sender = ctx.transaction.mail_from
-        standings = await guarded(ctx, NAME, lambda st: self.model.lookup(st, ip, sender))
+        standings = await guarded(ctx, NAME, lambda st: self.model.lookup(st, ip, sender,
+                                                                    ctx=ctx))
         if not standings:
             return None
         ctx.data["reputation"] = standings

@@ -289,3 +289,20 @@ async def test_hash_fields_can_be_deleted(store):
     await store.hincr("h:del", {"a": 1, "b": 2, "c": 3})
     assert await store.hdel("h:del", "a", "c", "zz") == 2
     assert await store.hgetall("h:del") == {"b": 2}
+
+
+async def test_fetch_reads_values_and_hashes_in_one_call(store):
+    await store.set("f:a", "1")
+    await store.hincr("f:h", {"x": 2})
+    vals, hashes = await store.fetch(["f:a", "f:none"], ["f:h", "f:nohash"])
+    assert vals == [b"1", None] and hashes == [{"x": 2}, {}]
+    assert await store.fetch([], []) == ([], [])
+
+
+async def test_window_check_many_decides_each_key(store):
+    t = 3_000_000.0
+    await store.window_check("m:full", 60, t, limit=1)
+    res = await store.window_check_many([("m:full", 60, t, 1, 1), ("m:free", 60, t, 5, 2)])
+    assert res == [(1, False), (2, True)]
+    assert await store.window_count("m:free", 60, t) == 2
+    assert await store.window_check_many([]) == []

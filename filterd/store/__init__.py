@@ -121,6 +121,18 @@ class Store:
             return n, False
         return await self.window_hit(key, window, now, cost), True
 
+    async def window_check_many(self, items: list[tuple]) -> list[tuple[int, bool]]:
+        """Several :meth:`window_check` calls in one round trip: ``items`` are
+        ``(key, window, now, limit, cost)`` tuples; each is decided on its own."""
+        return [await self.window_check(*it) for it in items]
+
+    # -- several reads in one round trip -----------------------------------------------------
+    async def fetch(self, values: list[str] = (), hashes: list[str] = ()
+                    ) -> tuple[list[bytes | None], list[dict[str, int]]]:
+        """:meth:`get` of each of ``values`` and :meth:`hgetall` of each of ``hashes``, in one
+        round trip on Redis (the per-message lookups of greylisting and reputation)."""
+        return ([await self.get(k) for k in values], [await self.hgetall(k) for k in hashes])
+
     # -- JSON records -------------------------------------------------------------------------
     async def get_json(self, key: str) -> Any:
         v = await self.get(key)
@@ -148,7 +160,7 @@ class Store:
 # Every data method of the interface; ResilientStore delegates exactly these.
 DATA_METHODS = ("get", "set", "delete", "exists", "expire", "incr", "get_int", "hincr",
                 "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "sadd", "srem", "smembers",
-                "sismember", "window_hit", "window_count", "window_check", "get_json",
+                "sismember", "window_hit", "window_count", "window_check", "window_check_many", "fetch", "get_json",
                 "set_json", "keys")
 
 

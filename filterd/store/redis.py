@@ -44,6 +44,58 @@ redis.call('PEXPIRE', k, ARGV[6])
 return {n + cost, 1}
 """
 
+# The same check over several keys in one call (not on a cluster: keys may live on other nodes).
+# ARGV: now, then per key: window, limit, cost, member, ttl_ms. Returns n1, ok1, n2, ok2...
+_WINDOW_CHECK_MANY = """
+local now = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 5
+  local window, limit, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
+  local n = 0
+  for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+    n = n + tonumber(string.match(m, '^[^:]*:(%d+):'))
+  end
+  if n + cost > limit then
+    out[#out + 1] = n
+    out[#out + 1] = 0
+  else
+    redis.call('ZADD', k, now, ARGV[b + 4])
+    redis.call('PEXPIRE', k, ARGV[b + 5])
+    out[#out + 1] = n + cost
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+# GET of the first ARGV[1] keys, HGETALL of the rest, in one call.
+_FETCH = """
+local nv = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  if i <= nv then out[i] = redis.call('GET', k) else out[i] = redis.call('HGETALL', k) end
+end
+return out
+"""
+
+# HINCRBY over several keys, then PEXPIRE (ARGV[1] ms, 0 = none). ARGV: ttl, then per key:
+# number of fields, field, amount, field, amount...
+_MHINCR = """
+local ttl = tonumber(ARGV[1])
+local a = 2
+for _, k in ipairs(KEYS) do
+  local nf = tonumber(ARGV[a])
+  for j = 1, nf do
+    redis.call('HINCRBY', k, ARGV[a + 2 * j - 1], ARGV[a + 2 * j])
+  end
+  a = a + 1 + 2 * nf
+  if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+end
+return 1
+"""
+
 
 def _hostport(s: str, default_port: int) -> tuple[str, int]:
     host, _, port = s.rpartition(":") if ":" in s else (s, "", "")
@@ -82,6 +134,11 @@ class RedisStore(Store):
                                              socket_connect_timeout=socket_timeout,
                                              health_check_interval=30)
         self._window_check = self.r.register_script(_WINDOW_CHECK)
+        # multi-key scripts: one call instead of a pipeline (standalone and Sentinel only)
+        self._scripts = transactions
+        self._window_check_many = self.r.register_script(_WINDOW_CHECK_MANY)
+        self._fetch = self.r.register_script(_FETCH)
+        self._mhincr = self.r.register_script(_MHINCR)
 
     @classmethod
     def from_config(cls, section: dict) -> "RedisStore":
@@ -188,6 +245,16 @@ class RedisStore(Store):
 
     @_wrap
     async def mhincr(self, items, ttl=None):
+        if not items:
+            return
+        if self._scripts:
+            args: list = [self._ms(ttl) or 0]
+            for counts in items.values():
+                args.append(len(counts))
+                for f, n in counts.items():
+                    args += [f, int(n)]
+            await self._mhincr(keys=[self.k(k) for k in items], args=args)
+            return
         async with self.r.pipeline(transaction=False) as p:
             for key, counts in items.items():
                 for f, n in counts.items():
@@ -272,6 +339,41 @@ class RedisStore(Store):
                                          args=[now, window, int(limit), int(cost), member,
                                                self._ms(window) or 1000])
         return int(n), bool(ok)
+
+    @_wrap
+    async def window_check_many(self, items):
+        if not items:
+            return []
+        if not self._scripts:  # cluster: keys may live on different nodes
+            return [await self.window_check(*it) for it in items]
+        now = items[0][2]
+        args: list = [now]
+        for key, window, now_i, limit, *rest in items:
+            cost = int(rest[0]) if rest else 1
+            args += [window, int(limit), cost, f"{now_i}:{cost}:{uuid.uuid4().hex[:8]}",
+                     self._ms(window) or 1000]
+        res = await self._window_check_many(keys=[self.k(it[0]) for it in items], args=args)
+        return [(int(res[i]), bool(res[i + 1])) for i in range(0, len(res), 2)]
+
+    @_wrap
+    async def fetch(self, values=(), hashes=()):
+        values, hashes = list(values), list(hashes)
+        if not values and not hashes:
+            return [], []
+        if self._scripts:
+            res = await self._fetch(keys=[self.k(k) for k in values + hashes],
+                                    args=[len(values)])
+            hres = [dict(zip(h[0::2], h[1::2])) for h in res[len(values):]]
+        else:
+            async with self.r.pipeline(transaction=False) as p:
+                for k in values:
+                    p.get(self.k(k))
+                for k in hashes:
+                    p.hgetall(self.k(k))
+                res = await p.execute()
+            hres = res[len(values):]
+        vals = [v if v else None for v in res[:len(values)]]
+        return vals, [{f.decode(): int(v) for f, v in d.items()} for d in hres]
 
     @_wrap
     async def keys(self, prefix):
