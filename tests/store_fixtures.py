@@ -24,6 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P+10000 is free too."""
+    import random
+
+    for _ in range(200):
+        p = random.randint(20000, 45000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def _redis_ping(port: int, host: str = "127.0.0.1", password: str = "") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:

@@ -306,3 +306,89 @@ async def test_window_check_many_decides_each_key(store):
     assert res == [(1, False), (2, True)]
     assert await store.window_count("m:free", 60, t) == 2
     assert await store.window_check_many([]) == []
+
+
+async def test_redis_over_tls_with_a_private_ca(own_redis, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate (Debian package openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    tls_port = free_port()
+    srv = own_redis(extra=["--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                           "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                           "--tls-auth-clients", "no"])
+    good = RedisStore.from_config({"url": f"rediss://localhost:{tls_port}/0", "prefix": "tls:",
+                                   "tls": {"ca_file": str(cert), "verify": True}})
+    untrusted = RedisStore.from_config({"url": f"rediss://localhost:{tls_port}/0",
+                                        "timeout": "2s", "tls": {"verify": True}})
+    try:
+        await good.set("k", "over-tls")
+        import redis
+
+        plain = redis.Redis(port=srv.port)
+        assert plain.get("tls:k") == b"over-tls"
+        plain.close()
+        with pytest.raises(StoreConnectionError):  # system CAs do not know our CA
+            await untrusted.get("k")
+    finally:
+        await good.close()
+        await untrusted.close()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """Three private redis-server nodes joined into a Redis Cluster (no replicas)."""
+    import shutil
+    import subprocess
+
+    from store_fixtures import RedisServer, free_cluster_port
+
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = []
+    try:
+        for i in range(3):
+            d = base / f"n{i}"
+            nodes.append(RedisServer(d, port=free_cluster_port(), extra=["--cluster-enabled", "yes",
+                                               "--cluster-config-file", str(d / "nodes.conf"),
+                                               "--cluster-node-timeout", "2000"]).start())
+        subprocess.run([shutil.which("redis-cli"), "--cluster", "create",
+                        *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        import redis
+
+        for _ in range(100):
+            info = redis.Redis(port=nodes[0].port).cluster("info")
+            if (info.get("cluster_state") if isinstance(info, dict) else b"") == "ok":
+                break
+            time.sleep(0.1)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+GENERIC = [test_values_round_trip_and_missing_keys_are_none, test_values_expire_after_their_ttl,
+           test_counters_add_and_expire, test_hash_counters_one_and_many_keys,
+           test_hash_counters_expire, test_sets_add_remove_and_expire,
+           test_sliding_window_counts_only_the_last_window,
+           test_window_check_refuses_over_the_limit_without_recording,
+           test_window_check_is_atomic_under_concurrency, test_json_records_and_key_listing,
+           test_hash_fields_can_be_deleted, test_fetch_reads_values_and_hashes_in_one_call,
+           test_window_check_many_decides_each_key]
+
+
+@pytest.mark.parametrize("case", GENERIC, ids=lambda f: f.__name__[5:])
+async def test_redis_cluster_mode_passes_the_generic_suite(redis_cluster, case):
+    s = RedisStore.from_config({"mode": "cluster", "prefix": f"c{time.time_ns()}:",
+                                "cluster_nodes": [f"127.0.0.1:{n.port}" for n in redis_cluster],
+                                "timeout": "2s"})
+    try:
+        await case(s)
+    finally:
+        await s.close()
