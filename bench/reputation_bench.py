@@ -5,7 +5,7 @@ printed beside the same set on the embedded SQLite store.
 
 The figure is the time spent in those plugins' hooks per message (the plugin host's own
 timings), measured over full pipeline transactions (connect → MAIL → RCPT → DATA → decide →
-modify). Target: p99 ≤ 1 ms with Redis.
+modify → scanned). Target: p99 ≤ 1 ms with Redis.
 
     .venv/bin/python bench/reputation_bench.py [--messages 3000] [--redis redis://127.0.0.1:6379/0]
 """

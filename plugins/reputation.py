@@ -8,9 +8,9 @@ When it runs:
 - ``decide``: allow/block lists replace score-based outcomes per recipient (allow: accept;
   block: 550 5.7.1). An allow entry never overrides another plugin's own verdict (a virus
   reject, a scanner tempfail) — only what the score decided.
-- ``modify``: the final outcome is learnt (first point where outcomes are final; rejected
-  messages never reach ``delivered``). The learnt category ignores this plugin's own symbols, so
-  a bad reputation does not feed itself.
+- ``scanned``: the final outcome is learnt (the event after the data phase; rejected messages
+  never reach ``delivered``). The learnt category ignores this plugin's own symbols, so a bad
+  reputation does not feed itself.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ class Plugin:
         return "spam"
 
     @hookimpl
-    async def modify(self, ctx, message):
+    async def scanned(self, ctx, result):
         o = self.options
         if not o["learn"] or not active(ctx, o):
             return None
