@@ -153,7 +153,13 @@ class Plugin:
                                source=NAME)
 
     @hookimpl
-    async def data(self, ctx, message):
+    def data(self, ctx, message):
+        o = self.options
+        if not (o["ip_zones"] or o["rhsbl_zones"] or o["uribl_zones"]):
+            return None  # nothing configured: no coroutine, no task
+        return self._data(ctx, message)
+
+    async def _data(self, ctx, message):
         o = self.options
         jobs = []
         if o["ip_zones"]:

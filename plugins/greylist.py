@@ -87,7 +87,7 @@ class Plugin:
         return f"grey:t:{hashlib.sha1(raw.encode()).hexdigest()}", f"grey:net:{net}"
 
     @hookimpl
-    async def rcpt_to(self, ctx, recipient):
+    def rcpt_to(self, ctx, recipient):
         o = self.options
         if not active(ctx, o) or ctx.session.auth_user:
             return None
@@ -97,6 +97,10 @@ class Plugin:
         hit = self.lists.check(ip, sender, recipient.address)
         if hit is not None and hit.kind == "allow":
             return None
+        return self._rcpt_to(ctx, recipient, ip, sender)
+
+    async def _rcpt_to(self, ctx, recipient, ip, sender):
+        o = self.options
         key, net_key = self.triplet_key(ip, sender, recipient.address)
 
         async def check(store):

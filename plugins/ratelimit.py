@@ -84,16 +84,18 @@ class Plugin:
         return None
 
     @hookimpl
-    async def mail_from(self, ctx, sender):
+    def mail_from(self, ctx, sender):
         if not active(ctx, self.options) or ctx.session.auth_user:
             return None
         ip = ctx.session.peer_ip
         if _ip_in(ip, self.options["exempt_networks"]):
             return None
-        return await self._hit(ctx, [("ip", ip), ("sender", sender)])
+        return self._hit(ctx, [("ip", ip), ("sender", sender)])
 
     @hookimpl
-    async def rcpt_to(self, ctx, recipient):
+    def rcpt_to(self, ctx, recipient):
+        # plain function: returns None at once for unauthenticated clients (no task, no await)
+        # and a coroutine (awaited by the host) when there is a limit to check
         if not active(ctx, self.options) or not ctx.session.auth_user:
             return None
-        return await self._hit(ctx, [("user", ctx.session.auth_user)])
+        return self._hit(ctx, [("user", ctx.session.auth_user)])

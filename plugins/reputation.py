@@ -84,9 +84,12 @@ class Plugin:
         self.lists = ListPolicy(options)
 
     @hookimpl
-    async def data(self, ctx, message):
+    def data(self, ctx, message):
         if not active(ctx, self.options):
-            return None
+            return None  # dry run: no coroutine, no task
+        return self._data(ctx)
+
+    async def _data(self, ctx):
         ip = ctx.session.peer_ip
         sender = ctx.transaction.mail_from
         standings = await guarded(ctx, NAME, lambda st: self.model.lookup(st, ip, sender,
@@ -154,7 +157,7 @@ class Plugin:
         return "spam"
 
     @hookimpl
-    async def scanned(self, ctx, result):
+    def scanned(self, ctx, result):
         o = self.options
         if not o["learn"] or not active(ctx, o):
             return None
@@ -166,8 +169,7 @@ class Plugin:
         if cat is None:
             return None
         ip, sender = ctx.session.peer_ip, ctx.transaction.mail_from
-        await guarded(ctx, NAME, lambda st: self.model.record(st, ip, sender, cat, time.time()))
-        return None
+        return guarded(ctx, NAME, lambda st: self.model.record(st, ip, sender, cat, time.time()))
 
 
 __all__ = ["Plugin", "CONFIG", "sender_domain"]
