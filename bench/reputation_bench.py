@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from filterd.model import Session  # noqa: E402
-from filterd.pipeline import Pipeline  # noqa: E402
+from filterd.model import Session
+from filterd.pipeline import Pipeline
 
 PLUGINS = ("reputation.", "greylist.", "ratelimit.")
 MSG = (b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: hello\r\n"
@@ -33,7 +33,7 @@ MSG = (b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: hell
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 async def make_pipe(backend: str, redis_url: str, tmp: str, prefix: str) -> Pipeline:

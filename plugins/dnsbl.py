@@ -193,4 +193,3 @@ class Plugin:
                 jobs.append(self._check(ctx, o["uribl_zones"], list(queries.items()), "URL"))
         if jobs:
             await asyncio.gather(*jobs)
-        return None

@@ -22,8 +22,7 @@ import re
 import time
 
 from filterd.hookspecs import hookimpl
-from filterd.reputation import (ListPolicy, ReputationModel, _ip_in, active, client_network,
-                                guarded)
+from filterd.reputation import ListPolicy, ReputationModel, _ip_in, active, client_network, guarded
 from filterd.verdict import Verdict
 
 CONFIG = """
@@ -57,7 +56,7 @@ text = "Greylisted: this is a temporary deferral, please retry in {delay} second
 NAME = "greylist"
 # A passed triplet's expiry is pushed back at most once a day (not a write per message).
 REFRESH = 86400.0
-_BATV = re.compile(r"^(prvs|btv1|msprvs1)=[^=]+=(.+)$", re.I)
+_BATV = re.compile(r"^(prvs|btv1|msprvs1)=[^=]+=(.+)$", re.IGNORECASE)
 
 
 def normalize_sender(sender: str) -> str:

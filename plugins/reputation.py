@@ -17,8 +17,7 @@ from __future__ import annotations
 import time
 
 from filterd.hookspecs import hookimpl
-from filterd.reputation import (ListPolicy, ReputationModel, _ip_in, active, guarded,
-                                sender_domain)
+from filterd.reputation import ListPolicy, ReputationModel, _ip_in, active, guarded, sender_domain
 from filterd.verdict import Action, Verdict
 
 CONFIG = """
@@ -95,7 +94,7 @@ class Plugin:
         standings = await guarded(ctx, NAME, lambda st: self.model.lookup(st, ip, sender,
                                                                     ctx=ctx))
         if not standings:
-            return None
+            return
         ctx.data["reputation"] = standings
         authentic = not self.options["domain_good_requires"] or any(
             ctx.has_symbol(s) for s in self.options["domain_good_requires"])
@@ -107,7 +106,7 @@ class Plugin:
             score = {"bad": 2.0, "good": -1.0}[judged]  # rules/50-reputation-scores.toml wins
             ctx.add_symbol(name, score, [st.subject, f"bad={st.bad_ratio:.2f}",
                                          f"n={st.total:.1f}"], st.describe(), source=NAME)
-        return None
+        return
 
     @hookimpl
     def decide(self, ctx):
@@ -172,4 +171,4 @@ class Plugin:
         return guarded(ctx, NAME, lambda st: self.model.record(st, ip, sender, cat, time.time()))
 
 
-__all__ = ["Plugin", "CONFIG", "sender_domain"]
+__all__ = ["CONFIG", "Plugin", "sender_domain"]

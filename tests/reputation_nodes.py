@@ -21,7 +21,7 @@ class Node:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "pipeline_driver.py"),
              f"server.state_dir={state_dir}", *overrides],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(state_dir / "node.log", "w"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(state_dir / "node.log", "w"),  # noqa: SIM115 - the child keeps it
             text=True, env=env)
         self.log = state_dir / "node.log"
         first = self.proc.stdout.readline()

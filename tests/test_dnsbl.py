@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import DATA, make_message
+
+# fixtures: store, backend, store_overrides, redis_prefix, own_redis (tests/store_fixtures.py)
+pytest_plugins = ["store_fixtures"]
+
 from filterd.dns import FixtureResolver
 from filterd.model import Session
 from filterd.verdict import Action
-from store_fixtures import (backend, redis_prefix, store_overrides)  # noqa: F401
 
 ZONES = DATA / "reputation" / "dnsbl-zones.toml"
 

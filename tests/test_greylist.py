@@ -4,11 +4,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import make_message
+
+# fixtures: store, backend, store_overrides, redis_prefix, own_redis (tests/store_fixtures.py)
+pytest_plugins = ["store_fixtures"]
+
 from filterd.model import Session
 from filterd.verdict import Action
-from store_fixtures import (backend, redis_prefix, store_overrides)  # noqa: F401
 
 MSG = make_message()
 

@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 
+# fixtures: store, backend, store_overrides, redis_prefix, own_redis (tests/store_fixtures.py)
+pytest_plugins = ["store_fixtures"]
+
 from filterd.model import Session
 from filterd.verdict import Action
-from store_fixtures import (backend, redis_prefix, store_overrides)  # noqa: F401
 
 
 def smtp(ip: str, auth: str = "") -> Session:

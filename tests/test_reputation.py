@@ -4,11 +4,13 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import GTUBE, make_message
+
+# fixtures: store, backend, store_overrides, redis_prefix, own_redis (tests/store_fixtures.py)
+pytest_plugins = ["store_fixtures"]
+
 from filterd.model import Session
 from filterd.reputation import ListPolicy, ReputationModel, client_network
-from store_fixtures import (backend, redis_prefix, store, store_overrides)  # noqa: F401
 
 HAM = make_message()
 SPAM = make_message(body=f"Buy now\r\n{GTUBE}\r\n", subject="offer")

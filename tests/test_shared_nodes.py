@@ -13,16 +13,22 @@ import time
 
 import pytest
 import redis
-
 from conftest import check_json, make_message
+from redis_helpers import SHARED_REDIS
 from reputation_nodes import Node
-from store_fixtures import SHARED_REDIS, own_redis, redis_prefix  # noqa: F401
+
+# fixtures: store, backend, store_overrides, redis_prefix, own_redis (tests/store_fixtures.py)
+pytest_plugins = ["store_fixtures"]
 
 MSG = make_message()
 
 
 def check_node(state_dir, store: list[str], *args):
-    return check_json(MSG, "--set", f"server.state_dir={state_dir}",
+    # an explicit (empty) config file: the machine's /etc/filterd must not leak into the test
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conf = state_dir / "filterd.toml"
+    conf.write_text("")
+    return check_json(MSG, "--config", str(conf), "--set", f"server.state_dir={state_dir}",
                       *[a for s in store for a in ("--set", s)],
                       "--set", "greylist.enabled=true", "--set", "greylist.in_check=true",
                       "--set", "greylist.delay=1s", *args)
@@ -101,7 +107,7 @@ def _down_node(nodes, srv, mode: str, *extra: str) -> Node:
 def test_redis_stopped_and_started_during_a_run_fallback_mode(nodes, own_redis):
     srv = own_redis()
     node = _down_node(nodes, srv, "fallback")
-    send = lambda sender, ip="198.51.100.20": node.send(MSG, ip=ip, sender=sender)  # noqa: E731
+    send = lambda sender, ip="198.51.100.20": node.send(MSG, ip=ip, sender=sender)
     assert send("a@s.test")["action"] == "tempfail"  # greylisted, in Redis
     first = send("a@s.test")
     assert first["action"] == "accept" and first["degraded"] is None

@@ -7,12 +7,14 @@ import asyncio
 import time
 
 import pytest
+from redis_helpers import free_port
+
+# fixtures: store, backend, store_overrides, redis_prefix, own_redis (tests/store_fixtures.py)
+pytest_plugins = ["store_fixtures"]
 
 from filterd.store import ResilientStore, StoreConnectionError, StoreUnavailable
 from filterd.store.redis import RedisStore
 from filterd.store.sqlite import SQLiteStore
-from store_fixtures import (backend, free_port, own_redis, redis_prefix,  # noqa: F401
-                            require_shared_redis, store)
 
 
 async def test_values_round_trip_and_missing_keys_are_none(store):
@@ -164,7 +166,7 @@ async def test_redis_through_sentinel_finds_the_master(own_redis, tmp_path):
     import shutil
     import subprocess
 
-    proc = subprocess.Popen([shutil.which("redis-server"), str(conf), "--sentinel"],
+    proc = subprocess.Popen([shutil.which("redis-server"), str(conf), "--sentinel"],  # noqa: ASYNC220
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s = None
     try:
@@ -315,7 +317,7 @@ async def test_redis_over_tls_with_a_private_ca(own_redis, tmp_path):
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make the test certificate (Debian package openssl)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+    await asyncio.to_thread(subprocess.run, ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
                     str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
@@ -347,7 +349,7 @@ def redis_cluster(tmp_path_factory):
     import shutil
     import subprocess
 
-    from store_fixtures import RedisServer, free_cluster_port
+    from redis_helpers import RedisServer, free_cluster_port
 
     base = tmp_path_factory.mktemp("cluster")
     nodes = []

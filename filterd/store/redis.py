@@ -106,8 +106,10 @@ def _hostport(s: str, default_port: int) -> tuple[str, int]:
 def _wrap(fn):
     async def inner(self, *a, **kw):
         try:
+            if self._init_lock is not None:
+                await self._initialize()
             return await fn(self, *a, **kw)
-        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreConnectionError(f"Redis {self.url_safe}: {type(exc).__name__}: "
                                        f"{exc}") from exc
         except RedisError as exc:
@@ -124,12 +126,16 @@ class RedisStore(Store):
     name = "redis"
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "filterd:",
-                 client: "aioredis.Redis | None" = None, socket_timeout: float = 2.0,
+                 client: aioredis.Redis | None = None, socket_timeout: float = 2.0,
                  transactions: bool = True, where: str = ""):
         self.url = url
         self.url_safe = where or url.split("@")[-1]  # never log a password
         self.prefix = prefix
         self._tx = transactions  # MULTI/EXEC pipelines (not on a cluster)
+        # a cluster client discovers the slots on first use; many coroutines doing that at
+        # once race inside redis-py (AttributeError on a half-made connection), so the first
+        # use is serialised
+        self._init_lock = asyncio.Lock() if not transactions else None
         self.r = client or aioredis.from_url(url, socket_timeout=socket_timeout,
                                              socket_connect_timeout=socket_timeout,
                                              health_check_interval=30)
@@ -140,8 +146,15 @@ class RedisStore(Store):
         self._fetch = self.r.register_script(_FETCH)
         self._mhincr = self.r.register_script(_MHINCR)
 
+    async def _initialize(self) -> None:
+        async with self._init_lock:
+            if self._init_lock is None:
+                return
+            await self.r.initialize()
+            self._init_lock = None
+
     @classmethod
-    def from_config(cls, section: dict) -> "RedisStore":
+    def from_config(cls, section: dict) -> RedisStore:
         """Build from the ``[store]`` section (URL, credentials, TLS, Sentinel or Cluster)."""
         from ..config import parse_duration
 
@@ -154,16 +167,16 @@ class RedisStore(Store):
         use_tls = parts.scheme == "rediss" or bool(tls.get("enabled"))
         password = section.get("password") or (unquote(parts.password) if parts.password else None)
         username = section.get("username") or (unquote(parts.username) if parts.username else None)
-        common = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                      password=password or None, username=username or None)
+        common = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                      "password": password or None, "username": username or None}
         ssl_kw: dict = {}
         if use_tls:
-            ssl_kw = dict(ssl=True, ssl_ca_certs=tls.get("ca_file") or None,
-                          ssl_certfile=tls.get("cert_file") or None,
-                          ssl_keyfile=tls.get("key_file") or None,
-                          ssl_cert_reqs=_ssl.CERT_REQUIRED if tls.get("verify", True)
+            ssl_kw = {"ssl": True, "ssl_ca_certs": tls.get("ca_file") or None,
+                          "ssl_certfile": tls.get("cert_file") or None,
+                          "ssl_keyfile": tls.get("key_file") or None,
+                          "ssl_cert_reqs": _ssl.CERT_REQUIRED if tls.get("verify", True)
                           else _ssl.CERT_NONE,
-                          ssl_check_hostname=bool(tls.get("verify", True)))
+                          "ssl_check_hostname": bool(tls.get("verify", True))}
         where = parts.hostname or url
         if mode == "sentinel":
             from redis.asyncio.sentinel import Sentinel
@@ -173,7 +186,7 @@ class RedisStore(Store):
                 raise StoreError("[store] mode = \"sentinel\" needs [store] sentinels = "
                                  "[\"host:port\", ...]")
             service = section.get("sentinel_service") or "mymaster"
-            skw = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+            skw = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
             if section.get("sentinel_password"):
                 skw["password"] = section["sentinel_password"]
             db = int((parts.path or "/0").strip("/") or 0)
