@@ -153,3 +153,20 @@ def test_redis_stopped_and_started_during_a_run_skip_mode(nodes, own_redis):
     time.sleep(1.2)
     r = node.send(MSG, sender="after@s.test")
     assert r["action"] == "tempfail" and r["degraded"] is None  # greylisting is back
+
+
+def test_filterd_check_with_redis_unreachable_keeps_working(tmp_path):
+    from redis_helpers import free_port
+
+    dead = ["store.backend=redis", f"store.url=redis://127.0.0.1:{free_port()}/0",
+            "store.timeout=300ms"]
+    args = ("--ip", "198.51.100.9", "--from", "a@sender.test", "--rcpt", "u@example.org",
+            "--set", "ratelimit.in_check=true", "--set", "reputation.in_check=true")
+    code, out = check_node(tmp_path / "fallback", dead, *args)
+    names = {s["name"] for s in out["symbols"]}
+    assert code == 7 and "STORE_FALLBACK" in names  # greylisted by this node's own store
+    code, out = check_node(tmp_path / "skip", dead + ["store.redis_down.mode=skip",
+                                                      'plugins.disabled=["mailing_lists"]'],
+                           *args)
+    assert code == 0, out  # nothing deferred because the store is down
+    assert "STORE_UNAVAILABLE" in {s["name"] for s in out["symbols"]}

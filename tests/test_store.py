@@ -394,3 +394,35 @@ async def test_redis_cluster_mode_passes_the_generic_suite(redis_cluster, case):
         await case(s)
     finally:
         await s.close()
+
+
+def test_filterd_store_ping_and_show(tmp_path, redis_prefix):
+    import subprocess
+    import sys
+
+    conf = tmp_path / "filterd.toml"
+    conf.write_text("")
+    base = [sys.executable, "-m", "filterd", "store"]
+    shared = ["--config", str(conf), "--set", f"server.state_dir={tmp_path}",
+              "--set", "store.backend=redis", "--set", f"store.prefix={redis_prefix}"]
+    p = subprocess.run([*base, "ping", *shared], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "OK" in p.stdout and "redis 127.0.0.1:6379" in p.stdout
+    dead = ["--config", str(conf), "--set", "store.backend=redis", "--set",
+            f"store.url=redis://:secret@127.0.0.1:{free_port()}/0"]
+    p = subprocess.run([*base, "ping", *dead], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "Connection" in p.stdout and "secret" not in p.stdout
+
+    import redis
+
+    r = redis.Redis()
+    bucket = int(time.time() // 21600)
+    for _ in range(6):
+        r.hincrby(f"{redis_prefix}rep:ip:198.51.100.7", f"spam:{bucket}", 1)
+    r.close()
+    p = subprocess.run([*base, "show", "198.51.100.7", "--json", *shared], capture_output=True,
+                       text=True, timeout=60)
+    import json
+
+    out = json.loads(p.stdout)
+    assert out["ip"]["judged"] == "bad" and out["ip"]["counts"] == {"spam": 6.0}
+    assert out["greylist_auto_allow_retries"] == 0
