@@ -405,12 +405,13 @@ def test_filterd_store_ping_and_show(tmp_path, redis_prefix):
     base = [sys.executable, "-m", "filterd", "store"]
     shared = ["--config", str(conf), "--set", f"server.state_dir={tmp_path}",
               "--set", "store.backend=redis", "--set", f"store.prefix={redis_prefix}"]
-    run = dict(capture_output=True, text=True, timeout=60, check=False)  # noqa: C408
-    p = subprocess.run([*base, "ping", *shared], **run)
+    p = subprocess.run([*base, "ping", *shared], capture_output=True, text=True,
+                       timeout=60, check=False)
     assert p.returncode == 0 and "OK" in p.stdout and "redis 127.0.0.1:6379" in p.stdout
     dead = ["--config", str(conf), "--set", "store.backend=redis", "--set",
             f"store.url=redis://:secret@127.0.0.1:{free_port()}/0"]
-    p = subprocess.run([*base, "ping", *dead], **run)
+    p = subprocess.run([*base, "ping", *dead], capture_output=True, text=True,
+                       timeout=60, check=False)
     assert p.returncode == 1 and "Connection" in p.stdout and "secret" not in p.stdout
 
     import redis
@@ -420,7 +421,8 @@ def test_filterd_store_ping_and_show(tmp_path, redis_prefix):
     for _ in range(6):
         r.hincrby(f"{redis_prefix}rep:ip:198.51.100.7", f"spam:{bucket}", 1)
     r.close()
-    p = subprocess.run([*base, "show", "198.51.100.7", "--json", *shared], **run)
+    p = subprocess.run([*base, "show", "198.51.100.7", "--json", *shared],
+                       capture_output=True, text=True, timeout=60, check=False)
     import json
 
     out = json.loads(p.stdout)
