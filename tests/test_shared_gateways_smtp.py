@@ -8,7 +8,6 @@ import time
 import uuid
 
 import pytest
-
 from gateway_fixtures import Gateway, Sink, start_session
 from redis_helpers import SHARED_REDIS
 
