@@ -190,3 +190,14 @@ def test_client_networks():
     assert client_network("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
     assert client_network("::ffff:192.0.2.77") == "192.0.2.0/24"
     assert client_network("bogus") == "bogus"
+
+
+async def test_ipv6_clients_share_the_reputation_of_their_64(rep_pipe):
+    pipe = await rep_pipe()
+    for _ in range(5):
+        await pipe.scan(SPAM, "x@v6spam.test", ["u@example.org"], smtp("2001:db8:5:6::7"))
+    r = await pipe.scan(HAM, "y@other.test", ["u@example.org"], smtp("2001:db8:5:6:ffff::1"))
+    net = next(s for s in r.ctx.symbols if s.name == "REP_NET_BAD")
+    assert "2001:db8:5:6::/64" in net.options and "REP_IP_BAD" not in names(r)
+    r = await pipe.scan(HAM, "y@other.test", ["u@example.org"], smtp("2001:db8:5:7::1"))
+    assert not any(n.startswith("REP_") for n in names(r))
