@@ -189,6 +189,7 @@ class MessageHandle:
         self._offset = 0
         self.size = 0
         self.state = DeliveryState()
+        self.has_state_file = True  # unknown until parsed: assume so
 
     @property
     def path(self) -> Path:
@@ -209,10 +210,11 @@ class MessageHandle:
         """Atomically replace the state file (tmp → fsync → rename → fsync directory)."""
         self.spool._write_atomic(self.state_path,
                                  json.dumps(self.state.to_json(), separators=(",", ":")).encode())
+        self.has_state_file = True
 
     def remove(self) -> None:
         """The message is finished: delete it (no fsync: a lost unlink means a duplicate)."""
-        for p in (self.state_path, self.path):
+        for p in ((self.state_path, self.path) if self.has_state_file else (self.path,)):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -407,9 +409,10 @@ class Spool:
         if parse:
             try:
                 h.envelope, h._offset, h.size = decode_header(path, f)
-                sp = h.state_path
-                if sp.exists():
-                    h.state = DeliveryState.from_json(json.loads(sp.read_bytes()))
+                try:
+                    h.state = DeliveryState.from_json(json.loads(h.state_path.read_bytes()))
+                except FileNotFoundError:
+                    h.has_state_file = False
             except (SpoolError, ValueError, OSError) as exc:
                 h.close()
                 raise SpoolError(str(exc)) from exc
