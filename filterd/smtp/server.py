@@ -461,6 +461,9 @@ class SMTPConnection:
         self.reply(214, "See RFC 5321", "2.0.0")
 
     async def cmd_VRFY(self, arg):
+        if not self.s.vrfy:
+            self.reply(502, "VRFY command is disabled", "5.5.1")
+            return
         self.reply(252, "Cannot VRFY user, but will accept the message", "2.5.2")
 
     async def cmd_EXPN(self, arg):
