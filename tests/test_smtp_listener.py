@@ -564,3 +564,17 @@ def test_connect_time_reject_allows_only_quit(tmp_path, sink):
         r.close()
     finally:
         g.stop()
+
+
+def test_spool_flag_puts_the_queue_where_asked(tmp_path):
+    from gateway_fixtures import free_port
+    spool = tmp_path / "myspool"
+    dead = free_port()  # nothing listens: the message must wait in the given spool
+    g = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{dead}", "--spool", str(spool))
+    try:
+        token = uuid.uuid4().hex
+        assert send(g.port, ["b@example.org"], message(token))[0] == 250
+        files = [p for p in (spool / "active").iterdir() if not p.name.endswith(".state")]
+        assert len(files) == 1 and token.encode() in files[0].read_bytes()
+    finally:
+        g.stop()
