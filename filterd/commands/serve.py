@@ -216,6 +216,8 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
 
         delivery = DeliveryCore(cfg, spool, pipe.services, pipe)
         await delivery.start()
+    _register_submit(pipe, spool, delivery)
+    side = [] if is_worker else await _start_side_services(pipe)
     next_hop = parse_hostport(cfg.get("smtp.proxy_next_hop"))
     proxy_timeout = cfg.duration("smtp.proxy_timeout")
 
@@ -244,6 +246,7 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
         except Exception as exc:  # noqa: BLE001 - keep serving with the old config
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        _register_submit(new_pipe, spool, delivery)
         pipe = new_pipe
         await server.swap_pipeline(new_pipe, new_settings, new_relay)
         log.info("reload done; sessions already running finish on the old configuration")
@@ -254,6 +257,8 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
     await stop.wait()
     log.info("stopping: no new sessions; waiting for running ones")
     await server.stop(cfg.duration("smtp.shutdown_grace"))
+    for close in side:
+        await close()
     if delivery is not None:
         if hasattr(delivery, "stop"):
             await delivery.stop()
@@ -270,6 +275,30 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
     return 0
 
 
+def _register_submit(pipe, spool, delivery) -> None:
+    """Mail filterd sends itself (list copies, confirmations, digests: filterd.mailer) goes
+    through the same durable spool and delivery core as received mail."""
+    from ..queue.spool import Envelope
+
+    async def submit(sender, recipients, data, meta):
+        env = Envelope(mail_from=sender, recipients=list(recipients), received_at=time.time(),
+                       meta={"origin": "filterd", **(meta or {})})
+        qid = await spool.enqueue(env, data)
+        if delivery is not None:
+            delivery.notify(qid)
+        return qid
+
+    pipe.services.extra["submit"] = submit
+
+
+async def _start_side_services(pipe) -> list:
+    """Services that run once per gateway (in the process that owns delivery), beside SMTP:
+    the mailstore's POP3 listeners and Junk scanner. Returns async closers."""
+    from ..mailstore import service as mailstore_service
+
+    return await mailstore_service.start(pipe)
+
+
 async def _parent(args, overrides, children, spawn) -> int:
     """Multi-worker parent: runs the delivery core, restarts dead workers, forwards signals."""
     from ..delivery.core import DeliveryCore
@@ -280,6 +309,8 @@ async def _parent(args, overrides, children, spawn) -> int:
     spool = _open_spool(cfg)
     delivery = DeliveryCore(cfg, spool, pipe.services, pipe)
     await delivery.start()
+    _register_submit(pipe, spool, delivery)
+    side = await _start_side_services(pipe)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -332,6 +363,8 @@ async def _parent(args, overrides, children, spawn) -> int:
             if done:
                 children.pop(pid, None)
         await asyncio.sleep(0.1)
+    for close in side:
+        await close()
     await delivery.stop()
     await pipe.close()
     return exit_code

@@ -77,8 +77,30 @@ def run(args) -> int:
         return 2
     if args.action == "del":
         del users[args.name]
+        password = None
     else:
-        users[args.name] = hash_password(_password(args))
+        password = _password(args)
+        users[args.name] = hash_password(password)
     write_users(path, users)
+    dovecot = _dovecot_passwd(args)
+    if dovecot is not None:  # the mailstore's IMAP side (Dovecot) reads its own copy
+        from ..mailstore.dovecot import update_passwd
+
+        update_passwd(dovecot, args.name, password)
     print(f"filterd user: {args.action} {args.name}: done ({path})")
     return 0
+
+
+def _dovecot_passwd(args):
+    """The Dovecot passwd-file to keep in step, or None when only --file was given and no
+    config names one (scripts that just manage an SMTP AUTH file)."""
+    from ..config import load
+    from ..mailstore.dovecot import passwd_path
+
+    try:
+        cfg = load(args.config, args.overrides)
+    except Exception:  # noqa: BLE001 - the users file was written; the config is checked elsewhere
+        return None
+    if args.file and not cfg.get("mailstore.dovecot_passwd"):
+        return None
+    return passwd_path(cfg)

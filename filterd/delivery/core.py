@@ -28,7 +28,7 @@ from ..config import parse_size
 from ..queue.spool import Locked, MessageHandle, NotFound, Spool, SpoolError
 from . import dsn as dsn_mod
 from .client import Connection, ConnectError, ConnectionLost, ConnectionPool
-from .local import LocalDeliveryError, deliver_maildir, maildir_for
+from .local import LocalDeliveryError
 from .routing import Route, RouteError, Router
 
 log = logging.getLogger("filterd.delivery")
@@ -427,6 +427,8 @@ class DeliveryCore:
                               helo=meta.get("helo", ""), auth_user=meta.get("auth_user", ""),
                               front_door="delivery")
             ctx = self.pipeline.begin(session)
+            # the same id as at arrival, so the message trace joins the events
+            ctx.transaction.id = meta.get("transaction") or ctx.transaction.id
             ctx.transaction.mail_from = env.mail_from
             ctx.transaction.recipients = [Recipient(r) for r in env.recipients]
             ctx.message = Message(data)
@@ -539,13 +541,19 @@ class DeliveryCore:
 
     async def _deliver_local(self, rcpts: list[str], data: bytes,
                              h: MessageHandle) -> dict[str, Result]:
+        from ..mailstore import MailStore, QuotaExceeded
+
+        if getattr(self, "_mailstore", None) is None:
+            self._mailstore = MailStore.from_config(self.config)
         out: dict[str, Result] = {}
         for r in rcpts:
             try:
-                path = maildir_for(self.maildir_root, r)
-                name = await asyncio.to_thread(deliver_maildir, path, data, self.spool.fsync)
-                out[r] = Result("ok", f"250 2.0.0 delivered to maildir {path}/new/{name}",
-                                "2.0.0")
+                folder, path = await asyncio.to_thread(self._mailstore.deliver, r, data,
+                                                       self.spool.fsync)
+                out[r] = Result("ok", f"250 2.0.0 delivered to {folder} ({path})", "2.0.0")
+            except QuotaExceeded as exc:
+                code, enh = exc.smtp
+                out[r] = Result("perm" if exc.permanent else "temp", f"{code} {enh} {exc}", enh)
             except LocalDeliveryError as exc:
                 out[r] = Result("perm" if exc.permanent else "temp", str(exc),
                                 "5.1.1" if exc.permanent else "4.2.0")
