@@ -261,8 +261,10 @@ class Spool:
         for sub in ("tmp",) + AREAS:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self._pending: list[tuple[str, str, bytes, asyncio.Future]] = []
-        self._committer: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
+        self._committers: set[asyncio.Task] = set()
+        self.max_commits_in_flight = 2
+        self._executor = ThreadPoolExecutor(max_workers=self.max_commits_in_flight,
+                                            thread_name_prefix="spool-commit")
         self._file_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-write")
         self._local_locks: set[str] = set()  # flock does not exclude within one process
         self._lock = threading.Lock()
@@ -283,8 +285,13 @@ class Spool:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((qid, "hold" if envelope.hold else "active", blob, fut))
-        if self._committer is None or self._committer.done():
-            self._committer = loop.create_task(self._commit_loop())
+        # (a finished task leaves the set only in a later callback: count the running ones)
+        if sum(not t.done() for t in self._committers) < self.max_commits_in_flight:
+            # up to two commits overlap: the next batch's files are written while the previous
+            # batch's directory fsync runs (each batch still fsyncs the directory itself)
+            task = loop.create_task(self._commit_loop())
+            self._committers.add(task)
+            task.add_done_callback(self._committers.discard)
         await fut
         return qid
 
