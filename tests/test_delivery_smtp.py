@@ -425,3 +425,18 @@ async def test_message_that_keeps_failing_internally_moves_to_failed(state, capt
         await wait_for(lambda: capture.handler.to("u@dest.test"), what="delivery after requeue")
     finally:
         await core.stop()
+
+
+async def test_per_destination_connection_limit(state, sink):
+    core = await make_core(state, f"delivery.relayhost=127.0.0.1:{sink.port}",
+                           "delivery.max_per_destination=2")
+    try:
+        ids = await asyncio.gather(*(core.spool.enqueue(
+            Envelope("alice@sender.test", ["bob@dest.test"]), msg(i)) for i in range(40)))
+        for q in ids:
+            core.notify(q)
+        await wait_for(lambda: sink.count() == 40 and not core.spool.ids("active"),
+                       what="40 messages at smtp-sink")
+        assert core.pool.opened == 2  # never more than two sessions, each reused
+    finally:
+        await core.stop()
