@@ -234,8 +234,9 @@ class DeliveryCore:
             if self._heap and len(self._inflight) < self.max_concurrency:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
             mono = time.monotonic()
