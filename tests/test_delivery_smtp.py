@@ -440,3 +440,18 @@ async def test_per_destination_connection_limit(state, sink):
         assert core.pool.opened == 2  # never more than two sessions, each reused
     finally:
         await core.stop()
+
+
+async def test_internationalized_address_to_a_server_without_smtputf8_bounces(state, tmp_path):
+    peer = await MiniLMTP(smtp=True).start()  # offers no SMTPUTF8
+    core = await make_core(state, f"delivery.relayhost=[127.0.0.1]:{peer.port}")
+    try:
+        q = await core.spool.enqueue(Envelope("", ["jörg@dest.test", "plain@dest.test"],
+                                              mail_params={"SMTPUTF8": True}), msg(20))
+        core.notify(q)
+        await wait_for(lambda: not core.spool.ids("active"), what="attempt done")
+        assert peer.delivered == []
+        assert core.stats["bounced"] == 2
+    finally:
+        await core.stop()
+        await peer.stop()
