@@ -143,6 +143,8 @@ class Connection:
             lines.append(line[4:])
             if line[3:4] != "-":
                 self.tx_replies += 1
+                if code == 421:  # the server is closing the session (RFC 5321 3.8)
+                    self.broken = True
                 return Reply(code, lines)
 
     async def write(self, data: bytes) -> None:
