@@ -455,3 +455,25 @@ async def test_internationalized_address_to_a_server_without_smtputf8_bounces(st
     finally:
         await core.stop()
         await peer.stop()
+
+
+async def test_dead_destination_defers_other_messages_without_reconnecting(state):
+    from delivery_peers import free_port
+
+    port = free_port()  # nothing listens there
+    core = await make_core(state, f"delivery.relayhost=[127.0.0.1]:{port}",
+                           "delivery.retry_initial=1h", "delivery.retry_max=1h")
+    try:
+        q1 = await core.spool.enqueue(Envelope("a@sender.test", ["u@dest.test"]), msg(21))
+        core.notify(q1)
+        await wait_for(lambda: core.stats["deferred"] == 1, what="first deferral")
+        q2 = await core.spool.enqueue(Envelope("a@sender.test", ["v@dest.test"]), msg(22))
+        core.notify(q2)
+        await wait_for(lambda: core.stats["deferred"] == 2, what="second deferral")
+        st = {e.queue_id: e.state.recipients for e in core.spool.entries()}
+        first = st[q1]["u@dest.test"].response
+        second = st[q2]["v@dest.test"].response
+        assert f"connect to 127.0.0.1[127.0.0.1]:{port}" in first
+        assert "not retried for 30s" in second and first in second
+    finally:
+        await core.stop()

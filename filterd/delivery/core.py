@@ -89,6 +89,8 @@ class DeliveryCore:
         self.connect_timeout = config.duration("delivery.connect_timeout")
         self.command_timeout = config.duration("delivery.command_timeout")
         self.data_timeout = config.duration("delivery.data_timeout")
+        self.dead_host_time = config.duration("delivery.dead_host_time")
+        self._dead: dict[tuple, tuple[float, str]] = {}  # destination -> (until, last error)
         self.tls = d.get("tls", "may")
         self.tls_verify = bool(d.get("tls_verify", False))
         self.tls_policy = {k.lower(): v for k, v in (d.get("tls_policy") or {}).items() if v}
@@ -459,10 +461,18 @@ class DeliveryCore:
         perm_greeting: Result | None = None
         for host, address in hops:
             key = (route.kind, address or route.unix_path, route.port, policy)
+            dead = self._dead.get(key)
+            if dead is not None:
+                if dead[0] > time.monotonic():
+                    last = f"{dead[1]} (not retried for {self.dead_host_time:.0f}s)"
+                    continue
+                del self._dead[key]
             try:
                 return await self._send_via(key, route, host, address, policy, domain, h,
                                             rcpts, data)
             except ConnectError as exc:
+                if self.dead_host_time > 0:  # spare the other queued messages the same wait
+                    self._dead[key] = (time.monotonic() + self.dead_host_time, str(exc))
                 last = str(exc)
                 if exc.permanent and exc.reply is not None:
                     perm_greeting = Result("perm", str(exc.reply), exc.reply.enhanced or "5.0.0",
