@@ -1,0 +1,161 @@
+"""Shared pieces of the sender-authentication plugins (``spf``, ``dkim``, ``arc``, ``dmarc``,
+``auth_results``).
+
+Results travel between the plugins in ``ctx.data`` under these keys (documented in
+``docs/auth.md``):
+
+- ``ctx.data["spf"]``: ``{"mailfrom": SPFResult, "helo": SPFResult | None}``
+- ``ctx.data["dkim"]``: ``[DKIMResult, ...]`` — one per DKIM-Signature, top to bottom
+- ``ctx.data["arc"]``: :class:`ARCResult`
+- ``ctx.data["dmarc"]``: :class:`DMARCResult`
+- ``ctx.data["auth.outbound"]``: True when the mail is ours (authenticated client or
+  ``[auth] internal_networks``): signed, not SPF/DMARC-checked.
+
+Nothing here touches the network except through ``ctx.services.dns`` (:mod:`filterd.dns`).
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+from .dns import DNSError
+
+# ---------------------------------------------------------------------------------------------
+# Result records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SPFResult:
+    identity: str  # "mailfrom" or "helo"
+    domain: str  # the domain checked ("" when there was nothing to check)
+    result: str  # pass, fail, softfail, neutral, none, temperror, permerror
+    explanation: str = ""
+    sender: str = ""  # the address checked (postmaster@helo for HELO)
+
+
+@dataclass
+class DKIMResult:
+    result: str  # pass, fail, neutral, temperror, permerror (none when no signature)
+    domain: str = ""  # d=
+    selector: str = ""  # s=
+    identity: str = ""  # i=
+    algorithm: str = ""  # a=
+    bits: int = 0
+    reason: str = ""
+    b_prefix: str = ""  # first characters of b= (header.b in Authentication-Results)
+
+
+@dataclass
+class ARCResult:
+    result: str  # pass, fail, none
+    reason: str = ""
+    instances: int = 0
+    oldest_pass: int = 0
+    details: list = field(default_factory=list)
+    sealing_domains: list = field(default_factory=list)  # d= of each ARC-Seal, oldest first
+
+
+@dataclass
+class DMARCResult:
+    result: str  # pass, fail, none, temperror, permerror
+    domain: str = ""  # RFC5322.From domain
+    policy_domain: str = ""  # where the record was found
+    org_domain: str = ""
+    policy: str = "none"  # published p= (or sp=) that applies: none, quarantine, reject
+    disposition: str = "none"  # what we apply after pct= and local overrides
+    spf_aligned: bool = False
+    dkim_aligned: bool = False
+    reason: str = ""
+    record: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+def authserv_id(config) -> str:
+    aid = (config.get("auth.authserv_id") or "").strip()
+    if not aid:
+        aid = (config.get("server.hostname") or "").strip()
+    return aid or socket.getfqdn() or "localhost"
+
+
+def is_outbound(ctx) -> bool:
+    """Mail that is ours: an authenticated client, or a client in [auth] internal_networks."""
+    if "auth.outbound" in ctx.data:
+        return ctx.data["auth.outbound"]
+    out = bool(ctx.session.auth_user)
+    ip = ctx.session.ip
+    if not out and ip is not None:
+        for net in ctx.config.get("auth.internal_networks") or []:
+            try:
+                if ip in ipaddress.ip_network(str(net), strict=False):
+                    out = True
+                    break
+            except ValueError:
+                continue
+    ctx.data["auth.outbound"] = out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DNS helpers for the sync libraries (dkimpy): fetch asynchronously first, answer from memory
+# ---------------------------------------------------------------------------------------------
+
+
+class TXTPrefetch:
+    """TXT answers fetched ahead through our resolver, served to dkimpy's ``dnsfunc``.
+
+    ``failed`` holds the names whose lookup raised :class:`DNSError` (temperror)."""
+
+    def __init__(self):
+        self.answers: dict[str, list[str]] = {}
+        self.failed: dict[str, str] = {}
+
+    async def fetch(self, resolver, names) -> None:
+        for name in names:
+            key = name.lower().rstrip(".")
+            if key in self.answers or key in self.failed:
+                continue
+            try:
+                self.answers[key] = (await resolver.query(key, "TXT")).records
+            except DNSError as exc:
+                self.failed[key] = str(exc)
+
+    def dnsfunc(self, name, timeout=5):
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        key = name.lower().rstrip(".")
+        recs = self.answers.get(key) or []
+        if not recs:
+            return None
+        # DKIM key records: the one starting with v=DKIM1 if several, else the first
+        for r in recs:
+            if r.replace(" ", "").startswith("v=DKIM1"):
+                return r.encode("utf-8", "surrogateescape")
+        return recs[0].encode("utf-8", "surrogateescape")
+
+
+# ---------------------------------------------------------------------------------------------
+# Organizational domains (RFC 7489 3.2) from the Public Suffix List shipped in publicsuffixlist
+# ---------------------------------------------------------------------------------------------
+_psl = None
+
+
+def org_domain(domain: str) -> str:
+    global _psl
+    if _psl is None:
+        from publicsuffixlist import PublicSuffixList
+
+        _psl = PublicSuffixList()  # the list shipped inside the package: no download
+    domain = domain.lower().rstrip(".")
+    if not domain:
+        return ""
+    try:
+        od = _psl.privatesuffix(domain)
+    except Exception:  # noqa: BLE001 - odd labels: treat the name as its own org domain
+        od = None
+    return od or domain
