@@ -55,6 +55,9 @@ class ARCResult:
     oldest_pass: int = 0
     details: list = field(default_factory=list)
     sealing_domains: list = field(default_factory=list)  # d= of each ARC-Seal, oldest first
+    # True when an earlier sealer already recorded cv=fail: the chain is terminated and no new
+    # validation took place (RFC 8617 5.2 step 2; the ARC test suite's empty cv)
+    terminated: bool = False
 
 
 @dataclass
@@ -159,3 +162,100 @@ def org_domain(domain: str) -> str:
     except Exception:  # noqa: BLE001 - odd labels: treat the name as its own org domain
         od = None
     return od or domain
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication-Results (RFC 8601)
+# ---------------------------------------------------------------------------------------------
+import re as _re  # noqa: E402
+
+_COMMENT = _re.compile(r"\((?:[^()\\]|\\.)*\)")
+
+
+def ar_authserv_id(value: str) -> str:
+    """The authserv-id of an Authentication-Results value ("" when unreadable)."""
+    v = value
+    for _ in range(3):  # nested comments, cheaply
+        v = _COMMENT.sub(" ", v)
+    m = _re.match(r"\s*([^\s;]+)", v)
+    return m.group(1).strip('"').lower() if m else ""
+
+
+def forged_ar_removals(raw: bytes, our_id: str) -> list:
+    """Modifications removing every incoming Authentication-Results header that claims our
+    authserv-id (RFC 8601 5: a sender must not be able to forge our verdicts)."""
+    from .rewrite import field_name, field_value, header_fields, split_message
+    from .verdict import Modification
+
+    block, _sep, _body = split_message(raw)
+    out = []
+    seen = set()
+    for f in header_fields(block):
+        if field_name(f) != "authentication-results":
+            continue
+        value = field_value(f)
+        if ar_authserv_id(value) == our_id.lower() and value not in seen:
+            seen.add(value)
+            out.append(Modification.remove_header("Authentication-Results", value))
+    return out
+
+
+def build_authres(ctx) -> str:
+    """The value of our Authentication-Results header from the results in ``ctx.data``."""
+    import authres
+    import authres.arc
+    import authres.dmarc
+
+    results = []
+    spf = ctx.data.get("spf")
+    if spf:
+        mf, helo = spf.get("mailfrom"), spf.get("helo")
+        if mf is not None:
+            if mf.identity == "mailfrom":
+                results.append(authres.SPFAuthenticationResult(
+                    result=mf.result, smtp_mailfrom=mf.sender or None))
+            else:
+                results.append(authres.SPFAuthenticationResult(
+                    result=mf.result, smtp_helo=ctx.session.helo or None))
+        if helo is not None and helo is not mf:
+            results.append(authres.SPFAuthenticationResult(
+                result=helo.result, smtp_helo=ctx.session.helo or None))
+    dkim = ctx.data.get("dkim")
+    if dkim is not None:
+        if not dkim:
+            results.append(authres.DKIMAuthenticationResult(result="none"))
+        for r in dkim:
+            comment = f"{r.bits}-bit key" if r.bits else None
+            reason = _clean(r.reason) if r.reason and r.result != "pass" else None
+            res = authres.DKIMAuthenticationResult(
+                result=r.result, result_comment=comment, reason=reason,
+                header_d=r.domain or None, header_i=r.identity or None,
+                header_s=r.selector or None, header_a=r.algorithm or None)
+            if r.b_prefix:
+                res.properties.append(authres.AuthenticationResultProperty(
+                    "header", "b", r.b_prefix))
+            results.append(res)
+    dmarc = ctx.data.get("dmarc")
+    if dmarc is not None:
+        results.append(authres.dmarc.DMARCAuthenticationResult(
+            result=dmarc.result, reason=_clean(dmarc.reason) if dmarc.reason else None,
+            header_from=dmarc.domain or None,
+            policy=dmarc.policy if dmarc.result in ("pass", "fail") else None,
+            result_comment=(f"p={dmarc.record.get('p', 'none').upper()} "
+                            f"sp={dmarc.record.get('sp', dmarc.record.get('p', 'none')).upper()} "
+                            f"dis={dmarc.disposition.upper()}") if dmarc.record else None))
+    arc = ctx.data.get("arc")
+    if arc is not None:
+        res = authres.arc.ARCAuthenticationResult(
+            result=arc.result, reason=_clean(arc.reason) if arc.result == "fail" else None,
+            smtp_remote_ip=ctx.session.peer_ip or None)
+        if arc.result == "pass" and arc.oldest_pass:
+            res.header_oldest_pass = str(arc.oldest_pass)
+        results.append(res)
+    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id(ctx.config),
+                                                 results=results)
+    return header.header_value()
+
+
+def _clean(text: str) -> str:
+    return _re.sub(r'[\\"\r\n]', " ", text)[:200]

@@ -52,6 +52,7 @@ class ScanContext:
         self.symbols = SymbolSet(pipeline.scores)
         self.rcpt_symbols: dict[str, SymbolSet] = {}
         self.modifications: list[Modification] = []
+        self.pending_modifications: list[Modification] = []  # during modify: changes so far
         self.errors: list[str] = []
         self.timings: dict[str, float] = {}
         self.data: dict = {}  # scratch space shared by plugins for this transaction
@@ -267,6 +268,9 @@ class Pipeline:
 
         # 4. modify: header, subject and body changes
         mods: list[Modification] = list(ctx.modifications)
+        # modify hooks run in plugin order and see the changes earlier plugins returned (a DKIM
+        # signer or ARC sealer placed last signs the message as it will leave)
+        ctx.pending_modifications = mods
         for name, result in await self.host.call_all("modify", ctx, message=msg):
             if isinstance(result, Modification):
                 mods.append(result)

@@ -53,3 +53,44 @@ def load_spf_suite(filename: str):
             for name, test in scenario["tests"].items():
                 out.append((f"{prefix}-{name}", test, zones))
     return out
+
+
+def _pub_from_txt(name: str) -> str:
+    return (DATA / "dkim" / name).read_text().strip()
+
+
+def ed25519_public(private_file: str) -> str:
+    """The base64 public key of a base64 ed25519 private key (seed) file."""
+    import base64
+
+    import nacl.signing
+
+    seed = base64.b64decode((DATA / "dkim" / private_file).read_text().strip())
+    return base64.b64encode(bytes(nacl.signing.SigningKey(seed).verify_key)).decode()
+
+
+def dkim_zones() -> dict:
+    """DNS for the dkimpy test data: RFC 8463 example keys and the test keys."""
+    return {
+        # RFC 8463 appendix A: brisbane is the RFC 8032 7.1 test key, test the RSA key
+        "brisbane._domainkey.football.example.com": {
+            "TXT": [f"v=DKIM1; k=ed25519; p={ed25519_public('rfc8032_7_1.key')}"]},
+        "test._domainkey.football.example.com": {"TXT": [_pub_from_txt("test.txt")]},
+        "test._domainkey.example.com": {"TXT": [_pub_from_txt("test.txt")]},
+        "ed._domainkey.example.com": {
+            "TXT": [f"v=DKIM1; k=ed25519; p={ed25519_public('ed25519test.key')}"]},
+        "big._domainkey.example.com": {"TXT": [_pub_from_txt("2048_testkey_wo_markers.pub.txt")]},
+        "badk._domainkey.example.com": {"TXT": [_pub_from_txt("badk.txt")]},
+        "badversion._domainkey.example.com": {"TXT": [_pub_from_txt("badversion.txt")]},
+        "slow._domainkey.example.com": {"TXT": "TIMEOUT"},
+    }
+
+
+def load_arc_suite(filename: str):
+    out = []
+    kind = "validation" if "validation" in filename else "sign"
+    with open(DATA / "arc" / filename, "rb") as f:
+        for scenario in yaml.safe_load_all(f):
+            for name, test in scenario["tests"].items():
+                out.append((f"arc_suite-{kind}-{name}", test, scenario))
+    return out
