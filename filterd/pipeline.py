@@ -271,8 +271,11 @@ class Pipeline:
         # modify hooks run in plugin order and see the changes earlier plugins returned (a DKIM
         # signer or ARC sealer placed last signs the message as it will leave)
         ctx.pending_modifications = mods
-        for name, result in await self.host.call_all("modify", ctx, message=msg):
-            if isinstance(result, Modification):
+        for impl in self.host.impls("modify"):
+            result, failure = await self.host.call_one(impl, {"ctx": ctx, "message": msg}, ctx)
+            if isinstance(failure, Verdict):
+                ctx.set_verdict(failure)
+            elif isinstance(result, Modification):
                 mods.append(result)
             elif isinstance(result, (list, tuple)):
                 mods.extend(m for m in result if isinstance(m, Modification))

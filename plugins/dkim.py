@@ -53,7 +53,7 @@ oversign_headers = ["from", "sender", "reply-to", "subject", "date", "to", "cc",
 #   key = "/etc/filterd/dkim/example.com.s2026.key"   # made by `filterd dkim keygen`
 #   algorithm = "rsa-sha256"                          # or "ed25519-sha256"
 [dkim.domains]
-"*" = {}
+"*" = { selector = "", key = "", algorithm = "" }
 """
 
 SUGGESTED = {"pass": -0.2, "fail": 1.0, "permerror": 0.5, "temperror": 0.0, "neutral": 0.0,
@@ -199,7 +199,7 @@ class Plugin:
         """Load every signing key now: a missing or unreadable key is a start-up error naming
         the domain and file, not a surprise on the first message."""
         for domain, entry in (options.get("domains") or {}).items():
-            if domain == "*" or not entry:
+            if domain == "*" or not entry or not any(entry.values()):
                 continue
             sel, path = entry.get("selector"), entry.get("key")
             if not sel or not path:
