@@ -36,7 +36,7 @@ selector = ""
 key = ""
 # Header fields covered by the ARC-Message-Signature when present.
 sign_headers = ["from", "to", "cc", "subject", "date", "message-id", "reply-to",
-                "mime-version", "content-type", "content-transfer-encoding", "dkim-signature",
+                "mime-version", "content-type", "content-transfer-encoding",
                 "in-reply-to", "references", "list-id"]
 """
 
@@ -200,7 +200,8 @@ def seal(raw: bytes, domain: str, selector: str, key: bytes, srv_id: str, header
     d = _Sealer(raw, logger=log)
     present = {n.lower() for n, _ in d.headers}
     include = [h.lower().encode() for h in (headers or [])
-               if h.lower().encode() in present or not only_present]
+               if (h.lower().encode() in present or not only_present)
+               and h.lower().encode() not in d.should_not_sign]
     if b"from" not in include:
         include.insert(0, b"from")
     out = d.sign(selector.encode(), domain.encode(), key, srv_id.encode(),

@@ -163,7 +163,7 @@ def sign_message(raw: bytes, domain: str, selector: str, key: bytes, algorithm: 
     DKIMException on a bad key."""
     d = dkimpy.DKIM(raw, signature_algorithm=algorithm.encode(), logger=log)
     present = [n.lower() for n, _ in d.headers]
-    wanted = [h.lower() for h in (headers or [])]
+    wanted = [h.lower() for h in (headers or []) if h.lower().encode() not in d.should_not_sign]
     include = [n for n in reversed(present) if n.decode() in wanted]
     # each present field once per occurrence, then once more for oversigned ones
     seen: dict[bytes, int] = {}
