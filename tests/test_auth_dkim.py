@@ -261,3 +261,49 @@ async def test_message_without_signature_is_scored_dkim_none(pipeline_factory):
     r = await pipe.scan(make_message(), "a@example.com", ["b@example.net"])
     assert r.ctx.data["dkim"] == []
     assert "DKIM_NONE" in r.ctx.symbols
+
+
+# -- filterd dkim keygen: the operator's path from key to verified signature ------------------
+def _record_from_output(out: str) -> tuple[str, str]:
+    """(owner name, TXT value) from keygen's zone-file record ( "chunk" "chunk" )."""
+    import re
+
+    start = out.index("._domainkey.")
+    start = out.rindex("\n", 0, start) + 1
+    record = out[start:out.index(")", start)]
+    name = record.split(" ", 1)[0].rstrip(".")
+    return name, "".join(re.findall(r'"([^"]*)"', record))
+
+
+@pytest.mark.parametrize("alg", ["rsa", "ed25519"])
+async def test_keygen_key_signs_via_filterd_check_and_verifies(tmp_path, alg):
+    keydir = tmp_path / "keys"
+    proc = run_filterd("dkim", "keygen", "--domain", "example.com", "--selector", "k1",
+                       "--algorithm", alg, "--dir", str(keydir))
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    keyfile = keydir / "example.com.k1.key"
+    assert keyfile.stat().st_mode & 0o777 == 0o600
+    name, record = _record_from_output(out)
+    assert name == "k1._domainkey.example.com" and record.startswith(f"v=DKIM1; k={alg}; p=")
+    again = run_filterd("dkim", "keygen", "--domain", "example.com", "--selector", "k1",
+                        "--dir", str(keydir))
+    assert again.returncode == 1 and b"exists" in again.stderr  # never overwrites silently
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path}"\n[dkim.domains."example.com"]\n'
+                   f'selector = "k1"\nkey = "{keyfile}"\n'
+                   f'algorithm = "{"rsa-sha256" if alg == "rsa" else "ed25519-sha256"}"\n')
+    dns = tmp_path / "dns.toml"
+    dns.write_text(f'["{name}"]\nTXT = ["{record}"]\n')
+    signed = tmp_path / "signed.eml"
+    proc = run_filterd("check", "--config", str(cfg), "--set", f"dns.fixtures={dns}",
+                       "--auth-user", "alice", "--from", "alice@example.com",
+                       "--output", str(signed), "-",
+                       input=make_message(sender="alice@example.com"))
+    assert proc.returncode in (0, 3), proc.stderr.decode()
+    [r] = await verify_message(FixtureResolver({name: {"TXT": [record]}}), signed.read_bytes())
+    assert (r.result, r.selector) == ("pass", "k1"), r.reason
+    if os.path.exists(OPENDKIM):
+        keys = _public_keys_file(tmp_path, {name: record})
+        out = _opendkim(tmp_path, f"Mode v\nTestPublicKeys {keys}\n", signed.read_bytes())
+        assert "dkim=pass" in out, out
