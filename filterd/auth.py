@@ -15,6 +15,7 @@ Nothing here touches the network except through ``ctx.services.dns`` (:mod:`filt
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -79,11 +80,16 @@ class DMARCResult:
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _fqdn() -> str:
+    return socket.getfqdn() or "localhost"
+
+
 def authserv_id(config) -> str:
     aid = (config.get("auth.authserv_id") or "").strip()
     if not aid:
         aid = (config.get("server.hostname") or "").strip()
-    return aid or socket.getfqdn() or "localhost"
+    return (aid or _fqdn()).lower()
 
 
 def is_outbound(ctx) -> bool:
