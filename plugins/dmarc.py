@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 
 from filterd.auth import DMARCResult, is_outbound, org_domain
@@ -25,6 +26,11 @@ on_quarantine = "quarantine"  # one of: reject, quarantine, score
 # From domains whose policy is never enforced here (only scored), e.g. partners whose mail
 # breaks DMARC through a forwarder. Subdomains included.
 never_enforce = []
+# ARC sealers (domains) trusted to vouch for mail they forwarded (mailing lists, forwarders):
+# when DMARC fails here but the ARC chain passes and one of these sealers recorded dmarc=pass
+# in its ARC-Authentication-Results, the policy is not enforced (RFC 7489 local override,
+# RFC 8617 7.2). Subdomains included.
+trusted_arc_sealers = []
 # Honour pct= (sampling): a failure outside the sample gets the next weaker policy (RFC 7489
 # 6.6.4). false = always apply the full policy.
 honour_pct = true
@@ -184,6 +190,18 @@ class Plugin:
                        f"DMARC {res.result} for {res.domain}"
                        + (f": {res.reason}" if res.reason else ""), source="dmarc")
         verdict = None
+        if res.result == "fail" and options.get("trusted_arc_sealers"):
+            sealer = await self._trusted_arc(ctx, message, options["trusted_arc_sealers"])
+            if sealer:
+                res.disposition = "none"
+                res.reason += (f"; policy not applied: ARC chain sealed by trusted {sealer} "
+                               f"recorded dmarc=pass")
+                ctx.add_symbol("DMARC_ARC_OVERRIDE", 0.0, [sealer],
+                               f"DMARC fail overridden: trusted ARC sealer {sealer} saw a pass",
+                               source="dmarc")
+                if options.get("record_reports", True) and ctx.session.front_door != "check":
+                    await self._record(ctx, res, options)
+                return None
         if res.result == "fail":
             ctx.add_symbol(f"DMARC_POLICY_{res.disposition.upper()}",
                            POLICY_SCORES[res.disposition], [res.policy_domain],
@@ -193,6 +211,30 @@ class Plugin:
         if options.get("record_reports", True) and ctx.session.front_door != "check":
             await self._record(ctx, res, options)
         return verdict
+
+    @staticmethod
+    async def _trusted_arc(ctx, message, trusted) -> str:
+        """The trusted sealer whose ARC-Authentication-Results recorded dmarc=pass on a passing
+        chain, or "". Validates the chain here when the arc plugin has not yet (it then reuses
+        the result)."""
+        arc = ctx.data.get("arc")
+        if arc is None:
+            from filterd_plugins.arc import validate
+
+            arc = await validate(ctx.services.dns, message.raw)
+            ctx.data["arc"] = arc
+        if arc.result != "pass":
+            return ""
+        names = [str(t).lower().rstrip(".") for t in trusted]
+        for detail in arc.details:
+            d = detail.get("as-domain", b"")
+            d = (d.decode("ascii", "replace") if isinstance(d, bytes) else str(d)).lower()
+            aar = detail.get("aar-value", b"")
+            aar = aar.decode("utf-8", "replace") if isinstance(aar, bytes) else str(aar)
+            if any(d == t or d.endswith("." + t) for t in names) and \
+                    re.search(r"(^|[;\s])dmarc\s*=\s*pass\b", aar, re.I):
+                return d
+        return ""
 
     @staticmethod
     def _verdict(res: DMARCResult, options) -> Verdict | None:

@@ -170,3 +170,49 @@ def test_org_domain_uses_public_suffix_list():
     assert org_domain("a.b.example.co.uk") == "example.co.uk"
     assert org_domain("mail.example.com") == "example.com"
     assert org_domain("example.com") == "example.com"
+
+
+async def test_trusted_arc_sealer_overrides_dmarc_failure(pipeline_factory, tmp_path):
+    """A list at lists.example.org checks the author's mail (DKIM pass, DMARC pass), tags the
+    subject (breaking the DKIM signature) and seals. The receiver sees DMARC fail; it enforces
+    p=reject unless it trusts the list's ARC seal."""
+    z = zones(example_com="v=DMARC1; p=reject")
+    z["test._domainkey.lists.example.org"] = {"TXT": [PUB]}
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "tag.toml").write_text("[actions]\nrewrite_subject = -100.0\n")
+    list_cfg = tmp_path / "list.toml"
+    list_cfg.write_text(f"""
+[auth]
+authserv_id = "mx.lists.example.org"
+[rules]
+site_dir = "{rules}"
+[arc]
+seal = "inbound"
+domain = "lists.example.org"
+selector = "test"
+key = "{DATA / 'dkim' / 'test.private'}"
+""")
+    at_list = await pipeline_factory(config=str(list_cfg), resolver=FixtureResolver(z))
+    r1 = await at_list.scan(message(sign_d="example.com"), "alice@example.com",
+                            ["team@lists.example.org"], Session(peer_ip=IP, front_door="smtp"))
+    assert r1.ctx.data["dmarc"].result == "pass"
+    forwarded = r1.message_bytes()
+    assert b"Subject: [SPAM] Report" in forwarded and b"ARC-Seal:" in forwarded
+
+    async def receive(*overrides):
+        pipe = await pipeline_factory(*overrides, resolver=FixtureResolver(z))
+        return await pipe.scan(forwarded, "team-bounces@lists.example.org", ["bob@example.net"],
+                               Session(peer_ip="203.0.113.50", front_door="smtp"))
+
+    plain = await receive()
+    assert plain.ctx.data["dmarc"].result == "fail"
+    assert plain.ctx.data["arc"].result == "pass"
+    assert plain.action is Action.REJECT
+    trusted = await receive('dmarc.trusted_arc_sealers=["example.org"]')
+    d = trusted.ctx.data["dmarc"]
+    assert (d.result, d.disposition) == ("fail", "none")
+    assert "DMARC_ARC_OVERRIDE" in trusted.ctx.symbols
+    assert trusted.action is not Action.REJECT
+    untrusted = await receive('dmarc.trusted_arc_sealers=["other.example"]')
+    assert untrusted.action is Action.REJECT
