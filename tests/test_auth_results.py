@@ -125,3 +125,23 @@ async def test_arc_seal_covers_our_results_and_validates(pipeline_factory, tmp_p
     # tampering after sealing breaks the chain
     v3 = await validate(res, r2.message_bytes().replace(b"Joe.", b"Eve."))
     assert v3.result == "fail"
+
+
+async def test_long_authentication_results_is_folded_within_line_limit(pipeline_factory):
+    """Ten signatures make a header far longer than 998 characters: it is folded, and unfolds
+    to the very value the plugin built."""
+    z = dkim_zones()
+    sigs = b"".join(
+        f"DKIM-Signature: v=1; a=rsa-sha256; d=sub{i}.football.example.com; s=sel{i}; "
+        f"h=from; b={'A' * 40}; bh={'B' * 44}\r\n".encode() for i in range(10))
+    pipe = await pipeline_factory(f"auth.authserv_id={AID}", resolver=FixtureResolver(z))
+    r = await pipe.scan(sigs + SIGNED.read_bytes(), "joe@football.example.com", ["x@example.com"],
+                        Session(peer_ip="192.0.2.5"))
+    value = r.ctx.data["auth_results"]
+    assert len(value) > 1500
+    out = r.message_bytes()
+    longest = max(out.replace(b"\r\n", b"\n").split(b"\n"), key=len)
+    assert len(longest) <= 998, longest[:300]
+    assert ar_headers(out) == [value]
+    methods = [x.method for x in parse(value).results]
+    assert methods == ["spf"] + ["dkim"] * 12 + ["dmarc", "arc"]
