@@ -29,9 +29,12 @@ def parse(value: str):
     return authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value)
 
 
+CONFIG = DATA / "auth" / "filterd.toml"  # authserv_id = mx.example.net
+
+
 def check(path_or_bytes, *extra):
-    return check_json(path_or_bytes, "--set", f"dns.fixtures={FIXTURES}",
-                      "--set", f"auth.authserv_id={AID}", *extra)
+    return check_json(path_or_bytes, "--config", str(CONFIG), "--set",
+                      f"dns.fixtures={FIXTURES}", *extra)
 
 
 def test_filterd_check_on_signed_example_shows_authentication_results(tmp_path):
@@ -79,8 +82,8 @@ def test_forged_authentication_results_with_our_id_are_removed(tmp_path):
 
 def test_no_header_without_results_and_other_ids_untouched():
     raw = b"Authentication-Results: other.example; spf=pass\r\n" + make_message()
-    proc = run_filterd("check", "--json", "--set", "plugins.disabled=[\"spf\",\"dkim\",\"dmarc\","
-                       "\"arc\"]", "-", input=raw)
+    proc = run_filterd("check", "--json", "--config", str(CONFIG), "--set",
+                       "plugins.disabled=[\"spf\",\"dkim\",\"dmarc\",\"arc\"]", "-", input=raw)
     assert b"Authentication-Results" not in proc.stdout
 
 
