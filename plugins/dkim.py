@@ -103,6 +103,9 @@ async def verify_message(resolver, raw: bytes, min_key_bits: int = 1024,
     try:
         d = dkimpy.DKIM(raw, minkey=min_key_bits, logger=log)
     except Exception as exc:  # noqa: BLE001 - unparseable header block
+        if not re.search(rb"(?im)^dkim-signature[ \t]*:", raw.split(b"\n\n", 1)[0]
+                         .split(b"\r\n\r\n", 1)[0]):
+            return []  # unsigned: nothing to verify, whatever the header syntax
         return [DKIMResult("permerror", reason=f"message not parseable for DKIM: {exc}")]
     sigs = [v for n, v in d.headers if n.lower() == b"dkim-signature"]
     results: list[DKIMResult] = []

@@ -52,3 +52,10 @@ def test_arc_signing(test, scenario):
         re.sub(r"\s+", "", test["AAR"])
     assert _tags(out["ARC-Message-Signature"]) == _tags(test["AMS"])
     assert _tags(out["ARC-Seal"]) == _tags(test["AS"])
+
+
+async def test_unparseable_headers_without_arc_sets_are_none():
+    bad = b"From: a@example.com\r\nThis line is no header\r\n\r\nbody\r\n"
+    assert (await validate(FixtureResolver({}), bad)).result == "none"
+    assert (await validate(FixtureResolver({}), b"ARC-Seal: i=1; cv=none\r\n" + bad)).result \
+        == "fail"

@@ -307,3 +307,12 @@ async def test_keygen_key_signs_via_filterd_check_and_verifies(tmp_path, alg):
         keys = _public_keys_file(tmp_path, {name: record})
         out = _opendkim(tmp_path, f"Mode v\nTestPublicKeys {keys}\n", signed.read_bytes())
         assert "dkim=pass" in out, out
+
+
+async def test_unparseable_headers_without_signature_are_none_with_signature_permerror():
+    bad_head = b"From: a@example.com\r\nThis line is no header\r\nSubject: x\r\n\r\nbody\r\n"
+    assert await verify_message(resolver(), bad_head) == []
+    signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=test; h=from; b=" + \
+        GOOD_B.encode() + b"; " + BH.encode() + b"\r\n" + bad_head
+    [r] = await verify_message(resolver(), signed)
+    assert r.result == "permerror" and "not parseable" in r.reason
