@@ -316,3 +316,13 @@ async def test_unparseable_headers_without_signature_are_none_with_signature_per
         GOOD_B.encode() + b"; " + BH.encode() + b"\r\n" + bad_head
     [r] = await verify_message(resolver(), signed)
     assert r.result == "permerror" and "not parseable" in r.reason
+
+
+def test_keygen_defaults_to_state_dir_with_a_full_config(tmp_path):
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "st"}"\n[dkim.domains."example.com"]\n'
+                   f'selector = "old"\nkey = "{tmp_path / "old.key"}"\n')
+    proc = run_filterd("dkim", "keygen", "--config", str(cfg), "--domain", "Example.COM",
+                       "--selector", "new")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (tmp_path / "st" / "dkim" / "example.com.new.key").is_file()

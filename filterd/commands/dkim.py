@@ -59,9 +59,9 @@ def keygen(args) -> int:
     domain = args.domain.lower().rstrip(".")
     directory = args.dir
     if not directory:
-        from ..config import load
+        from ..pipeline import load_config_and_plugins
 
-        cfg = load(args.config, args.overrides)
+        cfg, _infos = load_config_and_plugins(args.config, args.overrides)
         directory = str(Path(cfg.get("server.state_dir") or ".") / "dkim")
     path = Path(directory) / f"{domain}.{args.selector}.key"
     if path.exists() and not args.force:
