@@ -142,9 +142,12 @@ class PluginHost:
         self.default_timeout = parse_duration(section.get("timeout", "10s"))
         self.default_on_error = section.get("on_error", "tempfail")
         order = list(section.get("order", []))
+        last = [n for n in section.get("order_last", []) if n not in order]
         by_name = {i.name: i for i in infos if not i.error}
         names = [n for n in order if n in by_name] + [i.name for i in infos
-                                                      if not i.error and i.name not in order]
+                                                      if not i.error and i.name not in order
+                                                      and i.name not in last]
+        names += [n for n in last if n in by_name]
         self.order: list[str] = []
         for name in names:
             info = by_name[name]
