@@ -239,7 +239,7 @@ class Plugin:
         except OSError as exc:
             raise ValueError(f"[arc] key {options['key']}: {exc.strerror}") from exc
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before the plugins that use auth results (reputation ...)
     async def data(self, ctx, message, options):
         if not options.get("verify", True):
             return None

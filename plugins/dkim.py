@@ -232,7 +232,7 @@ class Plugin:
             d = d.split(".", 1)[1]
         return None
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before the plugins that use auth results (reputation ...)
     async def data(self, ctx, message, options):
         if not options.get("verify", True):
             return None

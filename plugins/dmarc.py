@@ -155,7 +155,7 @@ class Plugin:
         self.options = options
         self.services = services
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before the plugins that use auth results (reputation ...)
     async def data(self, ctx, message, options):
         if is_outbound(ctx) and not ctx.config.get("auth.check_outbound"):
             return None

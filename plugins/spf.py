@@ -203,7 +203,7 @@ class Plugin:
                                     enhanced="4.7.24")
         return None
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before the plugins that use auth results (reputation ...)
     async def data(self, ctx, message, options):
         # normally done at MAIL FROM; pipelines driven without that phase still get SPF
         await self._evaluate(ctx)
