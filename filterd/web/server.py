@@ -4,7 +4,7 @@ Why aiohttp and not a hand-made asyncio HTTP server: form parsing, cookies, keep
 HTTP edge cases (pipelining, chunking, header limits) are exactly what a hand-written parser gets
 wrong; aiohttp is the maintained asyncio server, and filterd already runs on asyncio.
 
-Routes (every page carries ``Referrer-Policy: no-referrer``, a strict CSP and ``no-store``):
+Routes (every page carries ``Referrer-Policy: same-origin``, a strict CSP and ``no-store``):
 
 - ``GET  /q/a/<token>``  confirmation page for one action — never acts (mail scanners and
   link previews prefetch links);
@@ -90,14 +90,21 @@ class QuarantineWeb:
         try:
             resp = await handler(request)
         except web.HTTPException as exc:
-            resp = exc
+            self._secure_headers(exc)
+            raise
+        self._secure_headers(resp)
+        return resp
+
+    @staticmethod
+    def _secure_headers(resp) -> None:
         resp.headers["Content-Security-Policy"] = (
             "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
             "frame-ancestors 'none'; base-uri 'none'")
-        resp.headers["Referrer-Policy"] = "no-referrer"
+        # same-origin: tokens in our URLs never leak to other sites in a Referer, and the browser
+        # still sends a real Origin on our own form posts (with no-referrer it sends "null")
+        resp.headers["Referrer-Policy"] = "same-origin"
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Cache-Control"] = "no-store"
-        return resp
 
     def page(self, template: str, status: int = 200, **ctx) -> web.Response:
         html = self.env.get_template(template).render(**ctx)
@@ -112,6 +119,8 @@ class QuarantineWeb:
 
     def _same_origin(self, request) -> bool:
         """Refuse cross-site form posts when the browser tells us where they come from."""
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            return False
         origin = request.headers.get("Origin")
         if not origin or origin == "null":
             return origin is None
@@ -175,7 +184,7 @@ class QuarantineWeb:
         value = f"{_b64(user)}.{exp36}.{self.service.signer.mac('session', user, exp36)}"
         resp = web.HTTPSeeOther("/q/list")
         self._cookie(resp, SESSION_COOKIE, value, max_age=int(self.service.login_lifetime))
-        return resp
+        raise resp
 
     async def list_page(self, request, message: str = "", status: int = 200):
         s = self._session(request)
