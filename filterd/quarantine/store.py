@@ -13,7 +13,7 @@ Index (``services.store``, so with ``[store] backend = "redis"`` every node sees
 - ``refs:<message id>`` set of entry ids still using a message file
 - ``body:<message id>`` the message bytes too, when ``share_messages`` is on
 - ``used:<action>:<id>`` single-use markers of action tokens
-- ``digest:last:<address>`` time of the last digest sent to a recipient
+- ``digest:<address>``  when the last digest was sent and up to which entry it reported
 - ``prefs:<address>``   the user's settings (digest frequency)
 - ``allow:<address>`` / ``block:<address>`` senders a user always allows / blocks
 """
@@ -126,9 +126,15 @@ class QuarantineStore:
         ttl = max(entry.expires - time.time(), 0) + 86400
         await self.store.set_json(f"{P}entry:{entry.id}", entry.to_dict(), ttl=ttl)
 
+    def local_path(self, entry: Entry) -> Path:
+        """Where this node keeps the entry's file: the same day/name under OUR directory (a
+        directory shared between nodes works, a node-local one is only found on its node)."""
+        p = Path(entry.path)
+        return self.directory / p.parent.name / p.name
+
     async def read_message(self, entry: Entry) -> bytes:
         try:
-            return await asyncio.to_thread(Path(entry.path).read_bytes)
+            return await asyncio.to_thread(self.local_path(entry).read_bytes)
         except FileNotFoundError:
             pass
         data = await self.store.get(f"{P}body:{entry.message_id}")
@@ -166,7 +172,7 @@ class QuarantineStore:
         if not await self.store.smembers(f"{P}refs:{entry.message_id}"):
             await self.store.delete(f"{P}body:{entry.message_id}", f"{P}refs:{entry.message_id}")
             try:
-                Path(entry.path).unlink()
+                self.local_path(entry).unlink()
             except FileNotFoundError:
                 pass
 
@@ -183,19 +189,32 @@ class QuarantineStore:
             elif e.expires <= now or e.status != "held":
                 await self.remove(e)
                 n += 1
+        await self._sweep_files(now)
         return n
+
+    async def _sweep_files(self, now: float) -> None:
+        """Files left behind when another node removed the last entry of a message held here."""
+        if not self.directory.is_dir():
+            return
+        for day in self.directory.iterdir():
+            if not day.is_dir():
+                continue
+            for f in day.glob("*.eml"):
+                try:
+                    old = f.stat().st_mtime < now - self.retention
+                except FileNotFoundError:
+                    continue
+                if old and not await self.store.smembers(f"{P}refs:{f.stem}"):
+                    f.unlink(missing_ok=True)
+            try:
+                day.rmdir()  # only when empty
+            except OSError:
+                pass
 
     # -- single use, per-user data ------------------------------------------------------------
     async def mark_used(self, action: str, entry_id: str, ttl: float) -> bool:
         """True the first time only (atomic on both backends: INCR)."""
         return await self.store.incr(f"{P}used:{action}:{entry_id}", 1, ttl=ttl) == 1
-
-    async def last_digest(self, recipient: str) -> float:
-        v = await self.store.get(f"{P}digest:last:{recipient.lower()}")
-        return float(v) if v else 0.0
-
-    async def set_last_digest(self, recipient: str, when: float) -> None:
-        await self.store.set(f"{P}digest:last:{recipient.lower()}", repr(when))
 
     async def prefs(self, recipient: str) -> dict:
         return await self.store.get_json(f"{P}prefs:{recipient.lower()}") or {}
