@@ -76,7 +76,10 @@ class QuarantineService:
         ``quarantined`` event per recipient. Returns only once the message is on disk."""
         if not recipients:
             return
-        data = result.message_bytes() if result is not None else ctx.message.raw
+        if result is not None and self.options.get("keep") == "modified":
+            data = result.message_bytes()
+        else:
+            data = ctx.message.raw
         msg = ctx.message.parsed if ctx.message is not None else None
         symbols = [[s.name, s.score] for s in (result.symbols if result is not None else [])]
         entries = []
