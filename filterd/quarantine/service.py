@@ -62,13 +62,33 @@ class QuarantineService:
         self.services = services
         q = config.section("quarantine")
         self.options = q
-        directory = config.path("quarantine.directory", "quarantine")
-        self.qstore = QuarantineStore(services.store, directory,
-                                      parse_duration(q["retention"]), q["share_messages"])
-        self.signer = Signer(load_secret(config, directory))
+        self.directory = config.path("quarantine.directory", "quarantine")
+        self._qstore: QuarantineStore | None = None
+        self._signer: Signer | None = None
         self.token_lifetime = parse_duration(q["token_lifetime"])
         self.login_lifetime = parse_duration(q["login_lifetime"])
         self.base_url = q["base_url"].rstrip("/")
+
+    # Opened on first use: `filterd check` loads this plugin too and must not need a writable
+    # state directory or a database.
+    @property
+    def qstore(self) -> QuarantineStore:
+        if self._qstore is None:
+            q = self.options
+            self._qstore = QuarantineStore(self.services.store, self.directory,
+                                           parse_duration(q["retention"]), q["share_messages"])
+        return self._qstore
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            try:
+                self._signer = Signer(load_secret(self.config, self.directory))
+            except OSError as exc:
+                raise ActionError(f"cannot read or create the quarantine secret in "
+                                  f"{self.directory} ([quarantine] secret / directory): "
+                                  f"{exc.strerror or exc}") from exc
+        return self._signer
 
     # -- holding ------------------------------------------------------------------------------
     async def hold(self, ctx, result, recipients: list[str]) -> None:
