@@ -180,3 +180,21 @@ async def test_released_mail_is_offered_to_bayes_as_ham(pipeline_factory, sink):
     [e] = await service.qstore.entries_for("bob@example.org")
     await service.perform(e, "release")
     assert learned == [("ham", raw)]
+
+
+async def test_hold_fires_quarantined_event_per_recipient(pipeline_factory, sink, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "record_q.py").write_text(
+        "from filterd.hookspecs import hookimpl\n"
+        "EVENTS = []\n"
+        "@hookimpl\n"
+        "def quarantined(ctx, recipient, reason):\n"
+        "    EVENTS.append((recipient, reason))\n")
+    pipe = await pipeline_factory(*overrides(sink.port), f"plugins.site_dir={site}")
+    await quarantine_message(pipe, spam_message(), "s@spam.example",
+                             ["a@example.org", "b@example.org"])
+    import sys
+    events = sys.modules["filterd_site_record_q"].EVENTS
+    assert sorted(r for r, _ in events) == ["a@example.org", "b@example.org"]
+    assert all("spam score" in why for _, why in events)

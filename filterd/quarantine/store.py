@@ -112,10 +112,11 @@ class QuarantineStore:
             e.received_at = e.received_at or now
             e.expires = e.received_at + self.retention
             e.size = len(data)
-            await self.store.set_json(f"{P}entry:{e.id}", e.to_dict(), ttl=ttl)
-            await self.store.sadd(f"{P}rcpt:{e.recipient.lower()}", e.id)
-            await self.store.sadd(f"{P}all", e.id)
-            await self.store.sadd(f"{P}refs:{message_id}", e.id)
+            await asyncio.gather(
+                self.store.set_json(f"{P}entry:{e.id}", e.to_dict(), ttl=ttl),
+                self.store.sadd(f"{P}rcpt:{e.recipient.lower()}", e.id),
+                self.store.sadd(f"{P}all", e.id),
+                self.store.sadd(f"{P}refs:{message_id}", e.id))
         return entries
 
     async def get(self, entry_id: str) -> Entry | None:
