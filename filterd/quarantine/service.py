@@ -264,10 +264,48 @@ class QuarantineService:
 
                 qid = await spool.enqueue(Envelope(mail_from=mail_from,
                                                    recipients=list(recipients),
+                                                   received_at=time.time(),
                                                    meta=dict(meta or {})), data)
                 core.notify(qid)
                 return
+        if self.options.get("release_via") in ("auto", "spool"):
+            if await self._spool_deliver(mail_from, recipients, data, meta):
+                return
+            if self.options.get("release_via") == "spool":
+                raise ActionError("[quarantine] release_via = \"spool\" but there is no gateway "
+                                  "spool here ([queue] directory, [smtp] mode = \"gateway\")")
         await self.relay(mail_from, recipients, data)
+
+    async def _spool_deliver(self, mail_from, recipients, data, meta) -> bool:
+        """Enqueue into the gateway's durable spool (this node's `filterd serve` in gateway
+        mode delivers it; the CLI and the web process nudge its delivery core). False when no
+        gateway spool exists here."""
+        try:
+            from ..delivery.core import RemoteNotify
+            from ..queue.spool import Envelope, Spool
+        except ImportError:  # the gateway is not part of this installation
+            return False
+        if self.config.get("queue") is None or self.config.get("smtp.mode") != "gateway":
+            return False
+        directory = self.config.path("queue.directory", "spool")
+        if not directory.is_dir():  # no gateway ever ran with this state directory
+            return False
+        spool = Spool(directory, fsync=bool(self.config.get("queue.fsync", True)))
+        try:
+            qid = await spool.enqueue(Envelope(mail_from=mail_from, recipients=list(recipients),
+                                               received_at=time.time(),
+                                               meta=dict(meta or {})), data)
+        finally:
+            try:
+                spool.close()
+            except Exception:  # noqa: BLE001
+                pass
+        nudge = RemoteNotify(directory)
+        nudge.notify(qid)
+        nudge.close()
+        log.info("quarantine: %s queued as %s for %s", (meta or {}).get(
+            "quarantine_release", "message"), qid, ",".join(recipients))
+        return True
 
     async def relay(self, mail_from: str, recipients: list[str], data: bytes) -> None:
         import aiosmtplib
