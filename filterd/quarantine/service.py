@@ -91,9 +91,12 @@ class QuarantineService:
         return self._signer
 
     # -- holding ------------------------------------------------------------------------------
-    async def hold(self, ctx, result, recipients: list[str]) -> None:
-        """Keep the message for ``recipients`` (one entry each, one file) and fire the
-        ``quarantined`` event per recipient. Returns only once the message is on disk."""
+    async def hold(self, ctx, result, recipients: list[str], *, events: bool = False) -> None:
+        """Keep the message for ``recipients`` (one entry each, one file). Returns only once the
+        message is on disk and indexed; raises if it cannot be stored (the caller tempfails).
+
+        The ``quarantined`` event is fired by the front door after this returns (the gateway's
+        and the milter's do); ``events=True`` fires it here instead, once per recipient."""
         if not recipients:
             return
         if result is not None and self.options.get("keep") == "modified":
@@ -121,15 +124,16 @@ class QuarantineService:
         for e in entries:
             log.info("quarantined entry=%s message=%s id=%s from=<%s> to=<%s> score=%.2f: %s",
                      e.id, e.message_id, e.queue_id, e.sender, e.recipient, e.score, e.reason)
-            if pipeline is not None:
+            if events and pipeline is not None:
                 await pipeline.quarantined(ctx, e.recipient, e.reason)
 
     async def hold_quarantined(self, result) -> list[str]:
-        """Hold every recipient whose outcome is quarantine (for front doors and tests)."""
+        """Hold every recipient whose outcome is quarantine and fire the events (for callers
+        that are not a front door: tools, tests)."""
         from ..verdict import Action
 
         rcpts = result.recipients_with(Action.QUARANTINE)
-        await self.hold(result.ctx, result, rcpts)
+        await self.hold(result.ctx, result, rcpts, events=True)
         return rcpts
 
     # -- tokens and links ---------------------------------------------------------------------
