@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
-
 from conftest import GTUBE, make_message
 
 

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from quarantine_support import Sink, free_port, overrides, parts, quarantine_message, spam_message
 
 from filterd.reports.digest import run_reports
-from quarantine_support import (Sink, free_port, overrides, parts, quarantine_message,
-                                spam_message)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

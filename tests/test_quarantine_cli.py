@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_filterd
 from quarantine_support import Sink, overrides, quarantine_message, spam_message
 

@@ -7,10 +7,17 @@ import re
 
 import aiohttp
 import pytest
+from quarantine_support import (
+    Sink,
+    free_port,
+    links,
+    overrides,
+    parts,
+    quarantine_message,
+    spam_message,
+)
 
 from filterd.reports.digest import run_reports
-from quarantine_support import (Sink, free_port, links, overrides, parts, quarantine_message,
-                                spam_message)
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("filterd.smtp", reason="the SMTP gateway is not part of this tree")
 gateway_fixtures = pytest.importorskip("gateway_fixtures")
 
-from conftest import run_filterd  # noqa: E402
-from quarantine_support import Sink, free_port, links, parts, spam_message  # noqa: E402
+from conftest import run_filterd
+from quarantine_support import Sink, free_port, links, parts, spam_message
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import time
 import uuid
 
 import pytest
+from quarantine_support import Sink, overrides, quarantine_message, spam_message
 
 from filterd.quarantine.store import MessageMissing
 from filterd.reports.digest import run_reports
 from filterd.store.redis import RedisStore
-from quarantine_support import Sink, overrides, quarantine_message, spam_message
 
 
 @pytest.fixture

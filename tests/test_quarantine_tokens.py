@@ -7,11 +7,18 @@ import time
 
 import aiohttp
 import pytest
+from quarantine_support import (
+    Sink,
+    free_port,
+    links,
+    overrides,
+    parts,
+    quarantine_message,
+    spam_message,
+)
 
 from filterd.quarantine import Signer, TokenError
 from filterd.reports.digest import run_reports
-from quarantine_support import (Sink, free_port, links, overrides, parts, quarantine_message,
-                                spam_message)
 
 XSS = '<script>alert("x")</script><img src=x onerror=alert(1)> & "quotes"'
 

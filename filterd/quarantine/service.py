@@ -246,14 +246,16 @@ class QuarantineService:
             r = learn(data, "ham")
             if inspect.isawaitable(r):
                 await r
-        except Exception:  # noqa: BLE001 - learning is best effort; the release already happened
+        except Exception:
             log.exception("learning a released message as ham failed")
 
     # -- sending ------------------------------------------------------------------------------
     async def deliver(self, mail_from: str, recipients: list[str], data: bytes,
                       meta: dict | None = None) -> None:
-        """Hand a message to delivery without scanning it again: a ``deliver`` callable or the
-        gateway's spool + delivery core when running in this process, else SMTP to ``relay``."""
+        """Hand a message to delivery without scanning it again, first of: a ``deliver``
+        callable, the ``submit`` seam of :mod:`filterd.mailer` (``filterd serve`` queues it), the
+        gateway's spool + delivery core in this process, this node's gateway spool (CLI, web
+        process), else SMTP to ``[quarantine] relay``."""
         extra = self.services.extra
         if self.options.get("release_via") == "auto":
             fn = extra.get("deliver")
@@ -261,6 +263,10 @@ class QuarantineService:
                 r = fn(mail_from, list(recipients), data)
                 if inspect.isawaitable(r):
                     await r
+                return
+            submit = extra.get("submit")  # filterd.mailer's seam: `filterd serve` queues
+            if submit is not None:
+                await submit(mail_from, list(recipients), data, dict(meta or {}))
                 return
             spool, core = extra.get("spool"), extra.get("delivery")
             if spool is not None and core is not None and hasattr(spool, "enqueue"):

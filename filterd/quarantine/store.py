@@ -53,7 +53,7 @@ class Entry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Entry":
+    def from_dict(cls, d: dict) -> Entry:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -70,6 +70,7 @@ class QuarantineStore:
         self.retention = retention
         self.share_messages = share_messages
         self.node = node or os.uname().nodename
+        self.list_changes = 0
 
     # -- files --------------------------------------------------------------------------------
     def _write_file(self, message_id: str, data: bytes, day: str) -> Path:
@@ -227,6 +228,11 @@ class QuarantineStore:
         other = "block" if kind == "allow" else "allow"
         await self.store.srem(f"{P}{other}:{recipient.lower()}", sender.lower())
         await self.store.sadd(f"{P}{kind}:{recipient.lower()}", sender.lower())
+        await self.store.incr(f"{P}lists:version")
+        self.list_changes += 1  # this process sees its own changes at once
+
+    async def lists_version(self) -> int:
+        return await self.store.get_int(f"{P}lists:version")
 
     async def list_get(self, kind: str, recipient: str) -> set[str]:
         return await self.store.smembers(f"{P}{kind}:{recipient.lower()}")

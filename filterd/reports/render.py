@@ -20,7 +20,7 @@ def _autoescape(name: str | None) -> bool:
 
 
 def _datetime(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def make_env(cfg=None) -> SandboxedEnvironment:
