@@ -14,8 +14,12 @@ from filterd.verdict import Action, Verdict
 
 log = logging.getLogger("filterd.quarantine")
 
-# The settings live in filterd/defaults/60-quarantine.toml ([quarantine]); nothing extra here.
-CONFIG = ""
+# The settings live in filterd/defaults/60-quarantine.toml ([quarantine]). The plugin is off
+# until a site turns it on: digests need site settings (base_url, relay or the gateway, sender).
+# Off, the gateway and the milter keep quarantined mail in the queue's hold area instead.
+CONFIG = """
+enabled = false
+"""
 
 # Outcomes an allow-list entry may lift: the ones that come from the spam score, not a virus
 # scanner's or a policy plugin's explicit verdict.

@@ -84,6 +84,7 @@ def spam_message(subject: str = "Cheap watches", sender: str = "spammer@spam.exa
 
 def overrides(sink_port: int, web_port: int | None = None, *extra: str) -> list[str]:
     ov = [
+        "quarantine.enabled=true",
         "actions.reject=100000",  # GTUBE's score lands in quarantine, not reject
         "actions.quarantine=10",
         f"quarantine.relay=127.0.0.1:{sink_port}",

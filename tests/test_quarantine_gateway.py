@@ -38,6 +38,7 @@ quarantine = 10.0
 relayhost = "[127.0.0.1]:{sink.port}"
 tls = "none"
 [quarantine]
+enabled = true
 web_listen = "127.0.0.1:{web_port}"
 base_url = "http://127.0.0.1:{web_port}"
 command_address = "quarantine@gw.test"
