@@ -23,7 +23,9 @@ async def test_cli_list_show_release_delete_report(pipeline_factory, sink, tmp_p
     await quarantine_message(pipe, spam_message(subject="cli two"), "s@spam.example",
                              ["eve@example.org"])
     await pipe.close()
-    args = [a for o in ov for a in ("--set", o)]
+    empty = tmp_path / "filterd.toml"  # not the machine's /etc/filterd/filterd.toml
+    empty.write_text("")
+    args = ["--config", str(empty), *[a for o in ov for a in ("--set", o)]]
 
     out = run_filterd("quarantine", "list", "--json", *args, check=True).stdout.decode()
     entries = {json.loads(line)["subject"]: json.loads(line) for line in out.splitlines()}
@@ -65,7 +67,9 @@ async def test_cli_release_with_relay_down_names_the_relay_and_keeps_the_entry(
     await quarantine_message(pipe, spam_message(), "s@spam.example", ["bob@example.org"])
     [e] = await pipe.services.extra["quarantine"].qstore.entries_for("bob@example.org")
     await pipe.close()
-    args = [a for o in ov for a in ("--set", o)]
+    empty = tmp_path / "filterd.toml"  # not the machine's /etc/filterd/filterd.toml
+    empty.write_text("")
+    args = ["--config", str(empty), *[a for o in ov for a in ("--set", o)]]
     p = run_filterd("quarantine", "release", e.id, *args)
     assert p.returncode == 1
     assert f"relay 127.0.0.1:{dead}".encode() in p.stderr and b"[quarantine] relay" in p.stderr
