@@ -2,24 +2,21 @@
 gateway and the milter call to hold messages, serves the quarantine web pages when
 ``[quarantine] web_listen`` is set, performs release-by-mail commands sent to sub-addresses of
 ``[quarantine] command_address``, and applies each user's always-allow / always-block senders
-in ``decide``. Settings: ``[quarantine]`` (filterd/defaults/60-quarantine.toml)."""
+in ``decide``. Settings: ``[quarantine]`` (filterd/quarantine/config.toml, off by default)."""
 from __future__ import annotations
 
 import email.utils
 import logging
 import time
+from importlib import resources
 
 from filterd.hookspecs import hookimpl
 from filterd.verdict import Action, Verdict
 
 log = logging.getLogger("filterd.quarantine")
 
-# The settings live in filterd/defaults/60-quarantine.toml ([quarantine]). The plugin is off
-# until a site turns it on: digests need site settings (base_url, relay or the gateway, sender).
-# Off, the gateway and the milter keep quarantined mail in the queue's hold area instead.
-CONFIG = """
-enabled = false
-"""
+# The [quarantine] settings, annotated: filterd/quarantine/config.toml.
+CONFIG = resources.files("filterd.quarantine").joinpath("config.toml").read_text(encoding="utf-8")
 
 # Outcomes an allow-list entry may lift: the ones that come from the spam score, not a virus
 # scanner's or a policy plugin's explicit verdict.
