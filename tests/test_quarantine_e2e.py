@@ -93,6 +93,7 @@ async def test_release_by_mail_performs_action_and_confirms(pipeline_factory, si
     await run_reports(service, send=True)
     digest = await sink.wait_for(_is_digest)
     text, html = parts(digest)
+    assert links(html, "release") == [] and "http" not in text  # no web pages configured
     [mailto] = links(html, "mailto-release")
     address = mailto.removeprefix("mailto:").split("?")[0]
     assert address.startswith("quarantine+") and address.endswith("@gw.test")

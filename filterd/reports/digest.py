@@ -28,7 +28,8 @@ class Digest:
 
 def _view(service, e) -> dict:
     d = e.to_dict()
-    d["links"] = {a: service.action_url(a, e) for a in ("release", "delete", "allow", "block")}
+    d["links"] = ({a: service.action_url(a, e) for a in ("release", "delete", "allow", "block")}
+                  if service.base_url else {})
     d["mailto"] = {a: service.mailto(a, e) for a in ("release", "delete", "allow", "block")}
     d["top_symbols"] = sorted(e.symbols, key=lambda s: -abs(s[1]))[:5]
     return d
@@ -44,8 +45,7 @@ def render_user_digest(service, recipient: str, entries: list, total_held: int,
         "entries": [_view(service, e) for e in shown],
         "more": max(len(entries) - len(shown), 0),
         "total_held": total_held,
-        "list_url": service.login_url(recipient) if service.options.get("web_listen") or
-        service.base_url else "",
+        "list_url": service.login_url(recipient) if service.base_url else "",
         "retention_days": int(service.qstore.retention // 86400),
         "mail_release": bool(service.options.get("command_address")),
     }
