@@ -239,14 +239,25 @@ class QuarantineService:
         await self.qstore.remove(entry)
 
     async def _learn_ham(self, data: bytes) -> None:
-        learn = self.services.extra.get("learn")
-        if learn is None:
-            return
+        """Offer released mail to the Bayesian filter as ham: a ``services.extra["learn"]``
+        callable ``(data, "ham")`` if registered, else ``filterd.bayes.learn_message`` when the
+        bayes plugin is installed and enabled."""
         try:
-            r = learn(data, "ham")
+            learn = self.services.extra.get("learn")
+            if learn is not None:
+                r = learn(data, "ham")
+            else:
+                bayes = self.config.section("bayes")
+                if not isinstance(bayes, dict) or not bayes or not bayes.get("enabled", True):
+                    return
+                try:
+                    from ..bayes import learn_message
+                except ImportError:
+                    return
+                r = learn_message(self.services, data, spam=False)
             if inspect.isawaitable(r):
                 await r
-        except Exception:
+        except Exception:  # learning is best effort; the release already happened
             log.exception("learning a released message as ham failed")
 
     # -- sending ------------------------------------------------------------------------------
