@@ -72,7 +72,9 @@ class QuarantineWeb:
         host = host.strip("[]") or "127.0.0.1"
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, int(port))
+        # reuse_port: every worker of `filterd serve` (and the new pipeline of a reload, while
+        # the old one drains) serves the pages on the same port; all state is in the store
+        site = web.TCPSite(self.runner, host, int(port), reuse_port=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
         log.info("quarantine web pages on http://%s:%d/ (base_url %s)", host, self.port,
