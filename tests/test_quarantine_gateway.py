@@ -92,9 +92,13 @@ async def test_gateway_quarantine_digest_http_release_reaches_sink(gateway, sink
     assert got.rcpt_tos == ["bob@example.org"]
     assert raw.split(b"\r\n\r\n", 1)[1] in got.data  # body intact
     assert run_filterd("quarantine", "list", *gateway.cli, check=True).stdout.strip() == b""
-    # released through the gateway's own spool and delivery core, not the relay
-    assert re.search(rf"quarantine: {entry['id']} queued as \S+ for bob@example.org",
-                     gateway.log()), gateway.log()
+    # released through the gateway's own queue and delivery core (not the relay, not the filter)
+    log = gateway.log()
+    assert f"quarantine release entry={entry['id']}" in log
+    # two deliveries to bob by the core: the digest (queued by the CLI) and the released mail
+    assert len(re.findall(r"filterd\.delivery: delivery: \S+ to=<bob@example\.org> .*status=sent",
+                          log)) == 2, log
+    assert log.count("action=quarantine") == 1, log  # scanned (and held) once, not again
 
 
 async def test_gateway_release_by_mail(gateway, sink):
