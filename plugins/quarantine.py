@@ -113,7 +113,16 @@ class Plugin:
         for addr in ctx.data.get("quarantine_commands") or {}:
             out[addr] = Verdict.discard(f"quarantine command: {results.get(addr, 'not run')}",
                                         source="quarantine")
-        if not self.options.get("honour_lists") or self.service is None:
+        if self.service is None:
+            return out or None
+        marks = (ctx.message.parsed.get_all(self.service.RELEASE_HEADER)
+                 if ctx.message is not None else [])
+        for r in ctx.recipients if marks else ():
+            if r.address not in out and r.verdict.action in _LIFTABLE and \
+                    r.verdict.source == "score" and \
+                    any(self.service.check_release_header(str(m), r.address) for m in marks):
+                out[r.address] = Verdict.accept("released from quarantine", source="quarantine")
+        if not self.options.get("honour_lists"):
             return out or None
         senders = {ctx.transaction.mail_from.lower()} if ctx.transaction.mail_from else set()
         if ctx.message is not None:

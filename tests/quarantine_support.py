@@ -117,3 +117,10 @@ def parts(captured: Captured) -> tuple[str, str]:
 def links(html: str, cls: str) -> list[str]:
     return [m.replace("&amp;", "&") for m in re.findall(
         rf'<a class="{cls}" href="([^"]+)"', html)]
+
+
+def unmarked(data: bytes) -> bytes:
+    """A released message as the relay got it, without filterd's signed release mark (the one
+    header filterd prepends on the relay path); asserts the mark is there."""
+    assert data.startswith(b"X-Filterd-Released: "), data[:200]
+    return data.split(b"\r\n", 1)[1]

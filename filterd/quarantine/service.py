@@ -295,7 +295,30 @@ class QuarantineService:
             if self.options.get("release_via") == "spool":
                 raise ActionError("[quarantine] release_via = \"spool\" but there is no gateway "
                                   "spool here ([queue] directory, [smtp] mode = \"gateway\")")
+        if meta and meta.get("quarantine_release") and len(recipients) == 1:
+            # the relay may lead back through this filter (a milter on the same Postfix, or the
+            # gateway itself): a signed header lets `decide` deliver it instead of holding it again
+            data = self.release_header(meta["quarantine_release"], recipients[0]) + data
         await self.relay(mail_from, recipients, data)
+
+    RELEASE_HEADER = "X-Filterd-Released"
+
+    def release_header(self, entry_id: str, recipient: str) -> bytes:
+        from .tokens import _b36
+
+        exp = _b36(int(time.time() + 86400))
+        sig = self.signer.mac("released", entry_id, recipient.lower(), exp)
+        return f"{self.RELEASE_HEADER}: {entry_id}-{exp}-{sig}\r\n".encode()
+
+    def check_release_header(self, value: str, recipient: str) -> bool:
+        """True if ``value`` is a release mark this gateway made for ``recipient`` < 1 day ago."""
+        try:
+            entry_id, exp, sig = value.strip().lower().split("-")
+            if int(exp, 36) < time.time():
+                return False
+        except ValueError:
+            return False
+        return self.signer.check_mac(sig, "released", entry_id, recipient.lower(), exp)
 
     async def _spool_deliver(self, mail_from, recipients, data, meta) -> bool:
         """Enqueue into the gateway's durable spool (this node's `filterd serve` in gateway
