@@ -56,7 +56,9 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ov = [f"server.state_dir={tmp}/state", "actions.reject=100000",
-              "quarantine.secret=bench-secret-0123456789abcdef", "quarantine.enabled=true"]
+              "quarantine.secret=bench-secret-0123456789abcdef", "quarantine.enabled=true",
+              "quarantine.base_url=https://quarantine.example.com",
+              "quarantine.command_address=quarantine@gw.example"]
         prefix = f"filterd-bench-{uuid.uuid4().hex}:"
         if args.store == "redis":
             ov += ["store.backend=redis", f"store.prefix={prefix}"]
