@@ -32,10 +32,22 @@ try:  # optional: rar listing (headers only; no unrar tool needed for names)
     import rarfile
 except Exception:  # noqa: BLE001
     rarfile = None
-try:  # optional: VBA macro detection in OLE and OOXML documents
-    from oletools.olevba import VBA_Parser
-except Exception:  # noqa: BLE001
-    VBA_Parser = None
+_VBA_PARSER = []
+
+
+def vba_parser():
+    """oletools' VBA_Parser, imported on first use (it is slow to import); None if missing."""
+    if not _VBA_PARSER:
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from oletools.olevba import VBA_Parser
+        except Exception:  # noqa: BLE001
+            VBA_Parser = None
+        _VBA_PARSER.append(VBA_Parser)
+    return _VBA_PARSER[0]
 
 CONFIG = """
 # File name extensions refused wherever they appear: as an attachment, or inside an archive.
@@ -56,11 +68,11 @@ archive_depth = 3
 max_archive_members = 2000
 # Zip bomb limits: total uncompressed size of one archive, and the compression ratio of a
 # member (checked for members above ratio_min_size).
-max_uncompressed = "200M"
+max_uncompressed = "200MB"
 max_ratio = 200
-ratio_min_size = "1M"
+ratio_min_size = "1MB"
 # A nested archive is unpacked into memory (to look inside it) only up to this size.
-max_nested_size = "20M"
+max_nested_size = "20MB"
 # MIME structure limits: nesting depth and number of parts before a symbol.
 max_mime_depth = 20
 max_parts = 500
@@ -310,10 +322,11 @@ class Scanner:
                         return
             except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError):
                 pass
-        if VBA_Parser is None or len(data) > self.max_nested:
+        parser = vba_parser()
+        if parser is None or len(data) > self.max_nested:
             return
         try:
-            vba = VBA_Parser(label, data=data)
+            vba = parser(label, data=data)
             try:
                 if vba.detect_vba_macros():
                     f.add("OFFICE_MACROS", label)
@@ -491,20 +504,36 @@ class Plugin:
     @hookimpl
     async def data(self, ctx, message):
         findings = await asyncio.to_thread(self.scanner.scan, message)
+        action = self.options.get("banned_action", "reject")
         for name, opts in findings.symbols.items():
-            ctx.add_symbol(name, None, opts, DESCRIPTIONS.get(name, ""), source="attachments")
+            sym = ctx.add_symbol(name, None, opts, DESCRIPTIONS.get(name, ""),
+                                 source="attachments")
+            if name in BANNED_SYMBOLS and action != "score":
+                sym.score = 0.0  # the configured action decides, not the weight
         if not findings.banned:
             return None
-        action = self.options.get("banned_action", "reject")
         what = ", ".join(dict.fromkeys(findings.banned))[:300]
         reason = self.options.get("reject_message", "Attachment not allowed: {what}").format(
             what=what)
+        verdict = None
         if action == "reject":
-            return Verdict.reject(reason, code=554, enhanced="5.7.1", source="attachments")
-        if action == "quarantine":
-            return Verdict.quarantine(reason, source="attachments")
-        return None
+            verdict = Verdict.reject(reason, code=554, enhanced="5.7.1", source="attachments")
+        elif action == "quarantine":
+            verdict = Verdict.quarantine(reason, source="attachments")
+        ctx.data["attachments.verdict"] = verdict
+        return verdict
 
+    @hookimpl
+    def decide(self, ctx):
+        """Keep the specific reply ("Attachment not allowed: x.exe") when the score reached the
+        same action (at equal severity the generic score reply would win otherwise)."""
+        from filterd_plugins.clamav import keep_own_verdict
+
+        return keep_own_verdict(ctx, ctx.data.get("attachments.verdict"))
+
+
+# symbols that mean "banned": with banned_action reject/quarantine they carry no weight
+BANNED_SYMBOLS = {"ATTACH_BANNED_EXT", "ATTACH_BANNED_TYPE", "ARCHIVE_BANNED_NAME"}
 
 DESCRIPTIONS = {
     "ATTACH_BANNED_EXT": "attachment with a banned file extension",

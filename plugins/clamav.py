@@ -38,7 +38,7 @@ scan_timeout = "50s"
 timeout = "60s"
 # clamd's StreamMaxLength: larger data is refused by clamd. Set it to what clamd.conf says, or
 # name clamd's config file in clamd_conf and the value is read from there at start-up.
-stream_max_length = "25M"
+stream_max_length = "25MB"
 clamd_conf = ""
 # What a virus does: reject the message, quarantine it, strip the infected parts and put a
 # notice in their place (falls back to reject when the virus cannot be pinned to a part), or
@@ -55,11 +55,17 @@ oversize = "scan_parts"  # one of: scan_parts, accept, tempfail, reject
 # clamd unreachable, timing out or answering ERROR: "tempfail" (default: the message is retried
 # later, never passed unscanned) or "accept" with the CLAMAV_FAIL symbol.
 unavailable = "tempfail"  # one of: tempfail, accept
-# At most this many parts are scanned one by one (for strip and scan_parts).
+# At most this many parts are scanned one by one (for strip, scan_parts, rescan_archives).
 max_part_scans = 100
+# When the message is clean, scan each archive attachment (zip, 7z, rar, gz, bz2, xz, cab, arj,
+# tar, OLE) once more on its own: in a message, the MIME levels count against clamd's
+# MaxRecursion, and deeply nested archives escape it. Costs a second scan of archives only.
+rescan_archives = true
 """
 
 CHUNK = 64 * 1024
+ARCHIVE_MAGIC = (b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"Rar!", b"\x1f\x8b", b"BZh",
+                 b"\xfd7zXZ\x00", b"MSCF", b"\x60\xea", b"\xd0\xcf\x11\xe0")
 
 
 class ClamdError(Exception):
@@ -141,26 +147,38 @@ class ClamdClient:
 
     async def _instream(self, data: bytes) -> str | None:
         reader, writer = await self._open()
-        reply = ""
+        # read the reply while sending: on a size limit clamd answers and closes early, and a
+        # reply read only after a failed write would be lost to the connection reset
+        reply_task = asyncio.ensure_future(self._reply(reader))
         try:
             try:
                 writer.write(b"zINSTREAM\0")
                 view = memoryview(data)
                 for i in range(0, len(view), CHUNK):
+                    if reply_task.done():
+                        break
                     chunk = view[i:i + CHUNK]
                     writer.write(struct.pack(">I", len(chunk)))
                     writer.write(chunk)
                     await writer.drain()
-                writer.write(struct.pack(">I", 0))
-                await writer.drain()
+                else:
+                    writer.write(struct.pack(">I", 0))
+                    await writer.drain()
             except OSError:
-                pass  # clamd closes early on a size limit: its reply says why
+                pass  # clamd closed early: its reply (if any) says why
             try:
-                reply = await self._reply(reader)
-            except (OSError, asyncio.IncompleteReadError) as exc:
+                reply = await reply_task
+            except asyncio.IncompleteReadError as exc:
+                reply = exc.partial.rstrip(b"\0").decode("utf-8", "replace").strip()
+                if not reply:
+                    raise ClamdError(f"clamd at {self.address}: connection closed before a "
+                                     f"verdict") from None
+            except OSError as exc:
                 raise ClamdError(f"clamd at {self.address}: connection lost before a "
                                  f"verdict ({exc.__class__.__name__})") from None
         finally:
+            if not reply_task.done():
+                reply_task.cancel()
             writer.close()
         # "stream: OK", "stream: Eicar-Signature FOUND", "INSTREAM size limit exceeded. ERROR"
         if "size limit exceeded" in reply:
@@ -170,6 +188,14 @@ class ClamdClient:
         if reply.endswith("OK"):
             return None
         raise ClamdError(f"clamd at {self.address}: unexpected reply {reply!r}")
+
+
+def keep_own_verdict(ctx, verdict: Verdict | None) -> dict | None:
+    """{address: verdict} for recipients whose outcome is not more severe than ``verdict``."""
+    if verdict is None:
+        return None
+    return {r.address: verdict for r in ctx.recipients
+            if r.verdict.action.severity <= verdict.action.severity}
 
 
 def stream_max_from_conf(path: str) -> int | None:
@@ -241,7 +267,7 @@ class Plugin:
     def __init__(self, options, services):
         self.options = options
         self.client: ClamdClient | None = None
-        self.max_len = parse_size(options.get("stream_max_length") or "25M")
+        self.max_len = parse_size(options.get("stream_max_length") or "25MB")
 
     @hookimpl
     def startup(self, options, services):
@@ -289,11 +315,38 @@ class Plugin:
                 infected.append((node, virus, filename))
         return infected, oversize, msg
 
+    async def _rescan_archives(self, message) -> str | None:
+        """Scan archive attachments again on their own. Inside a message each MIME level and
+        the transfer decoding count against clamd's MaxRecursion, so a deeply nested archive
+        (clamav-testfiles' clam_cache_emax.tgz) is found alone but missed in the message."""
+        limit = int(self.options.get("max_part_scans", 100))
+        for part in message.parsed.parts[:limit]:
+            data = part.payload
+            if len(data) > self.max_len or not data.startswith(ARCHIVE_MAGIC) and \
+                    data[257:262] != b"ustar":
+                continue
+            virus = await self.client.instream(data)
+            if virus:
+                return virus
+        return None
+
     # -- the scan -------------------------------------------------------------------------------
     @hookimpl
     async def data(self, ctx, message):
         if self.client is None:
             return None
+        verdict = await self._scan(ctx, message)
+        if verdict is not None:
+            ctx.data["clamav.verdict"] = verdict
+        return verdict
+
+    @hookimpl
+    def decide(self, ctx):
+        """Keep our verdict's own reply (virus name, scanner down) when the score reached the
+        same action: at equal severity the score's generic "spam" reply would win otherwise."""
+        return keep_own_verdict(ctx, ctx.data.get("clamav.verdict"))
+
+    async def _scan(self, ctx, message):
         opts = self.options
         virus = None
         try:
@@ -303,6 +356,8 @@ class Plugin:
                     oversized = False
                 except ClamdSizeLimit:
                     oversized = True
+                if not oversized and not virus and opts.get("rescan_archives", True):
+                    virus = await self._rescan_archives(message)
             else:
                 oversized = True
             if oversized:
@@ -328,8 +383,13 @@ class Plugin:
             return self._fail(ctx, exc)
         if not virus:
             return None
-        ctx.add_symbol("CLAMAV_VIRUS", None, [virus], "clamd found a virus", source="clamav")
         action = opts.get("action", "reject")
+        sym = ctx.add_symbol("CLAMAV_VIRUS", None, [virus], "clamd found a virus",
+                             source="clamav")
+        if action != "tag":
+            # the configured action decides; the weight would only turn quarantine/strip into
+            # a score reject. With action = "tag" the weight ([scores] CLAMAV_VIRUS) decides.
+            sym.score = 0.0
         reason = opts.get("reject_message", "Message contains a virus ({virus})").format(
             virus=virus)
         if action == "tag":
