@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean deb
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,3 +23,15 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Build the Debian package from a clean export of the committed tree (git archive HEAD), so
+# local uncommitted files never leak into it. Needs: dpkg-dev debhelper dh-virtualenv.
+DEB_BUILD := build/deb
+deb:
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src
+	git archive --format=tar HEAD | tar -x -C $(DEB_BUILD)/src
+	cp -r $(DEB_BUILD)/src/packaging/debian $(DEB_BUILD)/src/debian
+	cd $(DEB_BUILD)/src && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error --suppress-tags-from-file packaging/lintian-suppress $(DEB_BUILD)/*.changes || \
+		{ echo "lintian found errors"; exit 1; }
+	@ls -1 $(DEB_BUILD)/*.deb

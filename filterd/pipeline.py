@@ -267,7 +267,7 @@ class Pipeline:
 
         # 4. modify: header, subject and body changes
         mods: list[Modification] = list(ctx.modifications)
-        for name, result in await self.host.call_all("modify", ctx, message=msg):
+        for _name, result in await self.host.call_all("modify", ctx, message=msg):
             if isinstance(result, Modification):
                 mods.append(result)
             elif isinstance(result, (list, tuple)):
