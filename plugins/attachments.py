@@ -172,9 +172,10 @@ class Findings:
 
 
 class Budget:
-    def __init__(self, seconds: float, members: int):
+    def __init__(self, seconds: float, members: int, unpack_bytes: int):
         self.deadline = time.monotonic() + seconds
         self.members = members
+        self.unpack_bytes = unpack_bytes  # bytes of nested archives unpacked, whole message
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -221,7 +222,7 @@ class Scanner:
     # -- the whole message ----------------------------------------------------------------------
     def scan(self, message) -> Findings:
         f = Findings()
-        budget = Budget(self.time_budget, self.max_members)
+        budget = Budget(self.time_budget, self.max_members, self.max_uncompressed)
         parsed = message.parsed
         if any(str(d).startswith("unparseable message") for d in parsed.defects):
             # the stdlib parser recurses per MIME level: only absurd nesting makes it give up
@@ -383,6 +384,9 @@ class Scanner:
         data = read(self.max_nested + 1)
         if len(data) > self.max_nested:
             raise _Bomb(f"member {mname} larger than its header says")
+        budget.unpack_bytes -= len(data)
+        if budget.unpack_bytes < 0:
+            raise _Bomb(f"nested archives unpack to more than {self.max_uncompressed} bytes")
         detected = detect_type(data)
         if detected in EXECUTABLE_TYPES:
             f.add("ARCHIVE_BANNED_NAME", f"{label}/{mname} ({detected} by content)")
