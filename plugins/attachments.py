@@ -507,6 +507,7 @@ class Plugin:
 
     @hookimpl
     async def data(self, ctx, message):
+        message.parsed.parts  # parse here, once: the parsed view is shared with other plugins
         findings = await asyncio.to_thread(self.scanner.scan, message)
         action = self.options.get("banned_action", "reject")
         for name, opts in findings.symbols.items():
