@@ -115,9 +115,10 @@ class Schema:
 
     def add_text(self, origin: str, text: str, section: str | None = None) -> None:
         """Add annotated TOML defaults. With ``section``, the text's top-level keys belong to that
-        section (plugins write their CONFIG without a header)."""
-        if section and not re.search(r"^\s*\[", text, re.M):
-            text = f"[{section}]\n" + text
+        section (plugins write their CONFIG without the ``[name]`` header; sub-tables use their
+        full name, ``[name.sub]``)."""
+        if section and not re.search(rf"^\s*\[{re.escape(section)}\]", text, re.M):
+            text = f"[{section}]\n" + text.lstrip("\n")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
 from ..model import Session
 from ..pipeline import Pipeline
@@ -54,9 +56,27 @@ def read_input(path: str) -> bytes:
         return f.read()
 
 
+def _usable_state_dir(args) -> list[str]:
+    """An offline check by an ordinary user must not fail because the daemon's state directory
+    (/var/lib/filterd) is not writable: then plugins keep their state in a private temp dir."""
+    from ..config import load_raw
+
+    raw = load_raw(args.config, args.overrides)
+    state = (raw.data.get("server") or {}).get("state_dir") or "/var/lib/filterd"
+    probe = state
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip("/")) or "/"
+    if os.access(probe, os.W_OK):
+        return list(args.overrides)
+    tmp = tempfile.mkdtemp(prefix="filterd-check-")
+    print(f"filterd check: {state} is not writable; using {tmp} for plugin state",
+          file=sys.stderr)
+    return [*args.overrides, f"server.state_dir={tmp}"]
+
+
 async def run(args) -> int:
     files = args.files or ["-"]
-    pipe = await Pipeline.create(args.config, args.overrides)
+    pipe = await Pipeline.create(args.config, _usable_state_dir(args))
     worst = 0
     try:
         for path in files:
