@@ -51,7 +51,7 @@ def vba_parser():
 
 CONFIG = """
 # File name extensions refused wherever they appear: as an attachment, or inside an archive.
-banned_extensions = ["exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh", "wsc", "hta", "cpl", "msi", "msp", "mst", "msc", "jar", "ps1", "psm1", "psd1", "lnk", "reg", "dll", "scf", "inf", "sct", "shs", "chm", "gadget", "application", "appx", "msix", "iso", "img", "vhd", "vhdx", "xll", "ws", "pif", "cab"]
+banned_extensions = ["exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh", "wsc", "hta", "cpl", "msi", "msp", "mst", "msc", "jar", "ps1", "psm1", "psd1", "lnk", "reg", "dll", "scf", "inf", "sct", "shs", "chm", "gadget", "application", "appx", "msix", "iso", "img", "vhd", "vhdx", "xll", "ws", "cab"]
 # MIME types refused, as declared by the sender or as detected from the content.
 banned_mime_types = ["application/x-msdownload", "application/x-dosexec", "application/x-ms-dos-executable", "application/vnd.microsoft.portable-executable", "application/x-executable", "application/x-mach-binary", "application/x-msi", "application/x-ms-installer", "application/x-ms-shortcut", "application/hta", "application/x-bat", "application/x-javascript", "text/javascript", "application/javascript", "application/x-sh", "text/x-shellscript"]
 # Extensions that make "name.pdf.exe" a double extension when followed by a banned one.

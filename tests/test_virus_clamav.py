@@ -51,13 +51,15 @@ class Clamd:
         if os.getuid() == 0:
             lines.append("User root")
         conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(["clamd", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.errfile = workdir / "clamd.stderr"
+        with open(self.errfile, "wb") as err:  # a file, not a pipe: a full pipe blocks clamd
+            self.proc = subprocess.Popen(["clamd", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                         stderr=err)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"clamd exited {self.proc.returncode}: "
-                                   f"{self.proc.stderr.read().decode(errors='replace')}")
+                                   f"{self.errfile.read_text(errors='replace')}")
             if self.sock.exists() and self.ping():
                 return
             time.sleep(0.1)
@@ -94,8 +96,6 @@ class Clamd:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 @pytest.fixture(scope="session")
