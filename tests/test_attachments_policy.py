@@ -190,6 +190,36 @@ def test_7z_names_and_encryption():
     assert "ARCHIVE_ENCRYPTED" in s, s
 
 
+def make_rar(files: list[tuple[str, bytes]], encrypted: bool = False) -> bytes:
+    """A minimal RAR 4 archive with stored members, built by hand from the format (no rar
+    tool is available offline): marker, archive header, one file header per member, end."""
+    import struct
+    import zlib
+
+    def hdr(htype: int, flags: int, body: bytes) -> bytes:
+        rest = struct.pack("<BHH", htype, flags, 7 + len(body)) + body
+        return struct.pack("<H", zlib.crc32(rest) & 0xFFFF) + rest
+
+    out = b"Rar!\x1a\x07\x00" + hdr(0x73, 0, b"\x00" * 6)
+    for name, data in files:
+        nb = name.encode()
+        flags = 0x8000 | (0x04 if encrypted else 0)  # LONG_BLOCK, PASSWORD
+        body = struct.pack("<IIBIIBBHI", len(data), len(data), 2, zlib.crc32(data), 0, 20,
+                           0x30, len(nb), 0x20) + nb
+        out += hdr(0x74, flags, body) + data
+    return out + hdr(0x7B, 0x4000, b"")
+
+
+def test_rar_names_and_encryption():
+    pytest.importorskip("rarfile")
+    rar = make_rar([("docs/readme.txt", b"hi"), ("docs/setup.exe", EXE)])
+    rc, out, s = scan(message(("docs.rar", rar, "application/vnd.rar")))
+    assert "docs.rar/docs/setup.exe" in s["ARCHIVE_BANNED_NAME"]["options"], s
+    rc, out, s = scan(message(("locked.rar", make_rar([("x.txt", b"hi")], encrypted=True),
+                               "application/vnd.rar")))
+    assert "ARCHIVE_ENCRYPTED" in s, s
+
+
 def test_clamav_testfile_archives_list_the_exe_inside():
     if not TESTFILES.exists():
         pytest.skip("clamav-testfiles not installed")

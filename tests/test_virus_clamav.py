@@ -335,3 +335,34 @@ def test_bad_socket_setting_gives_a_clear_error():
                        input=message())
     assert proc.returncode != 0
     assert b"clamav.socket" in proc.stderr
+
+
+def _rchar(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/<pid>/io")
+async def test_clamd_killed_in_the_middle_of_a_scan_tempfails(tmp_path, pipeline_factory):
+    import asyncio
+
+    d = Clamd(tmp_path, stream_max="300M")
+    try:
+        pipe = await pipeline_factory(d.unix, "clamav.stream_max_length=300MB",
+                                      "attachments.enabled=false")
+        big = message(("data.bin", os.urandom(16 * 1024 * 1024), "application/octet-stream"))
+        start = _rchar(d.proc.pid)
+        task = asyncio.ensure_future(pipe.scan(big, "alice@example.com", ["bob@example.org"]))
+        # wait until clamd is reading our stream, then kill it mid-transfer
+        while _rchar(d.proc.pid) - start < 1024 * 1024:
+            assert not task.done(), "scan finished before clamd was seen reading"
+            await asyncio.sleep(0.001)
+        assert not task.done()
+        d.kill()
+        result = await task
+        assert result.action.value == "tempfail"
+        assert "CLAMAV_FAIL" in {s.name for s in result.symbols}
+    finally:
+        d.stop()
