@@ -287,7 +287,8 @@ class Scanner:
         if declared in self.banned_types:
             f.add("ATTACH_BANNED_TYPE", f"{label}: {declared}")
             f.banned.append(f"{label} ({declared})")
-        if detected and detected in self.banned_types or detected in EXECUTABLE_TYPES:
+        # by content, only binary executables are banned: "#!" also starts harmless scripts
+        if detected in EXECUTABLE_TYPES:
             f.add("ATTACH_BANNED_TYPE", f"{label}: {detected} (by content)")
             f.banned.append(f"{label} ({detected} by content)")
         if detected and self.mismatch(declared, detected, name):

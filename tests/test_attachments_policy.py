@@ -351,3 +351,8 @@ def test_mime_torture_corpora_never_crash_the_scanner():
     for raw in (b"", b"\x00" * 1000, b"Content-Type: multipart/mixed\r\n\r\n--\r\n",
                 base64.b64encode(EXE)):
         scanner.scan(Message(raw))
+
+
+def test_a_script_named_as_text_is_not_banned_by_its_shebang():
+    rc, out, s = scan(message(("tool.py", b"#!/usr/bin/env python3\nprint(1)\n", "text/x-python")))
+    assert "ATTACH_BANNED_TYPE" not in s and out["action"] == "accept"
