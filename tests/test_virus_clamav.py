@@ -36,7 +36,8 @@ class Clamd:
     """A private clamd on the test signatures, on a unix socket and a loopback TCP port."""
 
     def __init__(self, workdir: Path, stream_max: str = "25M"):
-        if shutil.which("clamd") is None:
+        binary = shutil.which("clamd") or shutil.which("clamd", path="/usr/sbin:/sbin")
+        if binary is None:
             pytest.fail("clamd is not installed: apt-get install clamav-daemon "
                         "(listed in .ci/packages.d/virus.txt)")
         self.dir = workdir
@@ -53,7 +54,7 @@ class Clamd:
         conf.write_text("\n".join(lines) + "\n")
         self.errfile = workdir / "clamd.stderr"
         with open(self.errfile, "wb") as err:  # a file, not a pipe: a full pipe blocks clamd
-            self.proc = subprocess.Popen(["clamd", "-c", str(conf)], stdout=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                          stderr=err)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
