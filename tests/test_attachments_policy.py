@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, check_json
+from conftest import DATA, check_json as _check_json
+
+HERMETIC = DATA / "clamav" / "filterd-test.toml"
+
+
+def check_json(path_or_bytes, *args: str, env=None):
+    """`filterd check --json` with an empty config file: /etc/filterd cannot leak in."""
+    return _check_json(path_or_bytes, "--config", str(HERMETIC), *args, env=env)
 
 TESTFILES = Path("/usr/share/clamav-testfiles")
 RCPT = ("--rcpt", "bob@example.org", "--from", "alice@example.com")
