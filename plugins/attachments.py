@@ -519,8 +519,8 @@ class Plugin:
         if not findings.banned:
             return None
         what = ", ".join(dict.fromkeys(findings.banned))[:300]
-        reason = self.options.get("reject_message", "Attachment not allowed: {what}").format(
-            what=what)
+        reason = (self.options.get("reject_message") or "Attachment not allowed: {what}"
+                  ).replace("{what}", what)
         verdict = None
         if action == "reject":
             verdict = Verdict.reject(reason, code=554, enhanced="5.7.1", source="attachments")

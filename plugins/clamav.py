@@ -390,8 +390,8 @@ class Plugin:
             # the configured action decides; the weight would only turn quarantine/strip into
             # a score reject. With action = "tag" the weight ([scores] CLAMAV_VIRUS) decides.
             sym.score = 0.0
-        reason = opts.get("reject_message", "Message contains a virus ({virus})").format(
-            virus=virus)
+        reason = (opts.get("reject_message") or "Message contains a virus ({virus})").replace(
+            "{virus}", virus)
         if action == "tag":
             return None
         if action == "quarantine":
@@ -417,7 +417,8 @@ class Plugin:
         mods: list[Modification] = []
         for node, virus, filename in infected:
             names.append(f"{filename or node.get_content_type()}={virus}")
-            notice = template.format(virus=virus, filename=filename or "unnamed") + "\n"
+            notice = template.replace("{virus}", virus).replace(
+                "{filename}", filename or "unnamed") + "\n"
             if node is msg:  # the whole body is the infected part
                 mods += [Modification.change_header("Content-Type", 'text/plain; charset="utf-8"'),
                          Modification.change_header("Content-Transfer-Encoding", "8bit"),
