@@ -18,6 +18,18 @@ $(STAMP): pyproject.toml setup.py
 
 venv: $(STAMP)
 
+# The quick start: a gateway on 127.0.0.1:2525 with its state in ./filterd-state; mail for
+# demo.test lands in ./filterd-state/mail/demo.test/<user>/Maildir/new/ (try: make run, then
+# swaks --server 127.0.0.1:2525 --to alice@demo.test).
+RUN_STATE ?= $(CURDIR)/filterd-state
+RUN_LISTEN ?= 127.0.0.1:2525
+RUN_DOMAIN ?= demo.test
+run: $(STAMP)
+	@mkdir -p $(RUN_STATE)
+	$(VENV)/bin/filterd serve --log-level info --listen $(RUN_LISTEN) \
+	  --set server.state_dir=$(RUN_STATE) --set server.hostname=localhost \
+	  --set 'delivery.local_domains=["$(RUN_DOMAIN)"]' $(RUN_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -244,6 +244,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def load_raw(path: str | None = None, overrides: Iterable[str] = (),
              use_default_path: bool = True) -> RawConfig:
     raw = RawConfig()
+    if os.environ.get("FILTERD_NO_DEFAULT_CONFIG"):  # hermetic runs (the test suite)
+        use_default_path = False
     main = path or os.environ.get("FILTERD_CONFIG") or (
         DEFAULT_CONFIG_PATH if use_default_path and os.path.exists(DEFAULT_CONFIG_PATH) else None)
     if main:

@@ -79,9 +79,16 @@ class Plugin:
     def __init__(self, options, services):
         self.options = options
         self.services = services
-        self.manager = ListManager(services.store, int(options["bounce_threshold"]),
-                                   parse_duration(options["bounce_window"]),
-                                   parse_duration(options["token_ttl"]))
+        self._manager: ListManager | None = None
+
+    @property
+    def manager(self) -> ListManager:
+        if self._manager is None:  # the store opens on first use, not at start-up
+            o = self.options
+            self._manager = ListManager(self.services.store, int(o["bounce_threshold"]),
+                                        parse_duration(o["bounce_window"]),
+                                        parse_duration(o["token_ttl"]))
+        return self._manager
 
     # -- pipeline hooks -----------------------------------------------------------------------
     @hookimpl

@@ -17,6 +17,10 @@ CORPUS = SHARED / "testdata" / "corpus" / "spamassassin"
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
+# The suite never reads the machine's /etc/filterd/filterd.toml (the Debian package test
+# installs one): every filterd process started by a test inherits this.
+os.environ["FILTERD_NO_DEFAULT_CONFIG"] = "1"
+
 
 def make_message(body: str = "Hello,\r\n\r\nA plain message.\r\n", subject: str = "Hello",
                  sender: str = "alice@example.com", to: str = "bob@example.org",
