@@ -40,7 +40,7 @@ def test_deb_builds_installs_runs_and_purges_cleanly():
     if MISSING:  # in CI a missing tool is a failure, not a reason to skip
         (pytest.fail if os.environ.get("CI") else pytest.skip)(MISSING)
     if shutil.which("filterd") and Path("/usr/lib/filterd").exists():
-        run(["apt-get", "purge", "-y", "filterd"])
+        run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "purge", "-y", "filterd"])
     work = Path(tempfile.mkdtemp(prefix="filterd-deb-"))
     sink = None
     proc = None
@@ -49,7 +49,7 @@ def test_deb_builds_installs_runs_and_purges_cleanly():
         run(["git", "clone", "-q", str(ROOT), str(work / "src")])
         run(["make", "deb"], cwd=work / "src", timeout=1100)
         [deb] = list((work / "src" / "build" / "deb").glob("filterd_*.deb"))
-        run(["apt-get", "install", "-y", "-q", str(deb)],
+        run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", str(deb)],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
 
         assert run(["filterd", "--version"]).stdout.startswith("filterd ")
@@ -86,7 +86,7 @@ def test_deb_builds_installs_runs_and_purges_cleanly():
         proc = None
         dropin.unlink()
 
-        run(["apt-get", "purge", "-y", "filterd"],
+        run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "purge", "-y", "filterd"],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         assert subprocess.run(["dpkg", "-s", "filterd"], capture_output=True).returncode != 0
         for path in ("/usr/lib/filterd", "/usr/bin/filterd", "/etc/filterd", "/var/lib/filterd",

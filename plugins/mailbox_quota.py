@@ -1,4 +1,4 @@
-"""Mailstore quotas at SMTP time: a local recipient whose mailbox is full gets 452 4.2.2 at
+"""Mailbox quotas at SMTP time: a local recipient whose mailbox is full gets 452 4.2.2 at
 RCPT (the sender retries later); one whose quota is smaller than the message gets 552 5.2.2
 after DATA. Only for [delivery] local_domains; delivery itself checks again."""
 from __future__ import annotations
