@@ -5,7 +5,8 @@ counted and reported (a kill between the sink's 250 and the spool update re-send
 a duplicate is allowed, a loss is not).
 
 Counts are parameters: FILTERD_CRASH_MESSAGES (default 2000), FILTERD_CRASH_KILLS (default 4),
-FILTERD_CRASH_WORKERS (default 1; >1 uses SMTP worker processes).
+FILTERD_CRASH_WORKERS (default 1; >1 uses SMTP worker processes). A second, smaller run always
+uses two worker processes (the process group is killed: workers and the delivering parent).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ pytestmark = [pytest.mark.slow,
 class Serve:
     """`filterd serve` in its own process group, restartable on the same port and spool."""
 
-    def __init__(self, state: Path, port: int, sink_port: int):
+    def __init__(self, state: Path, port: int, sink_port: int, workers: int):
         self.state, self.port, self.sink_port = state, port, sink_port
+        self.workers = workers
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.log = open(state / "serve.log", "ab")
@@ -51,7 +53,7 @@ class Serve:
                "--mynetworks", "127.0.0.0/8", "--spool", str(self.state / "spool"),
                "--set", f"server.state_dir={self.state}", "--set", "server.hostname=gw.test",
                "--set", "queue.scan_interval=1s", "--set", "delivery.retry_initial=500ms",
-               "--set", "delivery.retry_max=1s", "--set", f"smtp.workers={WORKERS}"]
+               "--set", "delivery.retry_max=1s", "--set", f"smtp.workers={self.workers}"]
         env = dict(os.environ)
         env.pop("FILTERD_CONFIG", None)
         self.log.write(f"--- start {self.starts}\n".encode())
@@ -98,11 +100,16 @@ def _body(token: int) -> bytes:
             + "Some text of a few kilobytes.\r\n" * 60).encode()
 
 
-def test_every_acknowledged_message_survives_repeated_kill_9(tmp_path):
+@pytest.mark.parametrize("workers,messages,kills", [
+    (WORKERS, MESSAGES, KILLS),
+    (2, max(MESSAGES // 3, 50), max(KILLS // 2, 1)),
+], ids=["main", "two-workers"])
+def test_every_acknowledged_message_survives_repeated_kill_9(tmp_path, workers, messages, kills):
+    MESSAGES, KILLS = messages, kills  # noqa: N806 - the module defaults, per run
     sink = SmtpSink()
     state = tmp_path / "state"
     state.mkdir()
-    serve = Serve(state, free_port(), sink.port)
+    serve = Serve(state, free_port(), sink.port, workers)
     serve.start()
     acked: set[int] = set()
     attempts_after_unknown: set[int] = set()  # sent again after an unanswered DATA
@@ -188,7 +195,8 @@ def test_every_acknowledged_message_survives_repeated_kill_9(tmp_path):
 
     lost = sorted(acked - set(seen))
     duplicates = {t: n for t, n in seen.items() if n > 1}
-    print(f"\ncrash test: {MESSAGES} messages acknowledged, {kills} SIGKILLs, "
+    print(f"\ncrash test ({workers} worker(s)): {MESSAGES} messages acknowledged, "
+          f"{kills} SIGKILLs, "
           f"{serve.starts} starts, {sink_count} received by the sink, {len(lost)} lost, "
           f"{len(duplicates)} duplicated ({sum(duplicates.values()) - len(duplicates)} extra "
           f"copies; {len(set(duplicates) & attempts_after_unknown)} of them after a client "

@@ -413,7 +413,8 @@ async def test_message_that_keeps_failing_internally_moves_to_failed(state, capt
     try:
         q = await core.spool.enqueue(Envelope("a@sender.test", ["u@dest.test"]), msg(19))
         core.notify(q)
-        await wait_for(lambda: core.spool.ids("failed") == [q], what="moved to failed/")
+        await wait_for(lambda: core.spool.ids("failed") == [q] and q not in core._inflight,
+                       what="moved to failed/")
         (e,) = core.spool.entries(["failed"])
         assert e.state.internal_errors == 2
         # the operator fixes the cause and requeues: it is delivered

@@ -53,7 +53,8 @@ async def test_enqueue_fsyncs_file_then_renames_then_fsyncs_directory(tmp_path, 
     monkeypatch.setattr(spool_mod.os, "rename", rename)
     qid = await sp.enqueue(Envelope("a@x.org", ["b@y.org"]), MSG)
     active = str(tmp_path / "spool" / "active")
-    kinds = [(k, p.rsplit("/", 2)[-2] if k == "fsync" and p.endswith(qid) else p) for k, p in events]
+    kinds = [(k, p.rsplit("/", 2)[-2] if k == "fsync" and p.endswith(qid) else p)
+             for k, p in events]
     # file fsync'd (while still in tmp/), renamed into active/, then active/ fsync'd
     assert events[0][0] == "fsync" and events[0][1].endswith(f"/tmp/{qid}"), kinds
     assert events[1] == ("rename", f"{active}/{qid}")

@@ -150,7 +150,8 @@ def do_show(spool: Spool, args) -> int:
         return 0
     e = entry
     print(f"Queue ID:  {e.queue_id}\nArea:      {e.area}\nSize:      {e.size}")
-    print(f"Received:  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(e.envelope.received_at))}")
+    received = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(e.envelope.received_at))
+    print(f"Received:  {received}")
     print(f"Sender:    <{e.envelope.mail_from}>")
     for r in e.envelope.recipients:
         st = e.state.recipients.get(r)

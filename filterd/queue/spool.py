@@ -14,8 +14,9 @@ Durability: a message is written to ``tmp/``, fsync'd, renamed into ``active/`` 
 and the directory is fsync'd before :meth:`Spool.enqueue` returns — only then may the caller
 answer 250. Concurrent enqueues share one commit (group commit): the messages that arrived while
 the previous commit was on disk are written and fsync'd in parallel (the file system merges
-concurrent fsyncs into few journal commits), then one directory fsync covers all their renames. Removing a finished message needs no
-fsync: if the unlink is lost in a crash the message is delivered again (a duplicate, never a loss).
+concurrent fsyncs into few journal commits), then one directory fsync covers all their renames.
+Removing a finished message needs no fsync: if the unlink is lost in a crash the message is
+delivered again (a duplicate, never a loss).
 
 Several processes may share one spool (worker processes of ``filterd serve``, the ``filterd
 queue`` command): a process works on a message only while holding an exclusive ``flock`` on its
