@@ -1,0 +1,180 @@
+"""The Bayesian filter as one object: tokenize, look up, combine; learn and unlearn.
+
+:func:`learn_message` is THE learn path: training by e-mail, autolearn, ``filterd bayes learn``
+and (later) quarantine release all call it, so every way of teaching the filter counts a message
+once and moves it when it is relearned as the other class.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..model import Message
+from .classifier import Params, Result, combine, token_probability
+from .store import HAM, SHIFT, SPAM, TokenStore, digest
+from .tokenizer import tokenize
+
+log = logging.getLogger("filterd.bayes")
+
+ONE = {SPAM: 1 << SHIFT, HAM: 1}
+CACHE_MAX = 500_000  # token probabilities kept in memory (some 50 MB at most)
+
+
+@dataclass
+class LearnStats:
+    learned: int = 0  # newly learned
+    relearned: int = 0  # moved from the other class
+    already: int = 0  # already learned as this class: nothing to do
+    failed: int = 0
+
+    def __iadd__(self, other: "LearnStats") -> "LearnStats":
+        self.learned += other.learned
+        self.relearned += other.relearned
+        self.already += other.already
+        self.failed += other.failed
+        return self
+
+    @property
+    def outcome(self) -> str:
+        """One word for a single message: learned, relearned, already or failed."""
+        for name in ("relearned", "learned", "already", "failed"):
+            if getattr(self, name):
+                return name
+        return "none"
+
+
+class Bayes:
+    def __init__(self, store, namespace: str = "bayes:", params: Params | None = None):
+        self.tokens = TokenStore(store, namespace)
+        self.params = params or Params()
+        # token -> f(w) (None: too weak to count), valid while the store's state is unchanged
+        self._fcache: dict[str, float | None] = {}
+        self._fstate: tuple | None = None
+
+    @classmethod
+    def from_options(cls, store, options: dict) -> "Bayes":
+        d = Params()
+        p = Params(robs=float(options.get("robs", d.robs)), robx=float(options.get("robx", d.robx)),
+                   min_dev=float(options.get("min_dev", d.min_dev)),
+                   max_tokens=int(options.get("max_tokens", d.max_tokens)))
+        return cls(store, options.get("namespace", "bayes:"), p)
+
+    async def classify(self, message: Message | bytes, explain: int = 0,
+                       state: tuple[int, int, int] | None = None) -> Result:
+        """Spam probability of a message. ``state`` is :meth:`TokenStore.state` when the
+        caller has just read it (saves a read); token counts are cached while it holds."""
+        toks = tokenize(message)
+        state = state or await self.tokens.state()
+        nspam, nham = state[0], state[1]
+        if nspam <= 0 or nham <= 0:
+            return Result(0.5, 0.0, 0.0, 0)
+        fc = self._fcache
+        if state != self._fstate or len(fc) > CACHE_MAX:
+            fc.clear()
+            self._fstate = state
+        missing = toks.difference(fc)
+        if missing:
+            packed = await self.tokens.packed(missing)
+            params = self.params
+            for t in missing:
+                v = packed.get(t)
+                fc[t] = token_probability(v, nspam, nham, params) if v else None
+        if explain:
+            clues = sorted(((fc[t], t) for t in toks if fc[t] is not None),
+                           key=lambda x: -abs(x[0] - 0.5))
+            res = combine([f for f, _ in clues], self.params.max_tokens)
+            res.clues = [(t, f) for f, t in clues[:explain]]
+            return res
+        return combine([f for t in toks if (f := fc[t]) is not None], self.params.max_tokens)
+
+    async def learn(self, messages: Iterable[Message | bytes], spam: bool,
+                    batch: int = 500, progress=None) -> LearnStats:
+        """Learn many messages as one class, in batches of ``batch`` (one store round trip per
+        batch). ``progress(n)`` is called after each message."""
+        stats = LearnStats()
+        pending: list[tuple[str, set[str]]] = []
+        for m in messages:
+            try:
+                raw = m.raw if isinstance(m, Message) else bytes(m)
+                pending.append((digest(raw), tokenize(m)))
+            except Exception as exc:  # noqa: BLE001 - one bad message must not stop training
+                log.warning("bayes: cannot tokenize a message, skipped: %s", exc)
+                stats.failed += 1
+            if progress:
+                progress(1)
+            if len(pending) >= batch:
+                stats += await self._flush(pending, spam)
+                pending = []
+        if pending:
+            stats += await self._flush(pending, spam)
+        return stats
+
+    async def _flush(self, pending: list[tuple[str, set[str]]], spam: bool) -> LearnStats:
+        cls = SPAM if spam else HAM
+        other = HAM if spam else SPAM
+        stats = LearnStats()
+        seen = await self.tokens.seen([d for d, _ in pending])
+        deltas: dict[str, int] = {}
+        seen_d: dict[str, int] = {}
+        nspam = nham = 0
+        for dig, toks in pending:
+            prev = seen.get(dig, 0)
+            if prev == cls:
+                stats.already += 1
+                continue
+            add = ONE[cls]
+            if prev == other:  # move it: unlearn as the other class first
+                add -= ONE[other]
+                stats.relearned += 1
+                if spam:
+                    nham -= 1
+                else:
+                    nspam -= 1
+            else:
+                stats.learned += 1
+            for t in toks:
+                deltas[t] = deltas.get(t, 0) + add
+            if spam:
+                nspam += 1
+            else:
+                nham += 1
+            seen_d[dig] = cls - prev
+            seen[dig] = cls  # a duplicate later in the same batch is "already"
+        await self.tokens.apply(deltas, nspam, nham, seen_d)
+        return stats
+
+    async def forget(self, message: Message | bytes) -> bool:
+        """Unlearn a message learned before; False when it was never learned."""
+        raw = message.raw if isinstance(message, Message) else bytes(message)
+        dig = digest(raw)
+        prev = (await self.tokens.seen([dig])).get(dig, 0)
+        if prev not in (SPAM, HAM):
+            return False
+        sub = -ONE[prev]
+        await self.tokens.apply({t: sub for t in tokenize(message)},
+                                -1 if prev == SPAM else 0, -1 if prev == HAM else 0,
+                                {dig: -prev})
+        return True
+
+
+async def learn_message(services_or_store, raw: bytes | Message, spam: bool,
+                        options: dict | None = None) -> str:
+    """THE learn path: learn one message as spam (``spam=True``) or ham.
+
+    ``services_or_store`` is a :class:`filterd.services.Services` (the token store and the
+    ``[bayes]`` options come from it) or a :class:`filterd.store.Store`. Returns ``"learned"``,
+    ``"relearned"`` (it was learned as the other class and was moved) or ``"already"``.
+    Quarantine release calls this with ``spam=False`` for released mail.
+    """
+    store = services_or_store
+    if hasattr(services_or_store, "config") and hasattr(services_or_store, "store"):
+        store = services_or_store.store
+        if options is None:
+            sect = services_or_store.config.section("bayes")
+            options = sect if isinstance(sect, dict) else {}
+    bayes = Bayes.from_options(store, options or {})
+    stats = await bayes.learn([raw], spam)
+    outcome = stats.outcome
+    log.info("bayes: message learned as %s (%s)", "spam" if spam else "ham", outcome)
+    return outcome

@@ -1,0 +1,100 @@
+"""The token database, kept in a :class:`filterd.store.Store` (SQLite by default, Redis to share
+one database between gateway nodes).
+
+Layout under a namespace (default ``bayes:``):
+
+- ``<ns>tokens`` — one hash, field = token, value = both counts packed in one integer
+  ``spam * 2**32 + ham`` so a lookup of a message's tokens is one ``HMGET`` (Redis) or one indexed
+  ``IN`` query (SQLite), and learning is one ``HINCRBY`` per token. Unlearning adds negative
+  amounts; counts never go below zero because only learned messages are unlearned.
+- ``<ns>meta`` — hash with ``nspam`` and ``nham``, the numbers of messages learned, and ``gen``,
+  bumped by every change: a node keeps the token probabilities it computed in memory for as
+  long as the ``(nspam, nham, gen)`` it reads before each message is unchanged (see
+  :class:`filterd.bayes.engine.Bayes`), so common tokens cost no lookup, and a change made by
+  any node (learn, forget) empties every node's cache.
+- ``<ns>seen`` — hash, field = message digest, value 1 (learned as spam) or 2 (as ham), so a
+  message is never counted twice and learning it as the other class moves it (SpamAssassin's
+  behaviour).
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ..store import Store
+
+SHIFT = 32
+MASK = (1 << SHIFT) - 1
+SPAM, HAM = 1, 2
+
+
+def unpack(v: int) -> tuple[int, int]:
+    return v >> SHIFT, v & MASK
+
+
+def digest(raw: bytes) -> str:
+    """Identity of a message for the ``seen`` index: its bytes after the header block's trace
+    lines (Received, Return-Path, Delivered-To, X-*) would change per hop, so the digest covers
+    the Message-ID, Subject, Date and body."""
+    head, sep, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
+    keep = []
+    for line in head.split(b"\n"):
+        low = line[:12].lower()
+        if low.startswith((b"message-id:", b"subject:", b"date:")):
+            keep.append(line.strip())
+    h = hashlib.sha256(b"\n".join(sorted(keep)) + b"\n\n" + body)
+    return h.hexdigest()[:24]
+
+
+class TokenStore:
+    def __init__(self, store: Store, namespace: str = "bayes:"):
+        self.store = store
+        self.ns = namespace
+        self.k_tokens = namespace + "tokens"
+        self.k_meta = namespace + "meta"
+        self.k_seen = namespace + "seen"
+
+    async def state(self) -> tuple[int, int, int]:
+        """(nspam, nham, generation): one small read per message."""
+        meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen"))
+        return int(meta.get("nspam", 0)), int(meta.get("nham", 0)), int(meta.get("gen", 0))
+
+    async def totals(self) -> tuple[int, int]:
+        nspam, nham, _ = await self.state()
+        return nspam, nham
+
+    async def packed(self, tokens) -> dict[str, int]:
+        """Packed counts (``spam << 32 | ham``) of the tokens that were ever learned."""
+        return await self.store.hget_many(self.k_tokens, tokens)
+
+    async def counts(self, tokens) -> dict[str, tuple[int, int]]:
+        """(spam, ham) counts of the tokens that were ever learned."""
+        raw = await self.store.hget_many(self.k_tokens, tokens)
+        return {t: (v >> SHIFT, v & MASK) for t, v in raw.items() if v}
+
+    async def seen(self, digests: list[str]) -> dict[str, int]:
+        return await self.store.hget_many(self.k_seen, digests)
+
+    async def apply(self, token_deltas: dict[str, int], nspam: int, nham: int,
+                    seen_deltas: dict[str, int]) -> None:
+        """Add packed token deltas, message-count deltas and seen-index deltas in one batch."""
+        items: dict[str, dict[str, int]] = {}
+        deltas = {t: d for t, d in token_deltas.items() if d}
+        if deltas:
+            items[self.k_tokens] = deltas
+        meta = {k: v for k, v in (("nspam", nspam), ("nham", nham)) if v}
+        if deltas or meta or seen_deltas:
+            meta["gen"] = 1  # every change invalidates every node's token cache
+            items[self.k_meta] = meta
+        seen = {k: v for k, v in seen_deltas.items() if v}
+        if seen:
+            items[self.k_seen] = seen
+        if items:
+            await self.store.mhincr(items)
+
+    async def all_tokens(self) -> dict[str, tuple[int, int]]:
+        """Every token (admin tools: stats, export; not for the hot path)."""
+        raw = await self.store.hgetall(self.k_tokens)
+        return {t: unpack(v) for t, v in raw.items() if v}
+
+    async def clear(self) -> None:
+        await self.store.delete(self.k_tokens, self.k_meta, self.k_seen)

@@ -1,0 +1,116 @@
+"""The token store on both backends: the same training gives the same probabilities (real Redis
+on 127.0.0.1:6379 under a unique key prefix), learning is counted once, relearning moves a
+message, forgetting undoes it."""
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+
+from filterd.bayes import Bayes
+from filterd.bayes.classifier import Params, chi2q, classify
+from filterd.store.sqlite import SQLiteStore
+
+from bayes_helpers import synth
+
+
+@pytest.fixture
+async def redis_store():
+    from filterd.store.redis import RedisStore
+
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"filterd-test-{uuid.uuid4().hex}:")
+    try:
+        await store.ping()
+    except Exception as exc:  # noqa: BLE001
+        await store.close()
+        pytest.fail(f"Redis on 127.0.0.1:6379 is required for this test: {exc}")
+    yield store
+    keys = await store.keys("")
+    if keys:
+        await store.delete(*keys)
+    await store.close()
+
+
+async def train(bayes: Bayes, n: int = 30):
+    await bayes.learn([synth("spam", i) for i in range(n)], spam=True, batch=7)
+    await bayes.learn([synth("ham", i) for i in range(n)], spam=False, batch=7)
+
+
+async def test_sqlite_and_redis_give_identical_results(tmp_path, redis_store):
+    a = Bayes(SQLiteStore(tmp_path / "t.sqlite"))
+    b = Bayes(redis_store)
+    await train(a)
+    await train(b)
+    assert await a.tokens.totals() == await b.tokens.totals() == (30, 30)
+    assert await a.tokens.all_tokens() == await b.tokens.all_tokens()
+    for kind in ("spam", "ham"):
+        for i in range(100, 110):
+            m = synth(kind, i, seed=99)
+            pa, pb = (await a.classify(m)).probability, (await b.classify(m)).probability
+            assert pa == pb
+            assert (pa > 0.9) if kind == "spam" else (pa < 0.1)
+    await a.tokens.store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_learning_twice_counts_once_and_relearning_moves(tmp_path, redis_store, backend):
+    store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
+    bayes = Bayes(store)
+    m = synth("spam", 1)
+    assert (await bayes.learn([m], spam=True)).learned == 1
+    assert (await bayes.learn([m], spam=True)).already == 1
+    before = await bayes.tokens.all_tokens()
+    assert (await bayes.tokens.totals()) == (1, 0)
+    assert (await bayes.learn([m], spam=False)).relearned == 1
+    assert (await bayes.tokens.totals()) == (0, 1)
+    after = await bayes.tokens.all_tokens()
+    assert set(before) == set(after)
+    assert all(s == 1 and h == 0 for s, h in before.values())
+    assert all(s == 0 and h == 1 for s, h in after.values())
+    assert await bayes.forget(m) is True
+    assert (await bayes.tokens.totals()) == (0, 0)
+    assert await bayes.tokens.all_tokens() == {}
+    assert await bayes.forget(m) is False
+
+
+def test_chi2q_matches_known_values():
+    # P(chi2 >= 2 | 2 dof) = e^-1 ; P(chi2 >= 4 | 4 dof) = e^-2 (1 + 2)
+    assert math.isclose(chi2q(2.0, 2), math.exp(-1))
+    assert math.isclose(chi2q(4.0, 4), 3 * math.exp(-2))
+    assert chi2q(0.0, 10) == 1.0
+
+
+def test_classifier_bands_strong_weak_and_conflicting_evidence():
+    spammy = {f"s{i}": (90, 1) for i in range(20)}
+    hammy = {f"h{i}": (1, 90) for i in range(20)}
+    assert classify(spammy, 100, 100).probability > 0.99
+    assert classify(hammy, 100, 100).probability < 0.01
+    both = classify({**spammy, **hammy}, 100, 100).probability
+    assert 0.3 < both < 0.7  # contradictory evidence is unsure, not confident
+    assert classify({}, 100, 100).probability == 0.5
+    assert classify(spammy, 0, 100).probability == 0.5  # untrained says nothing
+    # rare tokens are pulled toward the prior: one sighting is weak evidence
+    prior = Params(robs=1.0)
+    weak = classify({"x": (1, 0)}, 100, 100, prior).probability
+    strong = classify({"x": (50, 0)}, 100, 100, prior).probability
+    assert 0.5 < weak < strong
+
+
+async def test_a_change_by_another_node_empties_the_token_cache(redis_store):
+    from filterd.store.redis import RedisStore
+
+    other = RedisStore("redis://127.0.0.1:6379/0", prefix=redis_store.prefix)
+    try:
+        node_a, node_b = Bayes(redis_store), Bayes(other)
+        await train(node_b, 10)
+        probe = synth("ham", 500, seed=11).replace(b"Subject: ", b"Subject: frobnicate ")
+        first = await node_a.classify(probe)
+        assert node_a._fcache  # token probabilities are cached on node A now
+        # node B learns the probe as spam many times over (distinct copies)
+        await node_b.learn([probe.replace(b"Message-ID: <", b"Message-ID: <%d" % i)
+                            for i in range(40)], spam=True)
+        second = await node_a.classify(probe)
+        assert second.probability > first.probability + 0.3
+    finally:
+        await other.close()
