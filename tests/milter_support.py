@@ -186,7 +186,7 @@ class FilterdMilterProc:
     """`filterd milter` as a subprocess on a free loopback port."""
 
     def __init__(self, *overrides: str, workers: int = 1, state_dir: str | None = None,
-                 log_level: str = "info", env: dict | None = None):
+                 log_level: str = "info", env: dict | None = None, config: str | None = None):
         self.port = free_port()
         self.state = Path(state_dir) if state_dir else _tmpdir("filterd-milter-state-")
         self.stderr_path = self.state / "milter.log"
@@ -196,6 +196,8 @@ class FilterdMilterProc:
         cmd = [sys.executable, "-m", "filterd", "milter", "--log-level", log_level,
                "--listen", f"inet:{self.port}@127.0.0.1", "--workers", str(workers),
                "--set", f"server.state_dir={self.state}"]
+        if config:
+            cmd += ["--config", str(config)]
         for o in overrides:
             cmd += ["--set", o]
         self.errf = open(self.stderr_path, "wb")
@@ -205,11 +207,13 @@ class FilterdMilterProc:
             wait_port(self.port, 30)
         except RuntimeError:
             self.stop()
-            raise RuntimeError(f"filterd milter did not start:\n{self.log()}")
+            raise RuntimeError(f"filterd milter did not start:\n"
+                               f"{self.stderr_path.read_text(errors='replace')}")
         self.spec = f"inet:127.0.0.1:{self.port}"
 
     def log(self) -> str:
-        self.errf.flush()
+        if not self.errf.closed:
+            self.errf.flush()
         return self.stderr_path.read_text(errors="replace")
 
     def alive(self) -> bool:
