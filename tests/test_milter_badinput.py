@@ -1,0 +1,199 @@
+"""Milter mode against hostile or broken MTA-side input, driven by a raw milter-protocol client
+(tests/milter_client.py) and by Debian's miltertest: the milter never crashes, the bad session
+gets a clear answer (or is dropped), and other sessions go on unaffected."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GTUBE
+from milter_client import MilterClient
+from milter_support import FilterdMilterProc
+
+DATA = Path(__file__).parent / "data" / "milter"
+CLEAN_HEADERS = [("From", "Alice <alice@example.com>"), ("To", "bob@example.org"),
+                 ("Subject", "hello"), ("Date", "Fri, 27 Nov 2026 08:00:00 +0000"),
+                 ("Message-ID", "<bad-input@example.com>")]
+
+
+@pytest.fixture(scope="module")
+def milter_proc():
+    m = FilterdMilterProc("milter.max_size=100KB", "milter.oversize=reject",
+                          "spam_headers.add=always")
+    yield m
+    m.stop()
+
+
+def clean_session(port: int) -> list:
+    c = MilterClient(port)
+    try:
+        c.negotiate()
+        return c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                         b"A clean body.\r\n")
+    finally:
+        c.quit()
+
+
+def final(replies) -> bytes:
+    return replies[-1][0]
+
+
+def assert_healthy(m: FilterdMilterProc) -> None:
+    assert m.alive(), m.log()[-3000:]
+    replies = clean_session(m.port)
+    assert final(replies) in (b"c", b"a"), replies
+    assert any(cmd in (b"h", b"i") and b"X-Spam-Status" in data for cmd, data in replies)
+
+
+def test_negotiation_requests_only_needed_steps_and_actions(milter_proc):
+    c = MilterClient(milter_proc.port)
+    c.negotiate()
+    c.quit()
+    import milter as M
+    # no EOH / DATA / unknown callbacks; headers and body without per-packet replies
+    for bit in (M.P_NOEOH, M.P_NODATA, M.P_NOUNKNOWN, M.P_NR_HDR, M.P_NR_BODY):
+        assert c.protocol & bit
+    # no plugin implements connect/helo/mail/rcpt hooks by default: those need no reply either
+    for bit in (M.P_NR_CONN, M.P_NR_HELO, M.P_NR_MAIL, M.P_NR_RCPT):
+        assert c.protocol & bit
+    assert not c.protocol & (M.P_NOCONNECT | M.P_NOHDRS | M.P_NOBODY | M.P_RCPT_REJ)
+    assert c.actions & (M.ADDHDRS | M.CHGHDRS | M.DELRCPT | M.QUARANTINE)
+    assert not c.actions & (M.ADDRCPT | M.CHGFROM)
+
+
+def test_gtube_over_the_raw_protocol_gets_filterds_reply(milter_proc):
+    c = MilterClient(milter_proc.port)
+    c.negotiate()
+    replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                        f"spam {GTUBE}\r\n".encode())
+    c.quit()
+    cmd, data = replies[-1]
+    assert cmd == b"y"
+    assert data.startswith(b"550 5.7.1 Message rejected as spam")
+
+
+def test_client_disconnecting_mid_message_leaves_other_sessions_working(milter_proc):
+    other = MilterClient(milter_proc.port)  # a session in progress during the disconnects
+    other.negotiate()
+    other.connect()
+    other.mail("alice@example.com")
+    other.rcpt("bob@example.org")
+    for cut in ("after-mail", "after-headers", "mid-body"):
+        c = MilterClient(milter_proc.port)
+        c.negotiate()
+        c.connect()
+        c.helo()
+        c.mail("alice@example.com")
+        if cut != "after-mail":
+            c.rcpt("bob@example.org")
+            for n, v in CLEAN_HEADERS:
+                c.header(n, v)
+        if cut == "mid-body":
+            c.eoh()
+            c.send(b"B", b"partial body with no end")
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+    for n, v in CLEAN_HEADERS:
+        other.header(n, v)
+    other.eoh()
+    other.body(b"Still here.\r\n")
+    replies = other.eom()
+    other.quit()
+    assert final(replies) in (b"c", b"a"), replies
+    assert_healthy(milter_proc)
+
+
+def test_oversized_headers_get_a_clear_answer(milter_proc):
+    # 300 headers of 1000 bytes: past [milter] max_size (100K) -> oversize = reject
+    c = MilterClient(milter_proc.port)
+    c.negotiate()
+    headers = CLEAN_HEADERS + [(f"X-Big-{i}", "v" * 1000) for i in range(300)]
+    replies = c.message("alice@example.com", ["bob@example.org"], headers, b"body\r\n")
+    c.quit()
+    assert replies[-1][0] == b"y"
+    assert replies[-1][1].startswith(b"552 5.3.4")
+    # one header larger than libmilter's packet limit: libmilter drops that connection only
+    c = MilterClient(milter_proc.port)
+    c.negotiate()
+    c.connect()
+    c.mail("alice@example.com")
+    c.rcpt("bob@example.org")
+    try:
+        c.header("X-Huge", "h" * 300_000)
+        c.eoh()
+        c.body(b"x\r\n")
+        c.eom()
+    except (ConnectionError, OSError):
+        pass
+    c.close()
+    assert_healthy(milter_proc)
+
+
+def test_body_over_the_limit_is_refused_as_configured(milter_proc):
+    c = MilterClient(milter_proc.port)
+    c.negotiate()
+    replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                        b"0123456789abcdef" * 20_000)  # 320 KB > 100K
+    c.quit()
+    assert replies[-1][0] == b"y"
+    assert replies[-1][1].startswith(b"552 5.3.4 Message too large")
+    assert_healthy(milter_proc)
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff\xff\xffjunk",                       # absurd length
+    b"\x00\x00\x00\x05Zabcd",                       # unknown command
+    b"\x00\x00\x00\x00",                            # zero length
+    b"GET / HTTP/1.0\r\n\r\n",                      # not the milter protocol at all
+])
+def test_garbage_packets_drop_only_that_connection(milter_proc, garbage):
+    other = MilterClient(milter_proc.port)
+    other.negotiate()
+    other.connect()
+    other.mail("alice@example.com")
+    other.rcpt("bob@example.org")
+    bad = socket.create_connection(("127.0.0.1", milter_proc.port), 5)
+    bad.sendall(garbage)
+    bad.settimeout(5)
+    try:
+        bad.recv(100)
+    except OSError:
+        pass
+    bad.close()
+    # garbage in the middle of a negotiated session too
+    mid = MilterClient(milter_proc.port)
+    mid.negotiate()
+    mid.connect()
+    mid.sock.sendall(garbage)
+    mid.close()
+    for n, v in CLEAN_HEADERS:
+        other.header(n, v)
+    other.eoh()
+    other.body(b"fine\r\n")
+    replies = other.eom()
+    other.quit()
+    assert final(replies) in (b"c", b"a"), replies
+    assert_healthy(milter_proc)
+
+
+@pytest.mark.skipif(not shutil.which("miltertest"), reason="miltertest not installed")
+def test_miltertest_drives_the_same_cases(tmp_path):
+    cfg = tmp_path / "filterd.toml"
+    cfg.write_text(f'[rules]\nsite_dir = "{DATA / "rules"}"\n'
+                   f'[plugins]\nsite_dir = "{DATA / "plugins"}"\n[spam_headers]\nadd = "always"\n')
+    m = FilterdMilterProc(config=str(cfg))
+    try:
+        r = subprocess.run(["miltertest", "-s", str(DATA / "miltertest.lua")],
+                           env={**os.environ, "MILTER_SOCK": f"inet:{m.port}@127.0.0.1"},
+                           capture_output=True, timeout=120)
+        out = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
+        assert r.returncode == 0, out + m.log()[-3000:]
+        assert "all cases passed" in out
+    finally:
+        m.stop()
