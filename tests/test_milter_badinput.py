@@ -197,3 +197,48 @@ def test_miltertest_drives_the_same_cases(tmp_path):
         assert "all cases passed" in out
     finally:
         m.stop()
+
+
+SERVE_SCRIPT = r'''
+import asyncio, sys
+from filterd.pipeline import Pipeline
+from filterd.milter import run_milter_from_config
+
+async def main(port, state):
+    pipe = await Pipeline.create(None, [f"server.state_dir={state}"], use_default_path=False)
+    try:
+        await asyncio.wait_for(
+            run_milter_from_config(pipe.config, pipe, f"inet:{port}@127.0.0.1"), 6)
+    except asyncio.TimeoutError:
+        print("milter stopped on cancellation", flush=True)
+    finally:
+        await pipe.close()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+'''
+
+
+def test_run_milter_from_config_serves_on_the_callers_loop_and_stops_on_cancel(tmp_path):
+    """The entry point `filterd serve` uses: the caller's loop and pipeline, stopped by
+    cancelling the task."""
+    import sys
+
+    from milter_support import free_port, wait_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, 20, proc=proc)
+        c = MilterClient(port)
+        c.negotiate()
+        replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                            f"{GTUBE}\r\n".encode())
+        c.quit()
+        assert replies[-1][0] == b"y" and replies[-1][1].startswith(b"550 5.7.1")
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert b"milter stopped on cancellation" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
