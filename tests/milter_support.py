@@ -196,8 +196,10 @@ class FilterdMilterProc:
         cmd = [sys.executable, "-m", "filterd", "milter", "--log-level", log_level,
                "--listen", f"inet:{self.port}@127.0.0.1", "--workers", str(workers),
                "--set", f"server.state_dir={self.state}"]
-        if config:
-            cmd += ["--config", str(config)]
+        if not config:  # never pick up /etc/filterd of the machine the tests run on
+            config = self.state / "empty.toml"
+            config.write_text("")
+        cmd += ["--config", str(config)]
         for o in overrides:
             cmd += ["--set", o]
         self.errf = open(self.stderr_path, "wb")

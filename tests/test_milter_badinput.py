@@ -242,3 +242,53 @@ def test_run_milter_from_config_serves_on_the_callers_loop_and_stops_on_cancel(t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+LIVE_PLUGIN = '''
+from filterd.hookspecs import hookimpl
+from filterd.verdict import Verdict
+CONFIG = ""
+
+@hookimpl
+def mail_from(ctx, sender):
+    if sender.startswith("blocked@"):
+        return Verdict.reject("Sender blocked by test policy", code=550, enhanced="5.7.1")
+
+@hookimpl
+def rcpt_to(ctx, recipient):
+    if recipient.address.startswith("nobody@"):
+        return Verdict.reject("No such user here", code=550, enhanced="5.1.1")
+'''
+
+
+def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
+    """When a plugin implements mail_from/rcpt_to, those steps wait for the pipeline and a
+    reject happens at MAIL/RCPT with filterd's reply, like on the SMTP gateway."""
+    import milter as M
+    plugdir = tmp_path / "plugins"
+    plugdir.mkdir()
+    (plugdir / "early.py").write_text(LIVE_PLUGIN)
+    m = FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    try:
+        c = MilterClient(m.port)
+        c.negotiate()
+        assert not c.protocol & (M.P_NR_MAIL | M.P_NR_RCPT)  # these now need replies
+        assert c.protocol & M.P_NR_CONN  # nobody implements connect
+        c.connect()
+        c.helo()
+        assert c.mail("alice@example.com") == (b"c", b"")
+        cmd, data = c.rcpt("nobody@example.org")
+        assert cmd == b"y" and data.startswith(b"550 5.1.1 No such user here")
+        assert c.rcpt("bob@example.org") == (b"c", b"")
+        for n, v in CLEAN_HEADERS:
+            c.header(n, v)
+        c.eoh()
+        c.body(b"fine\r\n")
+        assert c.eom()[-1][0] in (b"c", b"a")
+        c.send(b"A")  # abort, then a second transaction on the same connection
+        cmd, data = c.mail("blocked@example.com")
+        assert cmd == b"y" and data.startswith(b"550 5.7.1 Sender blocked")
+        c.quit()
+        assert m.alive()
+    finally:
+        m.stop()
