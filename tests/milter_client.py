@@ -55,6 +55,11 @@ class MilterClient:
         assert cmd == b"O", (cmd, data)
         _, self.actions, self.protocol = struct.unpack("!III", data[:12])
 
+    def macros(self, stage: bytes, **values: str) -> None:
+        """Macros for the next command (stage b"C", b"H", b"M", b"R", b"E"); no reply."""
+        data = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in values.items())
+        self.send(b"D", stage + data)
+
     def connect(self, host: str = "client.example", ip: str = "192.0.2.10", port: int = 4321):
         return self.command(b"C", host.encode() + b"\0" + b"4" + struct.pack("!H", port)
                             + ip.encode() + b"\0")

@@ -292,3 +292,48 @@ def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
         assert m.alive()
     finally:
         m.stop()
+
+
+SESSION_PLUGIN = '''
+from filterd.hookspecs import hookimpl
+from filterd.verdict import Modification
+CONFIG = ""
+
+@hookimpl
+def modify(ctx, message):
+    s = ctx.session
+    return [Modification.add_header("X-Test-Session",
+            f"ip={s.peer_ip} name={s.peer_name} helo={s.helo} tls={s.tls_version}/{s.tls_cipher} "
+            f"auth={s.auth_user} door={s.front_door}")]
+'''
+
+
+def test_tls_and_auth_macros_reach_the_pipeline_session(tmp_path):
+    plugdir = tmp_path / "plugins"
+    plugdir.mkdir()
+    (plugdir / "session_probe.py").write_text(SESSION_PLUGIN)
+    m = FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    try:
+        c = MilterClient(m.port)
+        c.negotiate()
+        c.connect("mx.client.example", "198.51.100.7")
+        # {macro} names as Postfix sends them with milter_helo_macros / milter_mail_macros
+        c.macros(b"H", **{"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384"})
+        c.helo("mx.client.example")
+        c.macros(b"M", **{"i": "4XyZ1", "{auth_type}": "PLAIN", "{auth_authen}": "alice"})
+        c.mail("alice@example.com")
+        c.rcpt("bob@example.org")
+        for n, v in CLEAN_HEADERS:
+            c.header(n, v)
+        c.eoh()
+        c.body(b"hi\r\n")
+        replies = c.eom()
+        c.quit()
+        added = [d for cmd, d in replies if cmd in (b"h", b"i") and b"X-Test-Session" in d]
+        assert added, replies
+        text = added[0].decode()
+        assert ("ip=198.51.100.7 name=mx.client.example helo=mx.client.example "
+                "tls=TLSv1.3/TLS_AES_256_GCM_SHA384 auth=alice door=milter") in text
+        assert "qid=4XyZ1" in m.log()  # the MTA queue id is logged with the verdict
+    finally:
+        m.stop()
