@@ -5,6 +5,8 @@
   with an existing pipeline.
 - :mod:`filterd.milter.actions` — the pure mapping from a scan result to milter actions.
 """
-from .server import MilterSettings, check_listen, run_milter, run_milter_from_config
+from .server import (MilterSettings, check_listen, run_milter, run_milter_from_config,
+                     swap_pipeline)
 
-__all__ = ["MilterSettings", "check_listen", "run_milter", "run_milter_from_config"]
+__all__ = ["MilterSettings", "check_listen", "run_milter", "run_milter_from_config",
+           "swap_pipeline"]

@@ -139,6 +139,11 @@ class MilterSettings:
         )
 
 
+def live_hooks(pipeline) -> dict[str, bool]:
+    """Which early phases some plugin implements (those steps must wait for the pipeline)."""
+    return {h: bool(pipeline.host.impls(h)) for h in EARLY_HOOKS}
+
+
 class MilterServer:
     """Shared state of one milter process: settings, pipeline, loop thread, counters."""
 
@@ -146,15 +151,19 @@ class MilterServer:
         self.settings = settings
         self.pipeline = pipeline
         self.loop = loop
-        impls = pipeline.host.impls
-        self.live = {h: bool(impls(h)) for h in EARLY_HOOKS}
+        self.live = live_hooks(pipeline)
         self.lock = threading.Lock()
         self.stats = {"connections": 0, "messages": 0, "errors": 0}
 
-    def quarantine_mode(self) -> str:
+    def swap_pipeline(self, pipeline) -> None:
+        """Use ``pipeline`` for connections negotiated from now on (config reload); connections
+        already open finish on the pipeline they started with."""
+        self.pipeline, self.live = pipeline, live_hooks(pipeline)
+
+    def quarantine_mode(self, pipe) -> str:
         mode = self.settings.quarantine
         if mode == "auto":
-            return "store" if self.pipeline.services.extra.get("quarantine") else "hold"
+            return "store" if pipe.services.extra.get("quarantine") else "hold"
         return mode
 
     def count(self, key: str) -> None:
@@ -162,9 +171,8 @@ class MilterServer:
             self.stats[key] += 1
 
     # -- the end-of-message coroutine (runs on the loop) -------------------------------------
-    async def end_of_message(self, tx: "TxState", session: Session, raw: bytes,
+    async def end_of_message(self, pipe, live: dict, tx: "TxState", session: Session, raw: bytes,
                              headers: list[tuple[str, str]], truncated: bool):
-        pipe = self.pipeline
         s = self.settings
         early: Verdict | None = tx.early
         # deferred early phases, in pipeline order (their hooks have no implementations)
@@ -176,7 +184,7 @@ class MilterServer:
         if ctx is None:
             ctx = tx.ctx = pipe.begin(session)
             early = early or await pipe.mail_from(ctx, tx.sender, tx.mail_params)
-        elif early is None and not self.live["mail_from"]:
+        elif early is None and not live["mail_from"]:
             early = await pipe.mail_from(ctx, tx.sender, tx.mail_params)
         if early is not None and early.action in (Action.REJECT, Action.TEMPFAIL):
             return _verdict_plan(early), None
@@ -204,16 +212,16 @@ class MilterServer:
 
         for addr, v in rejected.items():
             result.outcomes[addr] = RecipientOutcome(addr, v.action, 0.0, v)
-        mode = self.quarantine_mode()
+        mode = self.quarantine_mode(pipe)
         p = milter_actions.plan(result, headers, mode, can_replace_body=not truncated)
         if truncated:
             p.notes.append("oversize-scanned-partially")
         if p.store_recipients:
-            p = await self._store(ctx, result, p)
+            p = await self._store(pipe, ctx, result, p)
         return p, result
 
-    async def _store(self, ctx, result, p):
-        svc = self.pipeline.services.extra.get("quarantine")
+    async def _store(self, pipe, ctx, result, p):
+        svc = pipe.services.extra.get("quarantine")
         try:
             if svc is None:
                 raise RuntimeError("[milter] quarantine = store/both but no quarantine service "
@@ -227,9 +235,10 @@ class MilterServer:
                 code=451, enhanced="4.3.0"))
         return p
 
-    async def after_message(self, ctx, p: milter_actions.MilterPlan, reason: str) -> None:
+    @staticmethod
+    async def after_message(pipe, ctx, p: milter_actions.MilterPlan, reason: str) -> None:
         for addr in p.quarantined:
-            await self.pipeline.quarantined(ctx, addr, reason)
+            await pipe.quarantined(ctx, addr, reason)
 
 
 def _verdict_plan(v: Verdict) -> milter_actions.MilterPlan:
@@ -307,6 +316,10 @@ class FilterdMilter(Milter.Base):
 
     def __init__(self, server: MilterServer):
         self.server = server
+        # the pipeline and the early phases that wait for it are fixed per connection at
+        # negotiation (the no-reply flags agreed with the MTA depend on them)
+        self.pipeline = server.pipeline
+        self.live = dict(server.live)
         self.session = Session(front_door="milter")
         self.nr = 0  # negotiated no-reply bits
         self.leadspc = False
@@ -328,7 +341,7 @@ class FilterdMilter(Milter.Base):
     # -- negotiation -----------------------------------------------------------------------
     def negotiate(self, opts):
         s = self.server.settings
-        live = self.server.live
+        live = self.live
         offered_actions, offered_proto = opts[0], opts[1]
         actions = offered_actions & WANTED_ACTIONS
         if s.request_macros and offered_actions & milter.SETSYMLIST:
@@ -373,8 +386,8 @@ class FilterdMilter(Milter.Base):
         except ValueError:
             pass
         sess.data["mta"] = self._macro("j")
-        if srv.live["connect"]:
-            return self._early(srv.pipeline.connect(sess), milter.P_NR_CONN, store=False)
+        if self.live["connect"]:
+            return self._early(self.pipeline.connect(sess), milter.P_NR_CONN, store=False)
         self.connect_pending = True
         return self._ok(milter.P_NR_CONN)
 
@@ -383,8 +396,8 @@ class FilterdMilter(Milter.Base):
         srv = self.server
         self.session.helo = _text(heloname or "")
         self._read_tls()
-        if srv.live["helo"]:
-            return self._early(srv.pipeline.helo(self.session, self.session.helo),
+        if self.live["helo"]:
+            return self._early(self.pipeline.helo(self.session, self.session.helo),
                                milter.P_NR_HELO, store=False)
         self.helo_pending = True
         return self._ok(milter.P_NR_HELO)
@@ -399,19 +412,20 @@ class FilterdMilter(Milter.Base):
         tx = self.tx = TxState(sender=_strip_angle(sender), mail_params=_params(params))
         tx.run_connect, tx.run_helo = self.connect_pending, self.helo_pending
         self.connect_pending = self.helo_pending = False
-        if srv.live["mail_from"]:
+        pipe = self.pipeline
+        if self.live["mail_from"]:
             # earlier deferred phases must run first, in order
             async def run():
                 if tx.run_connect:
-                    v = await srv.pipeline.connect(self.session)
+                    v = await pipe.connect(self.session)
                     if v is not None:
                         return v
                 if tx.run_helo and self.session.helo:
-                    v = await srv.pipeline.helo(self.session, self.session.helo)
+                    v = await pipe.helo(self.session, self.session.helo)
                     if v is not None:
                         return v
-                tx.ctx = srv.pipeline.begin(self.session)
-                return await srv.pipeline.mail_from(tx.ctx, tx.sender, tx.mail_params)
+                tx.ctx = pipe.begin(self.session)
+                return await pipe.mail_from(tx.ctx, tx.sender, tx.mail_params)
             tx.run_connect = tx.run_helo = False
             return self._early(run(), milter.P_NR_MAIL, store=True)
         return self._ok(milter.P_NR_MAIL)
@@ -426,12 +440,13 @@ class FilterdMilter(Milter.Base):
         addr = _strip_angle(rcpt)
         tx.rcpt_raw[addr.lower()] = rcpt
         p = _params(params)
-        if srv.live["rcpt_to"] and tx.early is None:
+        pipe = self.pipeline
+        if self.live["rcpt_to"] and tx.early is None:
             if tx.ctx is None:
-                tx.ctx = srv.pipeline.begin(self.session)
+                tx.ctx = pipe.begin(self.session)
 
             async def run():
-                return await srv.pipeline.rcpt_to(tx.ctx, addr, p)
+                return await pipe.rcpt_to(tx.ctx, addr, p)
             return self._early(run(), milter.P_NR_RCPT, store=False)
         tx.pending_rcpts.append((addr, p))
         return self._ok(milter.P_NR_RCPT)
@@ -473,7 +488,8 @@ class FilterdMilter(Milter.Base):
             self.session.auth_user = self._macro("{auth_authen}") or self.session.auth_user
             raw, headers = self._message()
             p, result = srv.loop.run(
-                srv.end_of_message(tx, self.session, raw, headers, self.truncated), s.timeout)
+                srv.end_of_message(self.pipeline, self.live, tx, self.session, raw, headers,
+                                   self.truncated), s.timeout)
             rc = self._apply(p, tx)
             srv.count("messages")
             ctx = tx.ctx
@@ -482,7 +498,7 @@ class FilterdMilter(Milter.Base):
             if p.quarantined and ctx is not None:
                 reason = (result.outcomes[p.quarantined[0]].verdict.reason
                           if result is not None else "")
-                srv.loop.submit(srv.after_message(ctx, p, reason))
+                srv.loop.submit(srv.after_message(self.pipeline, ctx, p, reason))
             log.info("milter qid=%s id=%s from=<%s> rcpts=%d size=%d %s (%.1f ms)", queue_id or "-",
                      ctx.transaction.id if ctx is not None else "-", tx.sender,
                      len(tx.rcpt_raw), self.size, p.summary(), (time.monotonic() - t0) * 1000)
@@ -689,8 +705,8 @@ def _serve_one(settings: MilterSettings, config_path, overrides, use_default_pat
     server = MilterServer(settings, pipeline, loop)
     global _SERVER
     _SERVER = server
-    log.info("milter pid %d ready on %s (live early phases: %s)", os.getpid(), settings.listen,
-             ",".join(h for h, v in server.live.items() if v) or "none")
+    log.info("milter pid %d ready on %s (early phases waiting for plugins: %s)", os.getpid(),
+             settings.listen, ",".join(h for h, v in server.live.items() if v) or "none")
     try:
         rc = milter.main()
     finally:
@@ -717,6 +733,7 @@ def run_milter(config, config_path=None, overrides=(), listen: str | None = None
     check_listen(settings.listen)
     register(settings)
     open_socket(settings)
+    print(f"filterd: ready: milter on {settings.listen}", file=sys.stderr, flush=True)
     if settings.workers <= 1:
         return _serve_one(settings, config_path, overrides, use_default_path)
     return _supervise(settings, config_path, overrides, use_default_path)
@@ -786,11 +803,18 @@ def _supervise(settings, config_path, overrides, use_default_path) -> int:
     return 0 if stopping else rc
 
 
+def swap_pipeline(pipeline) -> None:
+    """After a config reload in ``filterd serve``: new milter connections use ``pipeline``."""
+    if _SERVER is not None:
+        _SERVER.swap_pipeline(pipeline)
+
+
 async def run_milter_from_config(config, pipeline, listen: str | None = None) -> None:
     """Run the milter inside an already running asyncio program (``filterd serve``), on THIS
-    loop and with THIS pipeline, until cancelled or until libmilter stops (SIGTERM). One process:
-    ``[milter] workers`` applies to ``filterd milter`` only. Returns at once when no milter
-    socket is configured."""
+    loop and with THIS pipeline, until cancelled or until libmilter stops. One process:
+    ``[milter] workers`` applies to ``filterd milter`` only; libmilter can run once per process.
+    Returns at once when no milter socket is configured (``[milter] listen`` = "" and no
+    ``listen`` argument). Prints ``filterd: ready: milter on SPEC`` to stderr when listening."""
     settings = MilterSettings.from_config(config, listen, 1)
     if not settings.listen:
         return
@@ -800,7 +824,7 @@ async def run_milter_from_config(config, pipeline, listen: str | None = None) ->
     _SERVER = MilterServer(settings, pipeline, loop)
     register(settings)
     open_socket(settings)
-    log.info("milter listening on %s", settings.listen)
+    print(f"filterd: ready: milter on {settings.listen}", file=sys.stderr, flush=True)
     done = asyncio.get_running_loop().run_in_executor(None, milter.main)
     try:
         await asyncio.shield(done)
