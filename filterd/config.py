@@ -87,8 +87,14 @@ class ConfigProblem:
         where = self.file or "<config>"
         if self.line:
             where += f":{self.line}"
-        section, _, key = self.key.rpartition(".")
-        label = f"[{section}] {key}" if section else key
+        if not self.key:
+            return f"{where}: {self.message}"
+        if self.key.startswith("rule "):  # rule file problems: [rule NAME] key
+            rule, _, key = self.key.partition(".")
+            label = f"[{rule}] {key}" if key else f"[{rule}]"
+        else:
+            section, _, key = self.key.rpartition(".")
+            label = f"[{section}] {key}" if section else key
         return f"{where}: {label}: {self.message}"
 
 
@@ -109,19 +115,23 @@ class Schema:
 
     def add_text(self, origin: str, text: str, section: str | None = None) -> None:
         """Add annotated TOML defaults. With ``section``, the text's top-level keys belong to that
-        section (plugins write their CONFIG without a header)."""
-        if section and not re.search(r"^\s*\[", text, re.M):
-            text = f"[{section}]\n" + text
+        section (plugins write their CONFIG without the ``[name]`` header; sub-tables use their
+        full name, ``[name.sub]``)."""
+        if section and not re.search(rf"^\s*\[{re.escape(section)}\]", text, re.M):
+            text = f"[{section}]\n" + text.lstrip("\n")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([ConfigProblem(origin, None, section or "", f"bad defaults: {exc}")])
+            raise ConfigError([ConfigProblem(origin, None, section or "",
+                                             f"bad defaults: {exc}")]) from exc
         if section:
             data.setdefault(section, {})
             for k, v in PLUGIN_RESERVED.items():
                 data[section].setdefault(k, v)
         _deep_merge(self.defaults, data)
-        self.texts.append((origin, text))
+        body = [ln for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if len(body) > 1 or (body and not section):  # more than the added [section] header
+            self.texts.append((origin, text))
         current: list[str] = []
         for line in text.splitlines():
             h = re.match(r"^\s*\[+([^\]]+)\]+", line)
@@ -212,9 +222,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"--set {item!r}: expected section.key=value")
     key, _, value = item.partition("=")
-    path = [p.strip() for p in key.strip().split(".") if p.strip()]
-    if not path:
+    key = key.strip()
+    if not key:
         raise ValueError(f"--set {item!r}: empty key")
+    try:  # TOML's own dotted-key syntax, so quoted parts like "a@example.com" work
+        doc = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        raise ValueError(f"--set {item!r}: bad key (quote parts with dots or @: "
+                         f'actions.recipients."a@example.com".reject=20)') from None
+    path = []
+    while isinstance(doc, dict) and len(doc) == 1:
+        (k, doc), = doc.items()
+        path.append(k)
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
@@ -225,6 +244,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def load_raw(path: str | None = None, overrides: Iterable[str] = (),
              use_default_path: bool = True) -> RawConfig:
     raw = RawConfig()
+    if os.environ.get("FILTERD_NO_DEFAULT_CONFIG"):  # hermetic runs (the test suite)
+        use_default_path = False
     main = path or os.environ.get("FILTERD_CONFIG") or (
         DEFAULT_CONFIG_PATH if use_default_path and os.path.exists(DEFAULT_CONFIG_PATH) else None)
     if main:
@@ -346,6 +367,9 @@ def validate(raw: RawConfig, schema: Schema) -> tuple[dict, list[ConfigProblem]]
                 file, line = _locate(raw, key)
                 problems.append(ConfigProblem(file, line, key,
                                               f"unknown setting (known here: {known})"))
+                continue
+            if isinstance(d, dict) and not d and isinstance(v, dict):
+                out[k] = copy.deepcopy(v)  # an empty default table: free-form contents
                 continue
             if isinstance(d, dict) and isinstance(v, dict):
                 sub = out.setdefault(k, {})

@@ -7,7 +7,8 @@ missing there.
 Order of a transaction::
 
     startup (once) → connect → helo → mail_from → rcpt_to (per recipient) → data → decide
-                   → modify → [hand-off by the front door] → delivered | bounced | quarantined
+                   → modify → scanned → [hand-off by the front door]
+                   → delivered | bounced | quarantined
                    → shutdown (once)
 
 Common arguments (a hook implementation names only the ones it needs, pluggy-style):
@@ -29,7 +30,7 @@ Return contract:
 - ``decide``: runs after scores became per-recipient actions; may return a ``Verdict`` or a dict
   ``{recipient address: Verdict}`` that *replaces* the computed outcome (allow-lists, overrides).
 - ``modify``: return a list of :class:`filterd.verdict.Modification` (or ``None``).
-- Events (``delivered``, ``bounced``, ``quarantined``): return value ignored.
+- Events (``scanned``, ``delivered``, ``bounced``, ``quarantined``): return value ignored.
 
 Any hook may be ``async def``; the host awaits it under the plugin's timeout. A plugin that raises
 or times out never crashes the server: its ``on_error`` policy (``tempfail`` by default, or
@@ -45,7 +46,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # Hooks called once per phase, in pipeline order, and the lifecycle hooks around them.
 PHASE_HOOKS = ("connect", "helo", "mail_from", "rcpt_to", "data", "decide", "modify")
-EVENT_HOOKS = ("delivered", "bounced", "quarantined")
+EVENT_HOOKS = ("scanned", "delivered", "bounced", "quarantined")
 LIFECYCLE_HOOKS = ("startup", "shutdown")
 
 
@@ -119,6 +120,14 @@ def modify(ctx, message, options):
     :class:`filterd.verdict.Modification` (add/remove/change header, rewrite subject, replace body)
     or ``None``. ``ctx.recipients`` tells each recipient's final outcome, e.g. to add
     ``X-Spam-*`` headers only when some recipient is tagged."""
+
+
+@hookspec
+def scanned(ctx, result):
+    """Event: the data phase finished. ``result`` is the :class:`filterd.pipeline.ScanResult`
+    (``result.outcomes`` per recipient with action, score and verdict; ``result.symbols``;
+    ``result.modifications``). For tracing, statistics and learning (reputation, autolearn).
+    Return value ignored."""
 
 
 @hookspec

@@ -169,13 +169,19 @@ class ParsedMessage:
     which never raises on bad input). All properties are computed once and bounded in size."""
 
     def __init__(self, raw: bytes):
-        self.defects: list[str] = []
+        self._defects: list[str] = []
         try:
             self.email: _EmailMessage = email.message_from_bytes(raw, policy=email.policy.compat32)
         except Exception as exc:  # noqa: BLE001 - the parser is robust, but never trust it fully
-            self.defects.append(f"unparseable message: {exc!r}")
+            self._defects.append(f"unparseable message: {exc!r}")
             self.email = email.message_from_bytes(b"", policy=email.policy.compat32)
-        self.defects.extend(type(d).__name__ for d in getattr(self.email, "defects", []))
+        self._defects.extend(type(d).__name__ for d in getattr(self.email, "defects", []))
+
+    @property
+    def defects(self) -> list[str]:
+        """Everything wrong with the message: parser defects, limits hit, undecodable parts."""
+        _ = self.parts  # walking the tree records part-level defects
+        return self._defects
 
     # -- headers ----------------------------------------------------------------------------
     @cached_property
@@ -234,10 +240,10 @@ class ParsedMessage:
         while stack:
             node, depth, path = stack.pop()
             if len(parts) >= MAX_PARTS:
-                self.defects.append(f"too many MIME parts (more than {MAX_PARTS}); rest not scanned")
+                self._defects.append(f"too many MIME parts (more than {MAX_PARTS}); rest not scanned")
                 break
             if depth > MAX_DEPTH:
-                self.defects.append(f"MIME nesting deeper than {MAX_DEPTH} at part {path}")
+                self._defects.append(f"MIME nesting deeper than {MAX_DEPTH} at part {path}")
                 continue
             try:
                 ctype = node.get_content_type()
@@ -250,6 +256,9 @@ class ParsedMessage:
                     children = []
                 if not isinstance(children, list):
                     children = []
+                if len(children) > MAX_PARTS:
+                    self._defects.append(f"too many MIME parts (more than {MAX_PARTS}) in part "
+                                         f"{path}; rest not scanned")
                 for i, child in reversed(list(enumerate(children[:MAX_PARTS], 1))):
                     if isinstance(child, _EmailMessage):
                         stack.append((child, depth + 1, f"{path}.{i}"))
@@ -275,8 +284,8 @@ class ParsedMessage:
             charset = (node.get_content_charset() or "").strip().lower()
         except Exception:  # noqa: BLE001
             charset = ""
-        disp = (node.get("Content-Disposition") or "").split(";")[0].strip().lower()
-        self.defects.extend(defects)
+        disp = str(node.get("Content-Disposition") or "").split(";")[0].strip().lower()
+        self._defects.extend(defects)
         return Part(ctype, filename, len(payload), disp, depth, charset, payload, path, defects)
 
     @property

@@ -16,6 +16,7 @@ sockets.
                             → action through the thresholds that apply to that recipient
         3. decide         — ``decide`` hooks may override outcomes (allow/block lists ...)
         4. modify         — ``modify`` hooks return header/subject/body changes
+        5. scanned        — event with the result, for tracing and learning
     delivered / bounced / quarantined    → events for tracking and learning
 
 Outcomes are per recipient. When sources disagree about one recipient, the most severe wins
@@ -267,7 +268,7 @@ class Pipeline:
 
         # 4. modify: header, subject and body changes
         mods: list[Modification] = list(ctx.modifications)
-        for name, result in await self.host.call_all("modify", ctx, message=msg):
+        for _name, result in await self.host.call_all("modify", ctx, message=msg):
             if isinstance(result, Modification):
                 mods.append(result)
             elif isinstance(result, (list, tuple)):
@@ -277,6 +278,7 @@ class Pipeline:
                                                 ctx.score_for(r.address), r.verdict)
                     for r in ctx.recipients}
         result = ScanResult(ctx, outcomes, mods, time.monotonic() - t0)
+        await self.host.notify("scanned", ctx=ctx, result=result)
         log.info("scanned id=%s from=<%s> to=%s score=%.2f action=%s symbols=%s",
                  ctx.transaction.id, ctx.transaction.mail_from,
                  ",".join(f"<{a}>:{o.action.value}" for a, o in outcomes.items()), result.score,

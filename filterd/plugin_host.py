@@ -155,7 +155,13 @@ class PluginHost:
             target = info.target
             if inspect.ismodule(target) and inspect.isclass(getattr(target, "Plugin", None)):
                 target = target.Plugin
-            obj = target(options=opts, services=services) if inspect.isclass(target) else target
+            try:
+                obj = target(options=opts, services=services) if inspect.isclass(target) \
+                    else target
+            except Exception as exc:  # noqa: BLE001 - name the plugin, keep the others
+                info.error = f"failed to initialise: {type(exc).__name__}: {exc}"
+                info.enabled = False
+                continue
             info.instance = obj
             try:
                 self.pm.register(obj, name=name)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ SHARED = Path(os.environ.get("FILTERD_SHARED", ROOT.parent / "shared"))
 CORPUS = SHARED / "testdata" / "corpus" / "spamassassin"
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+# The suite never reads the machine's /etc/filterd/filterd.toml (the Debian package test
+# installs one): every filterd process started by a test inherits this.
+os.environ["FILTERD_NO_DEFAULT_CONFIG"] = "1"
+# ... and never writes the machine's /var/lib/filterd: commands run without --config or
+# --set server.state_dir keep their state in a private directory for this test session.
+_SESSION_STATE = Path(tempfile.mkdtemp(prefix="filterd-test-state-"))
+_SESSION_CONFIG = _SESSION_STATE / "filterd.toml"
+_SESSION_CONFIG.write_text(f'[server]\nstate_dir = "{_SESSION_STATE}"\n')
+os.environ["FILTERD_CONFIG"] = str(_SESSION_CONFIG)
 
 
 def make_message(body: str = "Hello,\r\n\r\nA plain message.\r\n", subject: str = "Hello",
@@ -31,7 +42,6 @@ def run_filterd(*args: str, input: bytes | None = None, env: dict | None = None,
                 timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `filterd` command (the installed console script's module)."""
     e = dict(os.environ)
-    e.pop("FILTERD_CONFIG", None)
     e.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "filterd", *args], input=input,
                           capture_output=True, timeout=timeout, env=e)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
 from ..model import Session
 from ..pipeline import Pipeline
@@ -30,7 +32,9 @@ def register(sub, common) -> None:
     p = sub.add_parser("check", parents=[common], epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="scan a message offline and print symbols, score and actions")
-    p.add_argument("file", nargs="?", default="-", help="message file (default: stdin)")
+    p.add_argument("files", nargs="*", default=["-"], metavar="FILE",
+                   help="message file(s) (default: stdin); with several files and --json, one "
+                        "JSON object per line, each with a \"file\" key")
     p.add_argument("--from", dest="sender", default="", metavar="ADDR",
                    help="envelope sender (default: the null sender <>)")
     p.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
@@ -52,27 +56,55 @@ def read_input(path: str) -> bytes:
         return f.read()
 
 
+def _usable_state_dir(args) -> list[str]:
+    """An offline check by an ordinary user must not fail because the daemon's state directory
+    (/var/lib/filterd) is not writable: then plugins keep their state in a private temp dir."""
+    from ..config import load_raw
+
+    raw = load_raw(args.config, args.overrides)
+    state = (raw.data.get("server") or {}).get("state_dir") or "/var/lib/filterd"
+    probe = state
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip("/")) or "/"
+    if os.access(probe, os.W_OK):
+        return list(args.overrides)
+    tmp = tempfile.mkdtemp(prefix="filterd-check-")
+    print(f"filterd check: {state} is not writable; using {tmp} for plugin state",
+          file=sys.stderr)
+    return [*args.overrides, f"server.state_dir={tmp}"]
+
+
 async def run(args) -> int:
+    files = args.files or ["-"]
+    pipe = await Pipeline.create(args.config, _usable_state_dir(args))
+    worst = 0
     try:
-        raw = read_input(args.file)
-    except OSError as exc:
-        print(f"filterd check: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 1
-    pipe = await Pipeline.create(args.config, args.overrides)
-    try:
-        session = Session(peer_ip=args.ip, helo=args.helo, peer_name=args.hostname,
-                          auth_user=args.auth_user, front_door="check")
-        result = await pipe.scan(raw, args.sender, args.rcpt, session)
-        if args.output:
-            with open(args.output, "wb") as f:
-                f.write(result.message_bytes())
+        for path in files:
+            try:
+                raw = read_input(path)
+            except OSError as exc:
+                print(f"filterd check: cannot read {path}: {exc.strerror}", file=sys.stderr)
+                worst = max(worst, 1) if worst in (0, 1) else worst
+                continue
+            session = Session(peer_ip=args.ip, helo=args.helo, peer_name=args.hostname,
+                              auth_user=args.auth_user, front_door="check")
+            result = await pipe.scan(raw, args.sender, args.rcpt, session)
+            if args.output and len(files) == 1:
+                with open(args.output, "wb") as f:
+                    f.write(result.message_bytes())
+            if args.json:
+                d = result.to_dict()
+                if len(files) > 1:
+                    d = {"file": path, **d}
+                print(json.dumps(d, ensure_ascii=False), flush=True)
+            else:
+                if len(files) > 1:
+                    print(f"== {path}")
+                print_human(result)
+            worst = max(worst, EXIT_FOR_ACTION.get(result.action, 0))
     finally:
         await pipe.close()
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=None, ensure_ascii=False))
-    else:
-        print_human(result)
-    return EXIT_FOR_ACTION.get(result.action, 0)
+    return worst
 
 
 def print_human(result) -> None:

@@ -94,7 +94,7 @@ class RedisStore(Store):
         if not fields:
             return {}
         vals = await self.r.hmget(self.k(key), fields)
-        return {f: int(v) for f, v in zip(fields, vals) if v is not None}
+        return {f: int(v) for f, v in zip(fields, vals, strict=True) if v is not None}
 
     @_wrap
     async def hgetall(self, key):

@@ -1,0 +1,58 @@
+"""Mail that filterd itself sends (list confirmations, list copies, digests, notices).
+
+``await submit(services, sender, recipients, data)`` hands a message to the delivery core when
+filterd runs as a gateway (``filterd serve`` registers ``services.extra["submit"]``: the message
+is spooled durably and delivered like any other). Outside the gateway (CLI commands, milter-only
+sites) it is sent over SMTP to ``[mailer] relay``. With neither, it raises :class:`MailerError`
+with what to configure.
+"""
+from __future__ import annotations
+
+import email.utils
+import smtplib
+import asyncio
+import socket
+import uuid
+
+
+class MailerError(Exception):
+    pass
+
+
+def hostname(services) -> str:
+    return services.config.get("server.hostname") or socket.getfqdn()
+
+
+def make_message_id(services) -> str:
+    return f"<{uuid.uuid4().hex}@{hostname(services)}>"
+
+
+def format_date() -> str:
+    return email.utils.formatdate(localtime=False, usegmt=True)
+
+
+async def submit(services, sender: str, recipients: list[str], data: bytes,
+                 meta: dict | None = None) -> str:
+    """Queue or send ``data`` from ``sender`` (``""`` = null sender) to ``recipients``."""
+    hook = services.extra.get("submit")
+    if hook is not None:
+        return await hook(sender, list(recipients), data, meta or {})
+    relay = services.config.get("mailer.relay") or ""
+    if not relay:
+        raise MailerError("no way to send mail: run inside `filterd serve` (gateway mode) or set "
+                          "[mailer] relay = \"host:port\" (e.g. your Postfix on 127.0.0.1:25)")
+    host, _, port = relay.rpartition(":")
+    host = host.strip("[]") or relay
+    return await asyncio.to_thread(_send_smtp, host, int(port or 25), sender, recipients, data)
+
+
+def _send_smtp(host: str, port: int, sender: str, recipients: list[str], data: bytes) -> str:
+    try:
+        with smtplib.SMTP(host, port, timeout=30) as s:
+            s.ehlo_or_helo_if_needed()
+            refused = s.sendmail(sender, recipients, data)
+            if refused:
+                raise MailerError(f"relay {host}:{port} refused {sorted(refused)}")
+            return "sent"
+    except (OSError, smtplib.SMTPException) as exc:
+        raise MailerError(f"relay {host}:{port}: {exc}") from exc

@@ -1,0 +1,82 @@
+"""Trace: records every message's journey (arrival with client, envelope, symbols and verdict per
+recipient; deliveries, deferrals, bounces, quarantine) in the message trace that
+``filterd track`` searches, and stamps each message with a filterd message ID header."""
+from __future__ import annotations
+
+import time
+
+from filterd.hookspecs import hookimpl
+from filterd.trace import Event, TraceLog
+from filterd.verdict import Modification
+
+CONFIG = """
+# Directory of the trace log (JSON lines per day) and its index; "" = <state_dir>/trace
+directory = ""
+# Header carrying filterd's ID of the message ("" = none). `filterd track --id` finds it.
+id_header = "X-Filterd-ID"
+"""
+
+
+class Plugin:
+    def __init__(self, options, services):
+        self.options = options
+        self.services = services
+        self.log: TraceLog | None = None
+
+    def _log(self) -> TraceLog:
+        if self.log is None:  # opened on first use: `filterd check` never needs it
+            cfg = self.services.config
+            self.log = TraceLog(self.options.get("directory") or cfg.state_dir / "trace")
+        return self.log
+
+    @hookimpl
+    def modify(self, ctx):
+        name = self.options.get("id_header")
+        if name:
+            return [Modification.remove_header(name),
+                    Modification.add_header(name, ctx.transaction.id)]
+
+    @hookimpl
+    def scanned(self, ctx, result):
+        if ctx.session.front_door == "check":
+            return  # offline scans are not mail traffic
+        tx, s = ctx.transaction, ctx.session
+        now = time.time()
+        symbols = [f"{sym.name}({sym.score:g})" for sym in result.symbols]
+        events = []
+        for addr, o in result.outcomes.items():
+            events.append(Event(now, tx.id, "arrival", tx.mail_from, addr, s.peer_ip,
+                                o.action.value, o.score, {
+                                    "helo": s.helo, "client_name": s.peer_name,
+                                    "auth": s.auth_user, "front_door": s.front_door,
+                                    "size": ctx.message.size if ctx.message else 0,
+                                    "message_id": ctx.message.parsed.message_id if ctx.message else "",
+                                    "subject": ctx.message.parsed.subject[:200] if ctx.message else "",
+                                    "symbols": symbols,
+                                    "reason": o.verdict.reason,
+                                }))
+        self._log().record(events)
+
+    def _event(self, ctx, kind, recipient, detail):
+        if ctx is None or ctx.session.front_door == "check":
+            return
+        tx = ctx.transaction
+        self._log().record([Event(time.time(), tx.id, kind, tx.mail_from, recipient,
+                                  ctx.session.peer_ip, "", None, detail)])
+
+    @hookimpl
+    def delivered(self, ctx, recipient, response):
+        self._event(ctx, "delivered", recipient, {"response": response})
+
+    @hookimpl
+    def bounced(self, ctx, recipient, response, permanent):
+        self._event(ctx, "bounced" if permanent else "deferred", recipient, {"response": response})
+
+    @hookimpl
+    def quarantined(self, ctx, recipient, reason):
+        self._event(ctx, "quarantined", recipient, {"reason": reason})
+
+    @hookimpl
+    def shutdown(self):
+        if self.log is not None:
+            self.log.close()
