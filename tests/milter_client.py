@@ -16,8 +16,13 @@ ALL_ACTIONS = 0x1FF
 
 
 class MilterClient:
-    def __init__(self, port: int, timeout: float = 30.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+    def __init__(self, port: int | str, timeout: float = 30.0):
+        if isinstance(port, str):  # unix socket path
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout)
         self.protocol = 0
         self.actions = 0
 

@@ -337,3 +337,40 @@ def test_tls_and_auth_macros_reach_the_pipeline_session(tmp_path):
         assert "qid=4XyZ1" in m.log()  # the MTA queue id is logged with the verdict
     finally:
         m.stop()
+
+
+def test_workers_share_a_unix_socket_and_stop_cleanly_on_sigterm(tmp_path):
+    import signal
+    import sys
+    sock = tmp_path / "milter.sock"
+    (tmp_path / "empty.toml").write_text("")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filterd", "milter", "--config", str(tmp_path / "empty.toml"),
+         "--set", f"server.state_dir={tmp_path}", "--listen", f"unix:{sock}", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith(b"filterd: ready: milter on unix:"), line
+        assert oct(sock.stat().st_mode & 0o777) == "0o660"
+        deadline = time.monotonic() + 30
+        replies = None
+        while time.monotonic() < deadline:  # workers build their pipelines after the socket
+            try:
+                c = MilterClient(str(sock))
+                c.negotiate()
+                replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                                    f"{GTUBE}\r\n".encode())
+                c.quit()
+                break
+            except (ConnectionError, OSError):
+                time.sleep(0.2)
+        assert replies and replies[-1][0] == b"y" and replies[-1][1].startswith(b"550 5.7.1")
+        for _ in range(6):  # several sessions, spread over the workers by the kernel
+            assert final(clean_session(str(sock))) in (b"c", b"a")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read().decode(errors="replace")
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

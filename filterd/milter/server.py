@@ -735,8 +735,19 @@ def run_milter(config, config_path=None, overrides=(), listen: str | None = None
     open_socket(settings)
     print(f"filterd: ready: milter on {settings.listen}", file=sys.stderr, flush=True)
     if settings.workers <= 1:
-        return _serve_one(settings, config_path, overrides, use_default_path)
+        try:
+            return _serve_one(settings, config_path, overrides, use_default_path)
+        finally:
+            _remove_socket(settings)
     return _supervise(settings, config_path, overrides, use_default_path)
+
+
+def _remove_socket(settings: MilterSettings) -> None:
+    if settings.listen.startswith(("unix:", "local:")):
+        try:
+            os.unlink(settings.listen.split(":", 1)[1])
+        except OSError:
+            pass
 
 
 def _supervise(settings, config_path, overrides, use_default_path) -> int:
@@ -795,11 +806,7 @@ def _supervise(settings, config_path, overrides, use_default_path) -> int:
             time.sleep(1)
         last_spawn = time.monotonic()
         spawn(slot)
-    if settings.listen.startswith(("unix:", "local:")):
-        try:
-            os.unlink(settings.listen.split(":", 1)[1])
-        except OSError:
-            pass
+    _remove_socket(settings)
     return 0 if stopping else rc
 
 
@@ -832,3 +839,5 @@ async def run_milter_from_config(config, pipeline, listen: str | None = None) ->
         milter.stop()
         await done
         raise
+    finally:
+        _remove_socket(settings)
