@@ -51,7 +51,7 @@ def assert_healthy(m: FilterdMilterProc) -> None:
     assert any(cmd in (b"h", b"i") and b"X-Spam-Status" in data for cmd, data in replies)
 
 
-def test_negotiation_requests_only_needed_steps_and_actions(milter_proc):
+async def test_negotiation_requests_only_needed_steps_and_actions(milter_proc, pipeline_factory):
     c = MilterClient(milter_proc.port)
     c.negotiate()
     c.quit()
@@ -59,9 +59,11 @@ def test_negotiation_requests_only_needed_steps_and_actions(milter_proc):
     # no EOH / DATA / unknown callbacks; headers and body without per-packet replies
     for bit in (M.P_NOEOH, M.P_NODATA, M.P_NOUNKNOWN, M.P_NR_HDR, M.P_NR_BODY):
         assert c.protocol & bit
-    # no plugin implements connect/helo/mail/rcpt hooks by default: those need no reply either
-    for bit in (M.P_NR_CONN, M.P_NR_HELO, M.P_NR_MAIL, M.P_NR_RCPT):
-        assert c.protocol & bit
+    # an early step waits for a reply exactly when some plugin implements its hook
+    pipe = await pipeline_factory()
+    for hook, bit in (("connect", M.P_NR_CONN), ("helo", M.P_NR_HELO),
+                      ("mail_from", M.P_NR_MAIL), ("rcpt_to", M.P_NR_RCPT)):
+        assert bool(c.protocol & bit) == (not pipe.host.impls(hook)), hook
     assert not c.protocol & (M.P_NOCONNECT | M.P_NOHDRS | M.P_NOBODY | M.P_RCPT_REJ)
     assert c.actions & (M.ADDHDRS | M.CHGHDRS | M.DELRCPT | M.QUARANTINE)
     assert not c.actions & (M.ADDRCPT | M.CHGFROM)

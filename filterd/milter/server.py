@@ -576,7 +576,13 @@ class FilterdMilter(Milter.Base):
             return milter.DISCARD
         lead = " " if self.leadspc else ""
         for addr in p.delete_rcpts:
-            ctx.delrcpt(tx.rcpt_raw.get(addr.lower(), f"<{addr}>"))
+            raw_rcpt = tx.rcpt_raw.get(addr.lower())
+            if raw_rcpt is None:
+                # a recipient a plugin added or rewrote (aliases): the MTA's envelope does not
+                # have it, and the MTA does its own alias expansion
+                log.info("milter: outcome for <%s> not applied: not an envelope recipient", addr)
+                continue
+            ctx.delrcpt(raw_rcpt)
         for name, idx, value in p.change_headers:
             ctx.chgheader(name, idx, (lead + value) if value else "")
         if self.server.settings.header_position == "top":
