@@ -147,6 +147,12 @@ def main() -> int:
     ap.add_argument("--sessions", default="20,60")
     ap.add_argument("--workers", default="1,2", help="filterd milter worker counts to measure")
     ap.add_argument("--skip-rspamd", action="store_true")
+    ap.add_argument("--skip-postfix-alone", action="store_true")
+    ap.add_argument("--core-variant", action="store_true",
+                    help="also measure filterd with only the foundation's plugins (rules, "
+                         "spam_headers), every other plugin disabled")
+    ap.add_argument("--filterd-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for the filterd milter (e.g. to see what a plugin costs)")
     args = ap.parse_args()
     args.sessions = [int(x) for x in args.sessions.split(",")]
     workers = [int(x) for x in args.workers.split(",")]
@@ -157,7 +163,8 @@ def main() -> int:
     dns = Dnsmasq()
     results: dict[str, dict] = {}
     try:
-        results["postfix"] = measure("Postfix alone", sink, None, args)
+        if not args.skip_postfix_alone:
+            results["postfix"] = measure("Postfix alone", sink, None, args)
         if not args.skip_rspamd:
             rs = Rspamd(dns.port)
             try:
@@ -167,7 +174,7 @@ def main() -> int:
                 rs.stop()
         for w in workers:
             m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
-                                  workers=w, log_level="warning")
+                                  *args.filterd_set, workers=w, log_level="warning")
             try:
                 results[f"filterd-{w}"] = measure(f"Postfix + filterd milter ({w} proc)",
                                                   sink, m.spec, args)
@@ -175,6 +182,20 @@ def main() -> int:
                     print("  filterd milter died:\n" + m.log()[-2000:])
             finally:
                 m.stop()
+        if args.core_variant:
+            from filterd.pipeline import load_config_and_plugins
+
+            _, infos = load_config_and_plugins(None, [], use_default_path=False)
+            others = sorted(i.name for i in infos if i.name not in ("rules", "spam_headers"))
+            m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
+                                  f"plugins.disabled={others!r}".replace("'", '"'),
+                                  *args.filterd_set, workers=1, log_level="warning")
+            try:
+                results["filterd-core"] = measure("Postfix + filterd, core plugins", sink,
+                                                  m.spec, args)
+            finally:
+                m.stop()
+            print(f"  (core variant: disabled {', '.join(others)})")
     finally:
         dns.stop()
         sink.stop()
