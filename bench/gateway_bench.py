@@ -264,6 +264,9 @@ def main() -> int:
     ap.add_argument("--latency-messages", type=int, default=2000)
     ap.add_argument("--idle", type=int, default=5000, help="idle sessions for the RSS test")
     ap.add_argument("--skip-postfix", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="extra filterd setting (repeatable), e.g. "
+                    "--set 'plugins.disabled=[\"trace\"]' to see what a plugin costs")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.idle * 2 + 1000)), hard))
@@ -272,7 +275,7 @@ def main() -> int:
             raise SystemExit(f"{tool} not found: apt-get install postfix")
     n, s, size = args.messages, args.sessions, args.size
     print(f"# {n} messages of {size} bytes over {s} sessions; {os.cpu_count()} CPUs; "
-          f"filterd workers={args.workers}")
+          f"filterd workers={args.workers}" + "".join(f" --set {o}" for o in args.overrides))
     sink_port = free_port()
     sink_cmd = ["smtp-sink"] + (["-u", "nobody"] if os.geteuid() == 0 else []) + \
         [f"127.0.0.1:{sink_port}", "1000"]
@@ -299,7 +302,8 @@ def main() -> int:
                 pf.stop()
 
         fport = free_port()
-        fd = Filterd(fport, sink_port, args.workers)
+        extra = [x for o in args.overrides for x in ("--set", o)]
+        fd = Filterd(fport, sink_port, args.workers, extra)
         try:
             t0 = time.monotonic()
             c0 = fd.cpu_seconds()

@@ -41,7 +41,8 @@ PLUGIN_RESERVED = {
     "on_error": "",  # "" = [plugins] on_error
 }
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
+# Units are lower-case on purpose: "5m" is five minutes, "25M" is 25 megabytes.
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(i?b)?\s*$", re.I)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -69,11 +70,11 @@ def parse_size(value: Any) -> int:
 
 
 def _looks_duration(s: str) -> bool:
-    return bool(re.match(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d|w)\s*$", s, re.I))
+    return bool(re.match(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d|w)\s*$", s))
 
 
 def _looks_size(s: str) -> bool:
-    return bool(re.match(r"^\s*\d+(?:\.\d+)?\s*[kmg](i?b)?\s*$", s, re.I))
+    return bool(re.match(r"^\s*\d+(?:\.\d+)?\s*([KMG]|[kmgKMG]i?[bB])\s*$", s))
 
 
 @dataclass

@@ -175,8 +175,14 @@ class Resolver(BaseResolver):
 class FixtureResolver(BaseResolver):
     """Answers from zone data: ``{name: {rdtype: [records]}}``. A record list equal to the
     string ``"TIMEOUT"`` (or a name mapped to ``"TIMEOUT"``) raises :class:`DNSError`, as a
-    timeout would. Names absent from the data are NXDOMAIN. Queries are counted in
+    timeout would. The type key ``"*"`` applies to every type the name does not list (e.g.
+    ``{"TXT": [...], "*": "TIMEOUT"}``: TXT answers, every other type times out). Names absent
+    from the data are NXDOMAIN. A ``CNAME`` record is followed like a recursive resolver does
+    (answers are those of the target; a loop or a chain longer than 8 raises
+    :class:`DNSError`, like the SERVFAIL a real resolver gives). Queries are counted in
     ``self.queries`` so tests can check caching and lookup limits."""
+
+    MAX_CNAME_CHAIN = 8
 
     def __init__(self, zones: dict | None = None):
         self.zones: dict[str, object] = {}
@@ -207,15 +213,27 @@ class FixtureResolver(BaseResolver):
         key = name.lower().rstrip(".")
         rdtype = rdtype.upper()
         self.queries.append((key, rdtype))
-        entry = self.zones.get(key)
-        if entry == "TIMEOUT":
-            raise DNSError(f"{name}/{rdtype}: timed out (fixture)")
-        if entry is None:
-            return Answer(key, rdtype, [], 60, nxdomain=True)
-        recs = entry.get(rdtype, [])  # type: ignore[union-attr]
-        if recs == "TIMEOUT":
-            raise DNSError(f"{name}/{rdtype}: timed out (fixture)")
-        return Answer(key, rdtype, [str(r) for r in recs], 300)
+        seen = [key]
+        while True:
+            entry = self.zones.get(key)
+            if entry == "TIMEOUT":
+                raise DNSError(f"{name}/{rdtype}: timed out (fixture)")
+            if entry is None:
+                return Answer(key, rdtype, [], 60, nxdomain=True)
+            recs = entry.get(rdtype)  # type: ignore[union-attr]
+            if recs is None and rdtype != "CNAME" and entry.get("CNAME"):  # type: ignore
+                target = str(entry["CNAME"][0]).lower().rstrip(".")  # type: ignore[index]
+                if target in seen or len(seen) > self.MAX_CNAME_CHAIN:
+                    raise DNSError(f"{name}/{rdtype}: CNAME loop or chain too long "
+                                   f"({' -> '.join(seen + [target])}) (fixture)")
+                seen.append(target)
+                key = target
+                continue
+            if recs is None:
+                recs = entry.get("*", [])  # type: ignore[union-attr]
+            if recs == "TIMEOUT":
+                raise DNSError(f"{name}/{rdtype}: timed out (fixture)")
+            return Answer(key, rdtype, [str(r) for r in recs], 300)
 
 
 def from_config(cfg) -> BaseResolver:

@@ -119,7 +119,10 @@ def modify(ctx, message, options):
     """Changes to the message before hand-off: return a list of
     :class:`filterd.verdict.Modification` (add/remove/change header, rewrite subject, replace body)
     or ``None``. ``ctx.recipients`` tells each recipient's final outcome, e.g. to add
-    ``X-Spam-*`` headers only when some recipient is tagged."""
+    ``X-Spam-*`` headers only when some recipient is tagged. Plugins run in order and
+    ``ctx.pending_modifications`` holds the changes earlier plugins returned, so a signer placed
+    last (``[plugins] order_last``) signs the message as it will leave:
+    ``filterd.rewrite.apply_modifications(message.raw, ctx.pending_modifications)``."""
 
 
 @hookspec

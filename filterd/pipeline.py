@@ -53,6 +53,7 @@ class ScanContext:
         self.symbols = SymbolSet(pipeline.scores)
         self.rcpt_symbols: dict[str, SymbolSet] = {}
         self.modifications: list[Modification] = []
+        self.pending_modifications: list[Modification] = []  # during modify: changes so far
         self.errors: list[str] = []
         self.timings: dict[str, float] = {}
         self.data: dict = {}  # scratch space shared by plugins for this transaction
@@ -268,8 +269,14 @@ class Pipeline:
 
         # 4. modify: header, subject and body changes
         mods: list[Modification] = list(ctx.modifications)
-        for _name, result in await self.host.call_all("modify", ctx, message=msg):
-            if isinstance(result, Modification):
+        # modify hooks run in plugin order and see the changes earlier plugins returned (a DKIM
+        # signer or ARC sealer placed last signs the message as it will leave)
+        ctx.pending_modifications = mods
+        for impl in self.host.impls("modify"):
+            result, failure = await self.host.call_one(impl, {"ctx": ctx, "message": msg}, ctx)
+            if isinstance(failure, Verdict):
+                ctx.set_verdict(failure)
+            elif isinstance(result, Modification):
                 mods.append(result)
             elif isinstance(result, (list, tuple)):
                 mods.extend(m for m in result if isinstance(m, Modification))

@@ -142,9 +142,12 @@ class PluginHost:
         self.default_timeout = parse_duration(section.get("timeout", "10s"))
         self.default_on_error = section.get("on_error", "tempfail")
         order = list(section.get("order", []))
+        last = [n for n in section.get("order_last", []) if n not in order]
         by_name = {i.name: i for i in infos if not i.error}
         names = [n for n in order if n in by_name] + [i.name for i in infos
-                                                      if not i.error and i.name not in order]
+                                                      if not i.error and i.name not in order
+                                                      and i.name not in last]
+        names += [n for n in last if n in by_name]
         self.order: list[str] = []
         for name in names:
             info = by_name[name]
@@ -192,7 +195,13 @@ class PluginHost:
         if hook not in self._impls:
             caller = getattr(self.pm.hook, hook)
             by_plugin = {i.plugin_name: i for i in caller.get_hookimpls()}
-            self._impls[hook] = [by_plugin[n] for n in self.order if n in by_plugin]
+            ordered = [by_plugin[n] for n in self.order if n in by_plugin]
+            # @hookimpl(tryfirst=True) / (trylast=True) move one hook of a plugin to the front
+            # or back of its phase; the configured order holds within each group (so the auth
+            # checks can run first in `data` while their signers run last in `modify`)
+            self._impls[hook] = ([i for i in ordered if i.tryfirst] +
+                                 [i for i in ordered if not (i.tryfirst or i.trylast)] +
+                                 [i for i in ordered if i.trylast])
         return self._impls[hook]
 
     # -- calling ------------------------------------------------------------------------------

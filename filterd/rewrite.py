@@ -58,8 +58,31 @@ def encode_value(value: str) -> str:
         return email.header.Header(value, "utf-8").encode()
 
 
+MAX_LINE = 998  # RFC 5322 2.1.1: a line must not be longer (without CRLF)
+
+
+def fold_line(line: str, nl: str, limit: int = MAX_LINE) -> str:
+    """Fold a header field longer than RFC 5322's hard line limit at whitespace (unfolding gives
+    the same value back, so signatures over relaxed-canonicalized headers still hold). Shorter
+    fields are left exactly as they are."""
+    if len(line) <= limit:
+        return line
+    out = []
+    start = line.find(":") + 2
+    while len(line) > limit:
+        cut = line.rfind(" ", start, limit)
+        if cut <= 0:
+            break  # no whitespace to fold at: leave the rest as it is
+        out.append(line[:cut])
+        line = line[cut:]  # the continuation line starts with the whitespace
+        start = 1
+    out.append(line)
+    return nl.join(out)
+
+
 def format_field(name: str, value: str, nl: bytes) -> bytes:
-    return f"{name}: {encode_value(value)}".encode("ascii", "replace") + nl
+    line = fold_line(f"{name}: {encode_value(value)}", nl.decode("ascii"))
+    return line.encode("ascii", "replace") + nl
 
 
 def apply_modifications(raw: bytes, mods: list[Modification]) -> bytes:

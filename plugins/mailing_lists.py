@@ -7,6 +7,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import time
 from urllib.parse import quote
 
 from filterd import mailer
@@ -15,6 +16,7 @@ from filterd.hookspecs import hookimpl
 from filterd.lists import ListAddress, ListInfo, ListManager, verp_decode, verp_encode
 from filterd.model import Message
 from filterd.rewrite import apply_modifications
+from filterd.store import StoreError
 from filterd.verdict import Action, Modification, Verdict
 
 log = logging.getLogger("filterd.lists")
@@ -80,6 +82,8 @@ class Plugin:
         self.options = options
         self.services = services
         self._manager: ListManager | None = None
+        self.list_domains: set[str] = set()
+        self.domains_at = float("-inf")
 
     @property
     def manager(self) -> ListManager:
@@ -93,7 +97,19 @@ class Plugin:
     # -- pipeline hooks -----------------------------------------------------------------------
     @hookimpl
     async def rcpt_to(self, ctx, recipient):
-        la = await self.manager.resolve(recipient.address)
+        try:
+            la = await self.manager.resolve(recipient.address)
+            if time.monotonic() - self.domains_at > 60:  # remembered for store outages
+                self.list_domains = {a.rpartition("@")[2] for a in await self.manager.all()}
+                self.domains_at = time.monotonic()
+        except StoreError as exc:
+            # the store is down: mail for a domain known to host lists waits (451) rather than
+            # being treated as a plain address; other mail flows
+            if recipient.domain in self.list_domains:
+                log.error("lists: store unavailable, deferring <%s>: %s", recipient.address, exc)
+                return Verdict.tempfail("Mailing list service temporarily unavailable",
+                                        code=451, enhanced="4.3.0")
+            return None
         if la is not None:
             ctx.data.setdefault("mailing_lists", {})[recipient.address.lower()] = la
         return None

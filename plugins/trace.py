@@ -3,6 +3,8 @@ recipient; deliveries, deferrals, bounces, quarantine) in the message trace that
 ``filterd track`` searches, and stamps each message with a filterd message ID header."""
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 from filterd.hookspecs import hookimpl
@@ -22,12 +24,22 @@ class Plugin:
         self.options = options
         self.services = services
         self.log: TraceLog | None = None
+        self.lock = threading.Lock()
 
     def _log(self) -> TraceLog:
         if self.log is None:  # opened on first use: `filterd check` never needs it
             cfg = self.services.config
             self.log = TraceLog(self.options.get("directory") or cfg.state_dir / "trace")
         return self.log
+
+    def _write(self, events) -> None:
+        with self.lock:
+            self._log().record(events)
+
+    async def record(self, events) -> None:
+        # in a worker thread: waiting for the index's write lock (shared by the gateway's
+        # worker processes) must never stall the event loop
+        await asyncio.to_thread(self._write, events)
 
     @hookimpl
     def modify(self, ctx):
@@ -37,7 +49,7 @@ class Plugin:
                     Modification.add_header(name, ctx.transaction.id)]
 
     @hookimpl
-    def scanned(self, ctx, result):
+    async def scanned(self, ctx, result):
         if ctx.session.front_door == "check":
             return  # offline scans are not mail traffic
         tx, s = ctx.transaction, ctx.session
@@ -55,26 +67,27 @@ class Plugin:
                                     "symbols": symbols,
                                     "reason": o.verdict.reason,
                                 }))
-        self._log().record(events)
+        await self.record(events)
 
-    def _event(self, ctx, kind, recipient, detail):
+    async def _event(self, ctx, kind, recipient, detail):
         if ctx is None or ctx.session.front_door == "check":
             return
         tx = ctx.transaction
-        self._log().record([Event(time.time(), tx.id, kind, tx.mail_from, recipient,
-                                  ctx.session.peer_ip, "", None, detail)])
+        await self.record([Event(time.time(), tx.id, kind, tx.mail_from, recipient,
+                                 ctx.session.peer_ip, "", None, detail)])
 
     @hookimpl
-    def delivered(self, ctx, recipient, response):
-        self._event(ctx, "delivered", recipient, {"response": response})
+    async def delivered(self, ctx, recipient, response):
+        await self._event(ctx, "delivered", recipient, {"response": response})
 
     @hookimpl
-    def bounced(self, ctx, recipient, response, permanent):
-        self._event(ctx, "bounced" if permanent else "deferred", recipient, {"response": response})
+    async def bounced(self, ctx, recipient, response, permanent):
+        await self._event(ctx, "bounced" if permanent else "deferred", recipient,
+                          {"response": response})
 
     @hookimpl
-    def quarantined(self, ctx, recipient, reason):
-        self._event(ctx, "quarantined", recipient, {"reason": reason})
+    async def quarantined(self, ctx, recipient, reason):
+        await self._event(ctx, "quarantined", recipient, {"reason": reason})
 
     @hookimpl
     def shutdown(self):

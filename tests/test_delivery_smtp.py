@@ -425,3 +425,55 @@ async def test_message_that_keeps_failing_internally_moves_to_failed(state, capt
         await wait_for(lambda: capture.handler.to("u@dest.test"), what="delivery after requeue")
     finally:
         await core.stop()
+
+
+async def test_per_destination_connection_limit(state, sink):
+    core = await make_core(state, f"delivery.relayhost=127.0.0.1:{sink.port}",
+                           "delivery.max_per_destination=2")
+    try:
+        ids = await asyncio.gather(*(core.spool.enqueue(
+            Envelope("alice@sender.test", ["bob@dest.test"]), msg(i)) for i in range(40)))
+        for q in ids:
+            core.notify(q)
+        await wait_for(lambda: sink.count() == 40 and not core.spool.ids("active"),
+                       what="40 messages at smtp-sink")
+        assert core.pool.opened == 2  # never more than two sessions, each reused
+    finally:
+        await core.stop()
+
+
+async def test_internationalized_address_to_a_server_without_smtputf8_bounces(state, tmp_path):
+    peer = await MiniLMTP(smtp=True).start()  # offers no SMTPUTF8
+    core = await make_core(state, f"delivery.relayhost=[127.0.0.1]:{peer.port}")
+    try:
+        q = await core.spool.enqueue(Envelope("", ["jörg@dest.test", "plain@dest.test"],
+                                              mail_params={"SMTPUTF8": True}), msg(20))
+        core.notify(q)
+        await wait_for(lambda: not core.spool.ids("active"), what="attempt done")
+        assert peer.delivered == []
+        assert core.stats["bounced"] == 2
+    finally:
+        await core.stop()
+        await peer.stop()
+
+
+async def test_dead_destination_defers_other_messages_without_reconnecting(state):
+    from delivery_peers import free_port
+
+    port = free_port()  # nothing listens there
+    core = await make_core(state, f"delivery.relayhost=[127.0.0.1]:{port}",
+                           "delivery.retry_initial=1h", "delivery.retry_max=1h")
+    try:
+        q1 = await core.spool.enqueue(Envelope("a@sender.test", ["u@dest.test"]), msg(21))
+        core.notify(q1)
+        await wait_for(lambda: core.stats["deferred"] == 1, what="first deferral")
+        q2 = await core.spool.enqueue(Envelope("a@sender.test", ["v@dest.test"]), msg(22))
+        core.notify(q2)
+        await wait_for(lambda: core.stats["deferred"] == 2, what="second deferral")
+        st = {e.queue_id: e.state.recipients for e in core.spool.entries()}
+        first = st[q1]["u@dest.test"].response
+        second = st[q2]["v@dest.test"].response
+        assert f"connect to 127.0.0.1[127.0.0.1]:{port}" in first
+        assert "not retried for 30s" in second and first in second
+    finally:
+        await core.stop()

@@ -31,7 +31,9 @@ class Outbox:
 @pytest.fixture
 async def lists(pipeline_factory):
     dns = FixtureResolver({"_dmarc.strict.example": {"TXT": ["v=DMARC1; p=reject"]},
-                           "_dmarc.relaxed.example": {"TXT": ["v=DMARC1; p=none"]}})
+                           "_dmarc.relaxed.example": {"TXT": ["v=DMARC1; p=none"]},
+                           # the author's own mail passes SPF (and so DMARC) at the gateway
+                           "strict.example": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]}})
     pipe = await pipeline_factory(resolver=dns)
     outbox = Outbox()
     pipe.services.extra["submit"] = outbox

@@ -67,7 +67,8 @@ def closed_gw(tmp_path_factory, sink):
     g = Gateway(tmp_path_factory.mktemp("gwc"), "--relayhost", f"127.0.0.1:{sink.port}",
                 "--mynetworks", "192.0.2.0/24",
                 "--set", 'delivery.local_domains=["local.test"]',
-                "--set", "smtp.command_timeout=2s", "--set", "smtp.max_sessions_per_ip=3")
+                "--set", "smtp.command_timeout=2s", "--set", "smtp.data_timeout=2s",
+                "--set", "smtp.max_sessions_per_ip=3")
     yield g
     g.stop()
 
@@ -257,6 +258,22 @@ def test_idle_client_times_out_with_421(closed_gw):
     code, text = r.reply()  # nothing sent: command_timeout = 2s
     assert code == 421 and "4.4.2" in text
     assert r.closed()
+
+
+def test_stalled_data_times_out_with_421_and_nothing_is_stored(closed_gw):
+    token = uuid.uuid4().hex
+    r = start_session(closed_gw.port)
+    r.cmd("MAIL FROM:<a@example.com>")
+    assert r.cmd("RCPT TO:<bob@local.test>")[0] == 250
+    assert r.cmd("DATA")[0] == 354
+    r.send(message(token))  # and then nothing: data_timeout = 2s
+    code, text = r.reply()
+    assert code == 421 and "4.4.2" in text
+    assert r.closed()
+    md = closed_gw.state / "mail" / "local.test" / "bob" / "Maildir" / "new"
+    time.sleep(0.5)
+    assert not (md.is_dir() and any(token.encode() in f.read_bytes() for f in md.iterdir()))
+    assert not closed_gw.spool_files()
 
 
 def test_per_ip_connection_limit(closed_gw):
@@ -545,5 +562,19 @@ def test_connect_time_reject_allows_only_quit(tmp_path, sink):
         assert r.cmd("MAIL FROM:<a@example.com>")[0] == 503
         assert r.cmd("QUIT")[0] == 221
         r.close()
+    finally:
+        g.stop()
+
+
+def test_spool_flag_puts_the_queue_where_asked(tmp_path):
+    from gateway_fixtures import free_port
+    spool = tmp_path / "myspool"
+    dead = free_port()  # nothing listens: the message must wait in the given spool
+    g = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{dead}", "--spool", str(spool))
+    try:
+        token = uuid.uuid4().hex
+        assert send(g.port, ["b@example.org"], message(token))[0] == 250
+        files = [p for p in (spool / "active").iterdir() if not p.name.endswith(".state")]
+        assert len(files) == 1 and token.encode() in files[0].read_bytes()
     finally:
         g.stop()

@@ -146,3 +146,38 @@ def test_fake_end_of_data_stays_in_the_body_when_normalizing(lenient_gw, sink, n
     assert f"SMUGGLED-{token}".encode() in m
     assert f"MAIL FROM:<evil@example.net>".encode() in m
     assert f"b-{token}@example.org".encode() in m
+
+
+@pytest.mark.parametrize("greeting", ["EHLO", "HELO"])
+def test_second_message_pipelined_behind_the_data_is_not_accepted_blindly(strict_gw, sink,
+                                                                          greeting):
+    """smtpsmug's pipelining test: after a correct CRLF.CRLF the client sends MAIL/RCPT/DATA and
+    a second message without waiting for any reply. A second message is only taken after its
+    354; content sent ahead of the 354 is refused as improper pipelining (and with HELO no
+    pipelining is allowed at all)."""
+    from gateway_fixtures import Raw, wait_for
+    t1, t2 = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]
+    r = Raw(strict_gw.port)
+    assert r.reply()[0] == 220
+    assert r.cmd(f"{greeting} client.test")[0] == 250
+    assert r.cmd("MAIL FROM:<a@example.com>")[0] == 250
+    assert r.cmd(f"RCPT TO:<one-{t1}@example.org>")[0] == 250
+    assert r.cmd("DATA")[0] == 354
+    r.send(f"Subject: {t1}\r\n\r\nfirst\r\n.\r\n"
+           f"MAIL FROM:<evil@example.net>\r\nRCPT TO:<two-{t2}@example.org>\r\nDATA\r\n"
+           f"Subject: {t2}\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
+    codes = []
+    r.sock.settimeout(3)  # the QUIT went down with the refused pipeline: stop reading after 3s
+    try:
+        while True:
+            codes.append(r.reply()[0])
+    except (ConnectionError, OSError):
+        pass
+    r.close()
+    assert codes[0] == 250  # the first, real message
+    assert 354 not in codes  # the second one's content never counted as a message
+    assert 503 in codes
+    wait_for(lambda: [m for m in sink.messages() if t1.encode() in m], 20, "first message")
+    import time
+    time.sleep(0.5)
+    assert not [m for m in sink.messages() if f"two-{t2}".encode() in m]

@@ -195,3 +195,19 @@ async def test_entries_list_state_for_the_queue_command(tmp_path):
     assert d["recipients"]["c@y.org"]["response"] == "451 4.3.0 later"
     json.dumps(d)
     sp.close()
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+async def test_back_to_back_enqueues_never_stall(tmp_path, in_flight):
+    """An enqueue issued right after another one returned (the listener spools a held copy
+    just after the deliverable one) must start its own commit, never wait forever."""
+    sp = Spool(tmp_path / "spool")
+    sp.max_commits_in_flight = in_flight
+
+    async def writer(n):
+        for i in range(n):  # awaited directly: the next enqueue runs in the same wake-up
+            await sp.enqueue(Envelope("a@x.org", ["b@y.org"]), MSG)
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(writer(30) for _ in range(in_flight + 1)))
+    assert len(sp.ids("active")) == 30 * (in_flight + 1)
+    sp.close()

@@ -136,6 +136,11 @@ def run(args) -> int:
     if args.log_level is None:
         logging.getLogger().setLevel(getattr(logging, cfg.get("server.log_level").upper()))
     specs = _listener_specs(cfg)
+    # check what the front door reads (TLS files, users file, networks) before saying "ready"
+    from ..smtp.relay import RelayPolicy
+    from ..smtp.server import Settings
+    Settings.from_config(cfg)
+    RelayPolicy.from_config(cfg)
     _raise_fd_limit(int(cfg.get("smtp.max_sessions")))
     workers = int(cfg.get("smtp.workers"))
     if workers == 0:
@@ -156,7 +161,11 @@ def run(args) -> int:
             code = 1
             try:
                 code = asyncio.run(_main(args, overrides, specs, True, worker=i))
+            except BaseException as exc:  # noqa: BLE001 - say why before the quiet _exit
+                if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    log.exception("worker %d failed", i)
             finally:
+                logging.shutdown()
                 os._exit(code or 0)
         return pid
 

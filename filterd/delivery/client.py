@@ -143,6 +143,8 @@ class Connection:
             lines.append(line[4:])
             if line[3:4] != "-":
                 self.tx_replies += 1
+                if code == 421:  # the server is closing the session (RFC 5321 3.8)
+                    self.broken = True
                 return Reply(code, lines)
 
     async def write(self, data: bytes) -> None:
@@ -243,8 +245,15 @@ class Connection:
         body = str(mail_params.get("BODY", "")).upper()
         if body in ("8BITMIME", "BINARYMIME") and "8BITMIME" in self.ext:
             params.append("BODY=8BITMIME")
-        if "SMTPUTF8" in {k.upper() for k in mail_params} and "SMTPUTF8" in self.ext:
-            params.append("SMTPUTF8")
+        if "SMTPUTF8" in {k.upper() for k in mail_params}:
+            if "SMTPUTF8" in self.ext:
+                params.append("SMTPUTF8")
+            elif not (mail_from + "".join(rcpts)).isascii():
+                # RFC 6531 3.2: an internationalized address cannot go to a server without
+                # SMTPUTF8 (nothing was sent; the session stays usable)
+                rep = Reply(553, [f"5.6.7 {self.peer} does not support SMTPUTF8, needed for "
+                                  f"a non-ASCII address"])
+                return {r: rep for r in rcpts}
         dsn = "DSN" in self.ext
         if dsn:
             for k in ("RET", "ENVID"):

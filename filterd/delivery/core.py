@@ -89,6 +89,8 @@ class DeliveryCore:
         self.connect_timeout = config.duration("delivery.connect_timeout")
         self.command_timeout = config.duration("delivery.command_timeout")
         self.data_timeout = config.duration("delivery.data_timeout")
+        self.dead_host_time = config.duration("delivery.dead_host_time")
+        self._dead: dict[tuple, tuple[float, str]] = {}  # destination -> (until, last error)
         self.tls = d.get("tls", "may")
         self.tls_verify = bool(d.get("tls_verify", False))
         self.tls_policy = {k.lower(): v for k, v in (d.get("tls_policy") or {}).items() if v}
@@ -132,7 +134,7 @@ class DeliveryCore:
             sock.bind(path)
             sock.setblocking(False)
         except OSError as exc:  # the 1-second spool scan still finds new messages
-            log.warning("delivery: cannot bind %s (%s); messages from other processes are "
+            log.warning("cannot bind %s (%s); messages from other processes are "
                         "found by the spool scan only", path, exc)
             return
         self._nudge_sock = sock
@@ -234,8 +236,9 @@ class DeliveryCore:
             if self._heap and len(self._inflight) < self.max_concurrency:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
             mono = time.monotonic()
@@ -251,13 +254,13 @@ class DeliveryCore:
                     try:  # full recovery scan: stale temp files, corrupt files
                         await self._rescan()
                     except OSError as exc:
-                        log.error("delivery: cannot scan spool %s: %s", self.spool.dir, exc)
+                        log.error("cannot scan spool %s: %s", self.spool.dir, exc)
                 self._light_scan()  # new files in active/ (other processes, release)
 
     def _done(self, qid: str, task: asyncio.Task) -> None:
         self._inflight.pop(qid, None)
         if not task.cancelled() and task.exception() is not None:
-            log.error("delivery: attempt for %s crashed: %r", qid, task.exception())
+            log.error("attempt for %s crashed: %r", qid, task.exception())
         if self._wake is not None:
             self._wake.set()
 
@@ -280,7 +283,7 @@ class DeliveryCore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug must not lose the message
-                log.exception("delivery: internal error delivering %s", qid)
+                log.exception("internal error delivering %s", qid)
                 await self._internal_error(h, exc)
             else:
                 if finished:
@@ -297,7 +300,7 @@ class DeliveryCore:
         st.internal_errors += 1
         now = time.time()
         if st.internal_errors >= self.max_internal_errors:
-            log.error("delivery: %s failed %d times with internal errors (last: %r); moved to "
+            log.error("%s failed %d times with internal errors (last: %r); moved to "
                       "%s/failed — inspect it, then `filterd queue requeue %s`", h.queue_id,
                       st.internal_errors, exc, self.spool.dir, h.queue_id)
             await asyncio.to_thread(self._save_and_move, h, "failed")
@@ -334,6 +337,7 @@ class DeliveryCore:
                                       for route, rcpts in groups.items()))
         for o in outs:
             results.update(o)
+        fin = time.time()
         st.attempts += 1
         st.last_attempt = now
         expired = now - (env.received_at or now) >= self.max_lifetime
@@ -346,16 +350,16 @@ class DeliveryCore:
             if res.kind == "ok":
                 rs.status = "delivered"
                 self.stats["delivered"] += 1
-                log.info("delivery: %s to=<%s> relay=%s status=sent (%s)", h.queue_id, r,
-                         res.remote or "local", res.response)
+                log.info("%s to=<%s> relay=%s delay=%.2fs status=sent (%s)", h.queue_id, r,
+                         res.remote or "local", fin - env.received_at, res.response)
             elif res.kind == "perm" or expired:
                 rs.status = "failed" if res.kind == "perm" else "expired"
                 why = res.response if res.kind == "perm" else \
                     f"delivery time expired; last error: {res.response}"
                 status = res.status if res.kind == "perm" else "4.4.7"
                 self.stats["bounced"] += 1
-                log.warning("delivery: %s to=<%s> relay=%s status=bounced (%s)", h.queue_id, r,
-                            res.remote or "none", why)
+                log.warning("%s to=<%s> relay=%s delay=%.2fs status=bounced (%s)", h.queue_id, r,
+                            res.remote or "none", fin - env.received_at, why)
                 if dsn_mod.wants_notify(env, r, "FAILURE"):
                     # Diagnostic-Code carries only what a remote MTA said; our own explanation
                     # (routing errors, expiry) goes into the text part
@@ -365,8 +369,8 @@ class DeliveryCore:
                         last_attempt=now, text=why))
             else:
                 self.stats["deferred"] += 1
-                log.info("delivery: %s to=<%s> relay=%s status=deferred (%s)", h.queue_id, r,
-                         res.remote or "none", res.response)
+                log.info("%s to=<%s> relay=%s delay=%.2fs status=deferred (%s)", h.queue_id, r,
+                         res.remote or "none", fin - env.received_at, res.response)
         # the bounce is durable before the state that says "failed" (a crash between the two
         # gives a duplicate bounce, never a lost one)
         if failed:
@@ -406,7 +410,7 @@ class DeliveryCore:
                                 self.bounce_max_body)
         qid = await self.spool.enqueue(dsn_mod.dsn_envelope(env), msg)
         self.stats["dsn_sent"] += 1
-        log.info("delivery: %s: sent %s notification %s to <%s>", env.queue_id,
+        log.info("%s: sent %s notification %s to <%s>", env.queue_id,
                  reports[0].action, qid, env.mail_from)
         self.notify(qid)
 
@@ -439,7 +443,7 @@ class DeliveryCore:
                     await self.pipeline.bounced(ctx, r, res.response,
                                                 permanent=res.kind == "perm" or expired)
         except Exception:  # noqa: BLE001 - events never affect delivery
-            log.exception("delivery: pipeline event for %s failed", h.queue_id)
+            log.exception("pipeline event for %s failed", h.queue_id)
 
     # -- transports -------------------------------------------------------------------------
     async def _deliver_route(self, route: Route, h: MessageHandle, rcpts: list[str],
@@ -457,19 +461,27 @@ class DeliveryCore:
         perm_greeting: Result | None = None
         for host, address in hops:
             key = (route.kind, address or route.unix_path, route.port, policy)
+            dead = self._dead.get(key)
+            if dead is not None:
+                if dead[0] > time.monotonic():
+                    last = f"{dead[1]} (not retried for {self.dead_host_time:.0f}s)"
+                    continue
+                del self._dead[key]
             try:
                 return await self._send_via(key, route, host, address, policy, domain, h,
                                             rcpts, data)
             except ConnectError as exc:
+                if self.dead_host_time > 0:  # spare the other queued messages the same wait
+                    self._dead[key] = (time.monotonic() + self.dead_host_time, str(exc))
                 last = str(exc)
                 if exc.permanent and exc.reply is not None:
                     perm_greeting = Result("perm", str(exc.reply), exc.reply.enhanced or "5.0.0",
                                            host)
-                log.info("delivery: %s: %s", h.queue_id, exc)
+                log.info("%s: %s", h.queue_id, exc)
                 continue
             except ConnectionLost as exc:
                 last = str(exc)
-                log.info("delivery: %s: %s", h.queue_id, exc)
+                log.info("%s: %s", h.queue_id, exc)
                 # the transaction may or may not have gone through: try again later (a possible
                 # duplicate rather than a possible loss)
                 return {r: Result("temp", f"{exc}", "4.4.2", host) for r in rcpts}

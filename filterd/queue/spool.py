@@ -189,6 +189,7 @@ class MessageHandle:
         self._offset = 0
         self.size = 0
         self.state = DeliveryState()
+        self.has_state_file = True  # unknown until parsed: assume so
 
     @property
     def path(self) -> Path:
@@ -209,10 +210,11 @@ class MessageHandle:
         """Atomically replace the state file (tmp → fsync → rename → fsync directory)."""
         self.spool._write_atomic(self.state_path,
                                  json.dumps(self.state.to_json(), separators=(",", ":")).encode())
+        self.has_state_file = True
 
     def remove(self) -> None:
         """The message is finished: delete it (no fsync: a lost unlink means a duplicate)."""
-        for p in (self.state_path, self.path):
+        for p in ((self.state_path, self.path) if self.has_state_file else (self.path,)):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -259,8 +261,10 @@ class Spool:
         for sub in ("tmp",) + AREAS:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self._pending: list[tuple[str, str, bytes, asyncio.Future]] = []
-        self._committer: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
+        self._committers: set[asyncio.Task] = set()
+        self.max_commits_in_flight = 2
+        self._executor = ThreadPoolExecutor(max_workers=self.max_commits_in_flight,
+                                            thread_name_prefix="spool-commit")
         self._file_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-write")
         self._local_locks: set[str] = set()  # flock does not exclude within one process
         self._lock = threading.Lock()
@@ -281,8 +285,13 @@ class Spool:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((qid, "hold" if envelope.hold else "active", blob, fut))
-        if self._committer is None or self._committer.done():
-            self._committer = loop.create_task(self._commit_loop())
+        # (a finished task leaves the set only in a later callback: count the running ones)
+        if sum(not t.done() for t in self._committers) < self.max_commits_in_flight:
+            # up to two commits overlap: the next batch's files are written while the previous
+            # batch's directory fsync runs (each batch still fsyncs the directory itself)
+            task = loop.create_task(self._commit_loop())
+            self._committers.add(task)
+            task.add_done_callback(self._committers.discard)
         await fut
         return qid
 
@@ -407,9 +416,10 @@ class Spool:
         if parse:
             try:
                 h.envelope, h._offset, h.size = decode_header(path, f)
-                sp = h.state_path
-                if sp.exists():
-                    h.state = DeliveryState.from_json(json.loads(sp.read_bytes()))
+                try:
+                    h.state = DeliveryState.from_json(json.loads(h.state_path.read_bytes()))
+                except FileNotFoundError:
+                    h.has_state_file = False
             except (SpoolError, ValueError, OSError) as exc:
                 h.close()
                 raise SpoolError(str(exc)) from exc

@@ -245,8 +245,8 @@ class ProxyBackend:
     async def mail(self, ctx, sender, params):
         try:
             hop = await self._ensure()
-            params = {k: v for k, v in params.items()
-                      if k not in ("SMTPUTF8",) or "SMTPUTF8" in hop.features}
+            if "SMTPUTF8" in params and "SMTPUTF8" not in hop.features:
+                return (553, "5.6.7", "The next hop does not support SMTPUTF8")
             code, lines = await hop.command(_mail_cmd(sender, params))
         except NextHopError as exc:
             log.error("proxy: %s", exc)

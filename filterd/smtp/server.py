@@ -358,6 +358,11 @@ class SMTPConnection:
         try:
             await self._run()
         except ClientGone as exc:
+            if str(exc) == "timeout":
+                try:
+                    self.reply(421, f"{self.s.hostname} Timeout, closing connection", "4.4.2")
+                except Exception:  # noqa: BLE001
+                    pass
             log.info("session %s [%s]: client gone (%s)%s", self.session.id,
                      self.session.peer_ip, exc, " during a transaction" if self.ctx else "")
         except Exception:  # noqa: BLE001 - one session must never take the server down
@@ -403,14 +408,6 @@ class SMTPConnection:
                 self.reply(500, "Command line too long", "5.5.2")
                 await self._error()
                 continue
-            except ClientGone as exc:
-                if str(exc) == "timeout":
-                    try:
-                        self.reply(421, f"{self.s.hostname} Timeout, closing connection", "4.4.2")
-                        await self.flush()
-                    except ClientGone:
-                        pass
-                raise
             await self.handle_line(line)
             if not self.input.pending() or self.closing:
                 await self.flush()
@@ -464,6 +461,9 @@ class SMTPConnection:
         self.reply(214, "See RFC 5321", "2.0.0")
 
     async def cmd_VRFY(self, arg):
+        if not self.s.vrfy:
+            self.reply(502, "VRFY command is disabled", "5.5.1")
+            return
         self.reply(252, "Cannot VRFY user, but will accept the message", "2.5.2")
 
     async def cmd_EXPN(self, arg):

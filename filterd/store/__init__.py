@@ -13,11 +13,25 @@ The same test suite (``tests/test_store.py``) runs against both backends.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+_log = logging.getLogger("filterd.store")
 
 
 class StoreError(Exception):
     """The backend failed (Redis unreachable, database locked too long...)."""
+
+
+class StoreConnectionError(StoreError):
+    """The backend cannot be reached (connection refused or lost, timeout): the "Redis down"
+    case that :class:`ResilientStore` degrades on. Other errors are bugs or bad data."""
+
+
+class StoreUnavailable(StoreError):
+    """Raised by :class:`ResilientStore` in ``skip`` mode while the shared store is down: the
+    caller skips its check and reports the ``STORE_UNAVAILABLE`` symbol."""
 
 
 class Store:
@@ -62,6 +76,10 @@ class Store:
     async def hgetall(self, key: str) -> dict[str, int]:
         raise NotImplementedError
 
+    async def hdel(self, key: str, *fields: str) -> int:
+        """Remove fields of a hash; returns how many existed."""
+        raise NotImplementedError
+
     async def mhincr(self, items: dict[str, dict[str, int]], ttl: float | None = None) -> None:
         """Many :meth:`hincr` in one round trip: ``{key: {field: amount}}``."""
         for key, counts in items.items():
@@ -93,6 +111,29 @@ class Store:
     async def window_count(self, key: str, window: float, now: float) -> int:
         raise NotImplementedError
 
+    async def window_check(self, key: str, window: float, now: float, limit: int,
+                           cost: int = 1) -> tuple[int, bool]:
+        """Rate-limit primitive: if the events of the last ``window`` seconds plus ``cost`` stay
+        within ``limit``, record ``cost`` events at ``now`` and return ``(new count, True)``;
+        else record nothing and return ``(current count, False)`` — a client hammering a limit
+        does not push its own window forward. Backends make it atomic (one round trip)."""
+        n = await self.window_count(key, window, now)
+        if n + cost > limit:
+            return n, False
+        return await self.window_hit(key, window, now, cost), True
+
+    async def window_check_many(self, items: list[tuple]) -> list[tuple[int, bool]]:
+        """Several :meth:`window_check` calls in one round trip: ``items`` are
+        ``(key, window, now, limit, cost)`` tuples; each is decided on its own."""
+        return [await self.window_check(*it) for it in items]
+
+    # -- several reads in one round trip -----------------------------------------------------
+    async def fetch(self, values: list[str] = (), hashes: list[str] = ()
+                    ) -> tuple[list[bytes | None], list[dict[str, int]]]:
+        """:meth:`get` of each of ``values`` and :meth:`hgetall` of each of ``hashes``, in one
+        round trip on Redis (the per-message lookups of greylisting and reputation)."""
+        return ([await self.get(k) for k in values], [await self.hgetall(k) for k in hashes])
+
     # -- JSON records -------------------------------------------------------------------------
     async def get_json(self, key: str) -> Any:
         v = await self.get(key)
@@ -109,17 +150,132 @@ class Store:
     async def ping(self) -> bool:
         raise NotImplementedError
 
+    # state reported to plugins: None when the configured backend answers, else "fallback"
+    # (working on the embedded store) or "skip" (store calls raise StoreUnavailable)
+    degraded: str | None = None
+
     async def close(self) -> None:
         pass
 
 
+# Every data method of the interface; ResilientStore delegates exactly these.
+DATA_METHODS = ("get", "set", "delete", "exists", "expire", "incr", "get_int", "hincr",
+                "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "sadd", "srem", "smembers",
+                "sismember", "window_hit", "window_count", "window_check", "window_check_many", "fetch", "get_json",
+                "set_json", "keys")
+
+
+class ResilientStore(Store):
+    """The documented "Redis down" degrade around a shared (Redis) store.
+
+    While the primary answers, every call goes to it. On a connection error or timeout
+    (:class:`StoreConnectionError`) the store is marked down, logged once, and calls go to the
+    fallback — the embedded SQLite store of this node (``mode="fallback"``) — or raise
+    :class:`StoreUnavailable` (``mode="skip"``) so plugins skip their check with a symbol.
+    Every ``retry`` seconds the next call probes the primary with a PING and switches back as soon
+    as it answers. Nothing here ever tempfails a message: that choice is the caller's, and the
+    shipped plugins never make it on store trouble.
+    """
+
+    def __init__(self, primary: Store, fallback_factory=None, mode: str = "fallback",
+                 retry: float = 5.0, clock=None):
+        import time
+
+        self.primary = primary
+        self._fallback_factory = fallback_factory
+        self._fallback: Store | None = None
+        self.mode = mode if fallback_factory is not None else "skip"
+        self.retry = retry
+        self._clock = clock or time.monotonic
+        self.down_since: float | None = None
+        self._next_probe = 0.0
+        self.last_error = ""
+        self.name = primary.name
+
+    @property
+    def degraded(self) -> str | None:  # type: ignore[override]
+        return None if self.down_since is None else self.mode
+
+    def fallback(self) -> Store:
+        if self._fallback is None:
+            self._fallback = self._fallback_factory()
+        return self._fallback
+
+    async def _primary_up(self) -> bool:
+        if self.down_since is None:
+            return True
+        now = self._clock()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + self.retry
+        try:
+            await self.primary.ping()
+        except StoreError:
+            return False
+        _log.warning("store: %s answers again after %.0fs; shared state back in use",
+                     self.primary.name, now - self.down_since)
+        self.down_since = None
+        return True
+
+    def _mark_down(self, exc: Exception) -> None:
+        self.last_error = str(exc)
+        if self.down_since is None:
+            self.down_since = self._clock()
+            self._next_probe = self.down_since + self.retry
+            what = ("using the embedded store of this node until it returns"
+                    if self.mode == "fallback" else "skipping checks that need it")
+            _log.error("store: %s is down (%s); %s (next try in %gs)",
+                       self.primary.name, exc, what, self.retry)
+
+    async def _call(self, method: str, *args, **kwargs):
+        if await self._primary_up():
+            try:
+                return await getattr(self.primary, method)(*args, **kwargs)
+            except StoreConnectionError as exc:
+                self._mark_down(exc)
+        if self.mode == "skip":
+            raise StoreUnavailable(f"shared store {self.primary.name} unavailable: "
+                                   f"{self.last_error}")
+        return await getattr(self.fallback(), method)(*args, **kwargs)
+
+    async def ping(self) -> bool:
+        return await self.primary.ping()
+
+    async def close(self) -> None:
+        await self.primary.close()
+        if self._fallback is not None:
+            await self._fallback.close()
+
+
+def _delegate(method: str):
+    async def call(self, *args, **kwargs):
+        return await self._call(method, *args, **kwargs)
+
+    call.__name__ = method
+    call.__doc__ = getattr(Store, method).__doc__
+    return call
+
+
+for _m in DATA_METHODS:
+    setattr(ResilientStore, _m, _delegate(_m))
+
+
 def open_store(cfg) -> Store:
-    """The store the config asks for (``[store] backend``)."""
+    """The store the config asks for (``[store] backend``). A Redis store is wrapped in a
+    :class:`ResilientStore` that applies ``[store.redis_down]``."""
+    from ..config import parse_duration
+
     section = cfg.section("store")
     if section.get("backend") == "redis":
         from .redis import RedisStore
+        from .sqlite import SQLiteStore
 
-        return RedisStore(section.get("url"), prefix=section.get("prefix", "filterd:"))
+        primary = RedisStore.from_config(section)
+        down = section.get("redis_down", {}) or {}
+        path = cfg.path("store.path", "store.sqlite")
+        return ResilientStore(primary, lambda: SQLiteStore(path),
+                              mode=down.get("mode", "fallback"),
+                              retry=parse_duration(down.get("retry", "5s")))
     from .sqlite import SQLiteStore
 
     return SQLiteStore(cfg.path("store.path", "store.sqlite"))

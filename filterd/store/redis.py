@@ -1,27 +1,121 @@
 """Redis store: several gateway nodes share state through one Redis (redis-py asyncio, with
 hiredis parsing when installed). Every key gets the configured prefix.
 
-Connection errors become :class:`filterd.store.StoreError`, so callers handle "Redis down" in one
-way whatever the backend.
+Three ways to reach Redis (``[store] mode``): one server by URL (``redis://``, ``rediss://`` for
+TLS, ``unix://``; password/user in the URL or in ``[store] password``/``username``), through
+Sentinel (``sentinels`` + ``sentinel_service``: the master is looked up again after a failover),
+or a Redis Cluster (``cluster_nodes``). Every operation touches one key (or is a pipeline of
+single-key commands), so all of them work on a cluster.
+
+Connection errors and timeouts become :class:`filterd.store.StoreConnectionError` (what the
+"Redis down" degrade reacts to); other Redis errors become :class:`filterd.store.StoreError`.
 """
 from __future__ import annotations
 
+import asyncio
+import ssl as _ssl
 import uuid
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import Store, StoreError
+from . import Store, StoreConnectionError, StoreError
+
+# Atomic "record if under the limit" for sliding windows. Members are "<time>:<cost>:<random>".
+_WINDOW_CHECK = """
+local k = KEYS[1]
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+  n = n + tonumber(string.match(m, '^[^:]*:(%d+):'))
+end
+if n + cost > limit then
+  return {n, 0}
+end
+redis.call('ZADD', k, now, ARGV[5])
+redis.call('PEXPIRE', k, ARGV[6])
+return {n + cost, 1}
+"""
+
+# The same check over several keys in one call (not on a cluster: keys may live on other nodes).
+# ARGV: now, then per key: window, limit, cost, member, ttl_ms. Returns n1, ok1, n2, ok2...
+_WINDOW_CHECK_MANY = """
+local now = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 5
+  local window, limit, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
+  local n = 0
+  for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+    n = n + tonumber(string.match(m, '^[^:]*:(%d+):'))
+  end
+  if n + cost > limit then
+    out[#out + 1] = n
+    out[#out + 1] = 0
+  else
+    redis.call('ZADD', k, now, ARGV[b + 4])
+    redis.call('PEXPIRE', k, ARGV[b + 5])
+    out[#out + 1] = n + cost
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+# GET of the first ARGV[1] keys, HGETALL of the rest, in one call.
+_FETCH = """
+local nv = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  if i <= nv then out[i] = redis.call('GET', k) else out[i] = redis.call('HGETALL', k) end
+end
+return out
+"""
+
+# HINCRBY over several keys, then PEXPIRE (ARGV[1] ms, 0 = none). ARGV: ttl, then per key:
+# number of fields, field, amount, field, amount...
+_MHINCR = """
+local ttl = tonumber(ARGV[1])
+local a = 2
+for _, k in ipairs(KEYS) do
+  local nf = tonumber(ARGV[a])
+  for j = 1, nf do
+    redis.call('HINCRBY', k, ARGV[a + 2 * j - 1], ARGV[a + 2 * j])
+  end
+  a = a + 1 + 2 * nf
+  if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+end
+return 1
+"""
+
+
+def _hostport(s: str, default_port: int) -> tuple[str, int]:
+    host, _, port = s.rpartition(":") if ":" in s else (s, "", "")
+    host = host.strip("[]") or s
+    return host, int(port) if port else default_port
 
 
 def _wrap(fn):
     async def inner(self, *a, **kw):
         try:
+            if self._init_lock is not None:
+                await self._initialize()
             return await fn(self, *a, **kw)
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreConnectionError(f"Redis {self.url_safe}: {type(exc).__name__}: "
+                                       f"{exc}") from exc
         except RedisError as exc:
-            raise StoreError(f"Redis {self.url_safe}: {exc}") from exc
-        except OSError as exc:
-            raise StoreError(f"Redis {self.url_safe}: {exc}") from exc
+            if "MasterNotFound" in type(exc).__name__ or "ClusterDown" in type(exc).__name__:
+                raise StoreConnectionError(f"Redis {self.url_safe}: {exc}") from exc
+            raise StoreError(f"Redis {self.url_safe}: {type(exc).__name__}: {exc}") from exc
 
     inner.__name__ = fn.__name__
     inner.__doc__ = fn.__doc__
@@ -32,13 +126,97 @@ class RedisStore(Store):
     name = "redis"
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "filterd:",
-                 client: "aioredis.Redis | None" = None, socket_timeout: float = 2.0):
+                 client: aioredis.Redis | None = None, socket_timeout: float = 2.0,
+                 transactions: bool = True, where: str = ""):
         self.url = url
-        self.url_safe = url.split("@")[-1]  # never log a password
+        self.url_safe = where or url.split("@")[-1]  # never log a password
         self.prefix = prefix
+        self._tx = transactions  # MULTI/EXEC pipelines (not on a cluster)
+        # a cluster client discovers the slots on first use; many coroutines doing that at
+        # once race inside redis-py (AttributeError on a half-made connection), so the first
+        # use is serialised
+        self._init_lock = asyncio.Lock() if not transactions else None
         self.r = client or aioredis.from_url(url, socket_timeout=socket_timeout,
                                              socket_connect_timeout=socket_timeout,
                                              health_check_interval=30)
+        self._window_check = self.r.register_script(_WINDOW_CHECK)
+        # multi-key scripts: one call instead of a pipeline (standalone and Sentinel only)
+        self._scripts = transactions
+        self._window_check_many = self.r.register_script(_WINDOW_CHECK_MANY)
+        self._fetch = self.r.register_script(_FETCH)
+        self._mhincr = self.r.register_script(_MHINCR)
+
+    async def _initialize(self) -> None:
+        async with self._init_lock:
+            if self._init_lock is None:
+                return
+            await self.r.initialize()
+            self._init_lock = None
+
+    @classmethod
+    def from_config(cls, section: dict) -> RedisStore:
+        """Build from the ``[store]`` section (URL, credentials, TLS, Sentinel or Cluster)."""
+        from ..config import parse_duration
+
+        url = section.get("url") or "redis://127.0.0.1:6379/0"
+        prefix = section.get("prefix", "filterd:")
+        timeout = parse_duration(section.get("timeout") or "500ms")
+        mode = section.get("mode") or "standalone"
+        tls = section.get("tls") or {}
+        parts = urlsplit(url)
+        use_tls = parts.scheme == "rediss" or bool(tls.get("enabled"))
+        password = section.get("password") or (unquote(parts.password) if parts.password else None)
+        username = section.get("username") or (unquote(parts.username) if parts.username else None)
+        common = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                      "password": password or None, "username": username or None}
+        ssl_kw: dict = {}
+        if use_tls:
+            ssl_kw = {"ssl": True, "ssl_ca_certs": tls.get("ca_file") or None,
+                          "ssl_certfile": tls.get("cert_file") or None,
+                          "ssl_keyfile": tls.get("key_file") or None,
+                          "ssl_cert_reqs": _ssl.CERT_REQUIRED if tls.get("verify", True)
+                          else _ssl.CERT_NONE,
+                          "ssl_check_hostname": bool(tls.get("verify", True))}
+        where = parts.hostname or url
+        if mode == "sentinel":
+            from redis.asyncio.sentinel import Sentinel
+
+            sentinels = [_hostport(s, 26379) for s in section.get("sentinels") or []]
+            if not sentinels:
+                raise StoreError("[store] mode = \"sentinel\" needs [store] sentinels = "
+                                 "[\"host:port\", ...]")
+            service = section.get("sentinel_service") or "mymaster"
+            skw = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+            if section.get("sentinel_password"):
+                skw["password"] = section["sentinel_password"]
+            db = int((parts.path or "/0").strip("/") or 0)
+            sentinel = Sentinel(sentinels, sentinel_kwargs=skw, db=db, **common, **ssl_kw)
+            client = sentinel.master_for(service, max_connections=int(
+                section.get("max_connections", 64)))
+            where = f"sentinel {service} via {','.join(f'{h}:{p}' for h, p in sentinels)}"
+            return cls(url, prefix, client=client, where=where)
+        if mode == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            nodes = [_hostport(n, 6379) for n in section.get("cluster_nodes") or []]
+            if not nodes:
+                nodes = [(parts.hostname or "127.0.0.1", parts.port or 6379)]
+            client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                                  max_connections=int(section.get("max_connections", 64)),
+                                  **common, **ssl_kw)
+            where = f"cluster {','.join(f'{h}:{p}' for h, p in nodes)}"
+            return cls(url, prefix, client=client, transactions=False, where=where)
+        # credentials travel as arguments (redis-py lets URL credentials win over them)
+        netloc = parts.netloc.rpartition("@")[2]
+        scheme = "rediss" if use_tls and parts.scheme == "redis" else parts.scheme
+        plain_url = parts._replace(scheme=scheme, netloc=netloc).geturl()
+        client = aioredis.from_url(plain_url, health_check_interval=30,
+                                   max_connections=int(section.get("max_connections", 64)),
+                                   **{k: v for k, v in common.items()
+                                      if v is not None or k.startswith("socket")},
+                                   **{k: v for k, v in ssl_kw.items() if k != "ssl"})
+        return cls(url, prefix, client=client, where=f"{where}:{parts.port or 6379}"
+                   if parts.hostname else url.split("@")[-1])
 
     def k(self, key: str) -> str:
         return self.prefix + key
@@ -67,7 +245,7 @@ class RedisStore(Store):
 
     @_wrap
     async def incr(self, key, amount=1, ttl=None):
-        async with self.r.pipeline(transaction=True) as p:
+        async with self.r.pipeline(transaction=self._tx) as p:
             p.incrby(self.k(key), amount)
             if ttl:
                 p.pexpire(self.k(key), self._ms(ttl))
@@ -80,6 +258,16 @@ class RedisStore(Store):
 
     @_wrap
     async def mhincr(self, items, ttl=None):
+        if not items:
+            return
+        if self._scripts:
+            args: list = [self._ms(ttl) or 0]
+            for counts in items.values():
+                args.append(len(counts))
+                for f, n in counts.items():
+                    args += [f, int(n)]
+            await self._mhincr(keys=[self.k(k) for k in items], args=args)
+            return
         async with self.r.pipeline(transaction=False) as p:
             for key, counts in items.items():
                 for f, n in counts.items():
@@ -102,6 +290,12 @@ class RedisStore(Store):
         return {f.decode(): int(v) for f, v in d.items()}
 
     @_wrap
+    async def hdel(self, key, *fields):
+        if not fields:
+            return 0
+        return int(await self.r.hdel(self.k(key), *fields))
+
+    @_wrap
     async def mhgetall(self, keys):
         async with self.r.pipeline(transaction=False) as p:
             for k in keys:
@@ -113,7 +307,7 @@ class RedisStore(Store):
     async def sadd(self, key, *members, ttl=None):
         if not members:
             return 0
-        async with self.r.pipeline(transaction=True) as p:
+        async with self.r.pipeline(transaction=self._tx) as p:
             p.sadd(self.k(key), *members)
             if ttl:
                 p.pexpire(self.k(key), self._ms(ttl))
@@ -137,7 +331,7 @@ class RedisStore(Store):
     @_wrap
     async def window_hit(self, key, window, now, cost=1):
         k = self.k(key)
-        async with self.r.pipeline(transaction=True) as p:
+        async with self.r.pipeline(transaction=self._tx) as p:
             p.zremrangebyscore(k, "-inf", now - window)
             # members carry their cost so a weighted hit counts as `cost` events
             p.zadd(k, {f"{now}:{cost}:{uuid.uuid4().hex[:8]}": now})
@@ -150,6 +344,49 @@ class RedisStore(Store):
     async def window_count(self, key, window, now):
         members = await self.r.zrangebyscore(self.k(key), f"({now - window}", "+inf")
         return sum(int(m.decode().split(":")[1]) for m in members)
+
+    @_wrap
+    async def window_check(self, key, window, now, limit, cost=1):
+        member = f"{now}:{int(cost)}:{uuid.uuid4().hex[:8]}"
+        n, ok = await self._window_check(keys=[self.k(key)],
+                                         args=[now, window, int(limit), int(cost), member,
+                                               self._ms(window) or 1000])
+        return int(n), bool(ok)
+
+    @_wrap
+    async def window_check_many(self, items):
+        if not items:
+            return []
+        if not self._scripts:  # cluster: keys may live on different nodes
+            return [await self.window_check(*it) for it in items]
+        now = items[0][2]
+        args: list = [now]
+        for key, window, now_i, limit, *rest in items:
+            cost = int(rest[0]) if rest else 1
+            args += [window, int(limit), cost, f"{now_i}:{cost}:{uuid.uuid4().hex[:8]}",
+                     self._ms(window) or 1000]
+        res = await self._window_check_many(keys=[self.k(it[0]) for it in items], args=args)
+        return [(int(res[i]), bool(res[i + 1])) for i in range(0, len(res), 2)]
+
+    @_wrap
+    async def fetch(self, values=(), hashes=()):
+        values, hashes = list(values), list(hashes)
+        if not values and not hashes:
+            return [], []
+        if self._scripts:
+            res = await self._fetch(keys=[self.k(k) for k in values + hashes],
+                                    args=[len(values)])
+            hres = [dict(zip(h[0::2], h[1::2])) for h in res[len(values):]]
+        else:
+            async with self.r.pipeline(transaction=False) as p:
+                for k in values:
+                    p.get(self.k(k))
+                for k in hashes:
+                    p.hgetall(self.k(k))
+                res = await p.execute()
+            hres = res[len(values):]
+        vals = [v if v else None for v in res[:len(values)]]
+        return vals, [{f.decode(): int(v) for f, v in d.items()} for d in hres]
 
     @_wrap
     async def keys(self, prefix):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from . import Store, StoreError
 
@@ -27,8 +27,11 @@ CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
 class SQLiteStore(Store):
     name = "sqlite"
 
+    purge_every = 300.0
+
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
+        self._next_purge = time.time() + 60
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -65,6 +68,7 @@ class SQLiteStore(Store):
         if isinstance(value, str):
             value = value.encode()
         self._x("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (key, value, self._exp(ttl)))
+        self._maybe_purge()
 
     async def delete(self, *keys):
         n = 0
@@ -138,6 +142,10 @@ class SQLiteStore(Store):
             return {}
         return {f: n for f, n in self._x("SELECT f, n FROM hash WHERE k=?", (key,))}
 
+    async def hdel(self, key, *fields):
+        return sum(self._x("DELETE FROM hash WHERE k=? AND f=?", (key, f)).rowcount
+                   for f in fields)
+
     async def mhgetall(self, keys):
         out = {k: {} for k in keys}
         live = [k for k in keys if self._hash_alive(k)]
@@ -196,6 +204,38 @@ class SQLiteStore(Store):
         (n,) = self._x("SELECT COALESCE(SUM(n),0) FROM win WHERE k=? AND t>?",
                        (key, now - window)).fetchone()
         return int(n)
+
+    async def window_check(self, key, window, now, limit, cost=1):
+        self._x("BEGIN IMMEDIATE")
+        try:
+            self._x("DELETE FROM win WHERE k=? AND t<=?", (key, now - window))
+            (n,) = self._x("SELECT COALESCE(SUM(n),0) FROM win WHERE k=?", (key,)).fetchone()
+            ok = n + cost <= limit
+            if ok:
+                self._x("INSERT INTO win VALUES (?,?,?)", (key, now, cost))
+                n += cost
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+        self._maybe_purge()
+        return int(n), ok
+
+    def _maybe_purge(self) -> None:
+        """Expired rows nobody reads again (a greylist triplet never retried) are deleted in
+        one sweep every ``purge_every`` seconds, so the file does not grow without bound."""
+        now = time.time()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + self.purge_every
+        try:
+            self._x("DELETE FROM kv WHERE exp IS NOT NULL AND exp<?", (now,))
+            for table in ("hash", "sets"):
+                self._x(f"DELETE FROM {table} WHERE k IN "
+                        "(SELECT k FROM hexp WHERE exp IS NOT NULL AND exp<?)", (now,))
+            self._x("DELETE FROM hexp WHERE exp IS NOT NULL AND exp<?", (now,))
+        except StoreError:
+            pass  # busy: next time
 
     async def keys(self, prefix):
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

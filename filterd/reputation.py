@@ -1,0 +1,269 @@
+"""Shared logic of the store-backed policy plugins (reputation, greylist, rate limit, DNSBL):
+client networks, allow/block lists, the reputation model, and the "store down" guard.
+
+The plugins live in ``plugins/``; they import this module so the greylist can ask "is this
+sender allow-listed / of good reputation?" exactly the way the reputation plugin decides it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from .store import StoreError, StoreUnavailable
+
+log = logging.getLogger("filterd.reputation")
+
+# Outcome categories counted per IP, network and sender domain.
+CATEGORIES = ("ham", "spam", "virus", "rejected")
+
+
+# -- networks --------------------------------------------------------------------------------------
+def client_network(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
+    """``192.0.2.0/24`` for ``192.0.2.7``; ``2001:db8:1:2::/64`` for an IPv6 address. An
+    IPv4-mapped IPv6 address counts as IPv4. Unparsable input is returned unchanged."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    prefix = v4_prefix if addr.version == 4 else v6_prefix
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+def _ip_in(ip: str, entries: list[str]) -> str | None:
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    for e in entries:
+        try:
+            if addr in ipaddress.ip_network(e, strict=False):
+                return e
+        except ValueError:
+            continue
+    return None
+
+
+def sender_domain(sender: str) -> str:
+    return sender.rpartition("@")[2].lower().rstrip(".") if "@" in sender else ""
+
+
+def _sender_in(sender: str, entries: list[str]) -> str | None:
+    """Entries: ``user@example.com`` (exact), ``@example.com`` or ``example.com`` (the domain
+    and its subdomains)."""
+    s = sender.lower()
+    dom = sender_domain(s)
+    for e in entries:
+        e = e.lower().strip()
+        if not e:
+            continue
+        if "@" in e and not e.startswith("@"):
+            if s == e:
+                return e
+            continue
+        d = e.lstrip("@")
+        if dom and (dom == d or dom.endswith("." + d)):
+            return e
+    return None
+
+
+# -- allow/block lists -----------------------------------------------------------------------------
+@dataclass
+class ListHit:
+    kind: str  # "allow" or "block"
+    level: str  # "global", "domain <d>", "recipient <r>"
+    entry: str  # the list entry that matched
+
+    def describe(self) -> str:
+        return f"{self.kind}-listed ({self.level}: {self.entry})"
+
+
+class ListPolicy:
+    """Allow/block lists: global, per recipient domain, per recipient. The most specific level
+    with a match decides (recipient, then domain, then global); within one level a block entry
+    wins over an allow entry."""
+
+    def __init__(self, options: dict):
+        lists = options.get("lists") or {}
+        self.global_ = lists
+        self.domains = {k.lower(): v for k, v in (options.get("domains") or {}).items()}
+        self.recipients = {k.lower(): v for k, v in (options.get("recipients") or {}).items()}
+
+    @staticmethod
+    def _match(table: dict, ip: str, sender: str) -> tuple[str, str] | None:
+        for kind in ("block", "allow"):
+            hit = _ip_in(ip, table.get(f"{kind}_ips") or [])
+            if hit is None and sender:
+                hit = _sender_in(sender, table.get(f"{kind}_senders") or [])
+            if hit is not None:
+                return kind, hit
+        return None
+
+    def check(self, ip: str, sender: str, recipient: str | None = None) -> ListHit | None:
+        levels = []
+        if recipient:
+            r = recipient.lower()
+            if r in self.recipients:
+                levels.append((f"recipient {r}", self.recipients[r]))
+            d = r.rpartition("@")[2]
+            if d in self.domains:
+                levels.append((f"domain {d}", self.domains[d]))
+        levels.append(("global", self.global_))
+        for level, table in levels:
+            m = self._match(table, ip, sender)
+            if m:
+                return ListHit(m[0], level, m[1])
+        return None
+
+
+# -- the reputation model ----------------------------------------------------------------------
+@dataclass
+class Standing:
+    """The decayed counts of one subject (IP, network or sender domain)."""
+
+    subject: str
+    counts: dict[str, float]
+
+    @property
+    def bad(self) -> float:
+        c = self.counts
+        return c.get("spam", 0) + c.get("virus", 0) + c.get("rejected", 0)
+
+    @property
+    def total(self) -> float:
+        return self.bad + self.counts.get("ham", 0)
+
+    @property
+    def bad_ratio(self) -> float:
+        return self.bad / self.total if self.total else 0.0
+
+    def describe(self) -> str:
+        c = self.counts
+        return (f"{self.subject}: ham={c.get('ham', 0):.1f} spam={c.get('spam', 0):.1f} "
+                f"virus={c.get('virus', 0):.1f} rejected={c.get('rejected', 0):.1f}")
+
+
+class ReputationModel:
+    """Counts per subject in time buckets (``<category>:<bucket number>`` fields of one hash per
+    subject); a bucket's weight halves every ``half_life``; buckets older than ``max_age`` are
+    ignored and pruned. One round trip reads the three subjects of a message; one writes them."""
+
+    def __init__(self, options: dict):
+        from .config import parse_duration
+
+        self.bucket = max(parse_duration(options.get("bucket", "6h")), 1.0)
+        self.half_life = max(parse_duration(options.get("half_life", "7d")), 1.0)
+        self.max_age = parse_duration(options.get("max_age", "30d"))
+        self.v4 = int(options.get("ipv4_prefix", 24))
+        self.v6 = int(options.get("ipv6_prefix", 64))
+        self.min_messages = float(options.get("min_messages", 5))
+        self.bad_ratio = float(options.get("bad_ratio", 0.8))
+        self.good_ratio = float(options.get("good_ratio", 0.1))
+
+    def subjects(self, ip: str, sender: str) -> dict[str, str]:
+        """{kind: store key} for kinds ip, net, domain (domain only with a sender domain)."""
+        out = {}
+        if ip:
+            out["ip"] = f"rep:ip:{ip}"
+            net = client_network(ip, self.v4, self.v6)
+            if net != ip:
+                out["net"] = f"rep:net:{net}"
+        dom = sender_domain(sender)
+        if dom:
+            out["domain"] = f"rep:dom:{dom}"
+        return out
+
+    def decay(self, fields: dict[str, int], now: float) -> dict[str, float]:
+        cur = int(now // self.bucket)
+        out: dict[str, float] = {}
+        for f, n in fields.items():
+            cat, _, b = f.partition(":")
+            if not b.isdigit():
+                continue
+            age = (cur - int(b)) * self.bucket
+            if age > self.max_age:
+                continue
+            out[cat] = out.get(cat, 0.0) + n * math.pow(0.5, max(age, 0) / self.half_life)
+        return out
+
+    def standings(self, subj: dict[str, str], rows: list[dict[str, int]], now: float
+                  ) -> dict[str, Standing]:
+        return {kind: Standing(key.split(":", 2)[2], self.decay(row, now))
+                for (kind, key), row in zip(subj.items(), rows)}
+
+    async def lookup(self, store, ip: str, sender: str, now: float | None = None,
+                     ctx=None) -> dict[str, Standing]:
+        """The standings of the message's subjects. With ``ctx``, rows another plugin already
+        fetched in this transaction (``ctx.data["rep_rows"]``, e.g. the greylist at RCPT) are
+        reused instead of asking the store again."""
+        now = time.time() if now is None else now
+        subj = self.subjects(ip, sender)
+        keys = list(subj.values())
+        cache = ctx.data.setdefault("rep_rows", {}) if ctx is not None else {}
+        if all(k in cache for k in keys):
+            rows = [cache[k] for k in keys]
+        else:
+            rows = await store.mhgetall(keys)
+            cache.update(zip(keys, rows))
+        cur = int(now // self.bucket)
+        for key, row in zip(keys, rows):
+            stale = [f for f in row if f.partition(":")[2].isdigit()
+                     and (cur - int(f.partition(":")[2])) * self.bucket > self.max_age]
+            if stale:  # prune buckets past max_age (a busy subject's hash never expires)
+                await store.hdel(key, *stale)
+        return self.standings(subj, rows, now)
+
+    async def record(self, store, ip: str, sender: str, category: str,
+                     now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        field = f"{category}:{int(now // self.bucket)}"
+        subj = self.subjects(ip, sender)
+        await store.mhincr({key: {field: 1} for key in subj.values()},
+                           ttl=self.max_age + self.bucket)
+
+    def judge(self, standing: Standing) -> str | None:
+        """"bad", "good" or None (too little history or in between)."""
+        if standing.total < self.min_messages:
+            return None
+        if standing.bad_ratio >= self.bad_ratio:
+            return "bad"
+        if standing.bad_ratio <= self.good_ratio:
+            return "good"
+        return None
+
+
+# -- store trouble never stops mail ----------------------------------------------------------------
+def active(ctx, options) -> bool:
+    """False for ``filterd check`` (front door "check") unless the plugin's ``in_check`` is set:
+    a check is a dry run that neither reads nor writes shared state by default."""
+    return ctx.session.front_door != "check" or bool(options.get("in_check"))
+
+
+async def guarded(ctx, plugin: str, op, default=None):
+    """Run ``op(store)`` (an async store operation). If the store cannot be opened, is
+    unavailable (Redis down in ``skip`` mode) or fails, the check is skipped:
+    ``STORE_UNAVAILABLE`` (score 0) names the plugin and ``default`` is returned. While Redis is
+    down in ``fallback`` mode, ``STORE_FALLBACK`` marks the message. Never raises a store error,
+    never tempfails."""
+    try:
+        store = ctx.services.store
+        result = await op(store)
+    except StoreUnavailable as exc:
+        ctx.add_symbol("STORE_UNAVAILABLE", 0.0, [plugin], f"{plugin} skipped: {exc}",
+                       source=plugin)
+        return default
+    except StoreError as exc:
+        log.warning("%s: store error, check skipped for this message: %s", plugin, exc)
+        ctx.add_symbol("STORE_UNAVAILABLE", 0.0, [plugin], f"{plugin} skipped: {exc}",
+                       source=plugin)
+        return default
+    if getattr(store, "degraded", None) == "fallback":
+        ctx.add_symbol("STORE_FALLBACK", 0.0, [plugin],
+                       "shared store down; state of this node used", source=plugin)
+    return result

@@ -1,0 +1,210 @@
+"""SPF (RFC 7208): checks the MAIL FROM identity (the HELO identity for the null sender) and the
+HELO identity with pyspf, its DNS routed through filterd's resolver. Results become symbols
+SPF_PASS / SPF_FAIL / SPF_SOFTFAIL / SPF_NEUTRAL / SPF_NONE / SPF_TEMPERROR / SPF_PERMERROR (and
+SPF_HELO_* for the HELO identity) and ``ctx.data["spf"]`` for DMARC and Authentication-Results."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import spf as pyspf
+
+from filterd.auth import SPFResult, authserv_id, is_outbound
+from filterd.dns import DNSError
+from filterd.hookspecs import hookimpl
+from filterd.verdict import Verdict
+
+CONFIG = """
+# Also check the HELO identity (RFC 7208 2.3); reported as SPF_HELO_* and in
+# Authentication-Results as spf ... smtp.helo.
+check_helo = true
+# Reject at MAIL FROM when the MAIL FROM result is fail (otherwise the result is only scored).
+reject_on_fail = false
+# Tempfail at MAIL FROM when the result is temperror (otherwise only scored).
+tempfail_on_temperror = false
+# Time one SPF evaluation may take (all its DNS lookups) before it ends in temperror. Keep it
+# below [plugins] timeout.
+lookup_budget = "8s"
+# Explanation given for fail when the domain publishes no exp= (%{d} etc. are not expanded).
+default_explanation = "SPF check failed; see RFC 7208"
+"""
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+_OLD = {"unknown": "permerror", "error": "temperror", "ambiguous": "permerror"}
+
+# pyspf looks up DNS through the module-level function DNSLookup. We replace it once with a
+# dispatcher that asks the resolver of the check running in this thread (each check runs in its
+# own worker thread), so every query goes through filterd.dns.
+_local = threading.local()
+_original_lookup = pyspf.DNSLookup
+
+
+def _dispatch(name, qtype, strict=True, timeout=None):
+    lookup = getattr(_local, "lookup", None)
+    if lookup is None:  # pyspf used outside our plugin
+        return _original_lookup(name, qtype, strict, timeout)
+    return lookup(name, qtype)
+
+
+pyspf.DNSLookup = _dispatch
+
+
+class _Query(pyspf.query):
+    def validated_ptrs(self):
+        """As pyspf, but a DNS error on one PTR name's A lookup skips that name (RFC 7208
+        5.5: "If a DNS error occurs while doing an A RR lookup, then that domain name is
+        skipped and the search continues")."""
+        limit = pyspf.MAX_PTR if self.strict else pyspf.MAX_PTR * 4
+        out = []
+        for p in self.dns_ptr(self.i)[:limit]:
+            try:
+                if self.cidrmatch(self.dns_a(p, self.A), self.cidrmax):
+                    out.append(p)
+            except pyspf.TempError:
+                continue
+        return out
+
+
+def _make_lookup(resolver, loop, deadline: float):
+    def lookup(name: str, qtype: str):
+        if time.monotonic() > deadline:
+            raise pyspf.TempError("DNS: SPF lookup budget exhausted")
+        try:
+            ans = resolver.query_sync(name, qtype, loop)
+        except DNSError as exc:
+            raise pyspf.TempError(f"DNS {exc}") from None
+        out = []
+        for r in ans.records:
+            if qtype in ("TXT", "SPF"):
+                v = (r.encode("utf-8", "surrogateescape"),)
+            elif qtype == "MX":
+                pref, _, host = r.partition(" ")
+                try:
+                    v = (int(pref), host.strip().rstrip("."))
+                except ValueError:
+                    continue
+            elif qtype in ("PTR", "CNAME"):
+                v = r.rstrip(".")
+            else:
+                v = r
+            out.append(((name, qtype), v))
+        return out
+
+    return lookup
+
+
+def _run_check(lookup, ip: str, sender: str, helo: str, receiver: str, default_exp: str,
+               querytime: float) -> tuple[str, str]:
+    _local.lookup = lookup
+    try:
+        q = _Query(i=ip, s=sender, h=helo, receiver=receiver, querytime=querytime)
+        q.set_default_explanation(default_exp)
+        res, _code, exp = q.check()
+    except pyspf.TempError as exc:
+        res, exp = "temperror", str(exc)
+    except pyspf.PermError as exc:
+        res, exp = "permerror", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a library bug must end in an RFC result
+        res, exp = "permerror", f"SPF evaluation failed: {type(exc).__name__}: {exc}"
+    finally:
+        _local.lookup = None
+    res = _OLD.get(res, res)
+    if res not in RESULTS:
+        res = "permerror"
+    return res, exp or ""
+
+
+async def check_spf(resolver, ip: str, sender: str, helo: str, receiver: str = "",
+                    default_explanation: str = "", budget: float = 8.0) -> SPFResult:
+    """One SPF evaluation (RFC 7208 check_host through pyspf) with DNS from ``resolver``.
+    ``sender`` "" means the null sender: the HELO identity is checked instead."""
+    loop = asyncio.get_running_loop()
+    identity = "mailfrom" if sender else "helo"
+    checked = sender or (f"postmaster@{helo}" if helo else "")
+    domain = checked.rpartition("@")[2] if checked else ""
+    if not ip:
+        return SPFResult(identity, domain, "none", "no client IP", checked)
+    lookup = _make_lookup(resolver, loop, time.monotonic() + budget)
+    try:
+        res, exp = await asyncio.wait_for(
+            asyncio.to_thread(_run_check, lookup, ip, sender, helo, receiver,
+                              default_explanation, budget), budget + 1)
+    except asyncio.TimeoutError:
+        res, exp = "temperror", "SPF evaluation timed out"
+    return SPFResult(identity, domain, res, exp, checked)
+
+
+SYMBOL_SUGGESTED = {"pass": -0.5, "fail": 3.0, "softfail": 1.0, "neutral": 0.0, "none": 0.0,
+                    "temperror": 0.0, "permerror": 0.5}
+
+
+class Plugin:
+    """SPF checks of MAIL FROM and HELO (pyspf, DNS through filterd's resolver)."""
+
+    def __init__(self, options, services):
+        self.options = options
+        self.services = services
+
+    async def _evaluate(self, ctx) -> dict | None:
+        if "spf" in ctx.data:
+            return ctx.data["spf"]
+        if is_outbound(ctx) and not ctx.config.get("auth.check_outbound"):
+            return None
+        from filterd.config import parse_duration
+
+        opts = self.options
+        budget = parse_duration(opts.get("lookup_budget") or "8s")
+        session = ctx.session
+        ip = session.peer_ip.split("%")[0] if session.peer_ip else ""
+        receiver = authserv_id(ctx.config)
+        dns = ctx.services.dns
+        sender = ctx.transaction.mail_from
+        mf = await check_spf(dns, ip, sender, session.helo, receiver,
+                             opts.get("default_explanation", ""), budget)
+        helo_res = None
+        if opts.get("check_helo", True) and session.helo:
+            if not sender:
+                helo_res = mf
+            else:
+                cache = session.data.setdefault("spf.helo", {})
+                key = (ip, session.helo.lower())
+                helo_res = cache.get(key)
+                if helo_res is None:
+                    helo_res = await check_spf(dns, ip, "", session.helo, receiver,
+                                               opts.get("default_explanation", ""), budget)
+                    cache[key] = helo_res
+        data = {"mailfrom": mf, "helo": helo_res}
+        ctx.data["spf"] = data
+        ctx.add_symbol(f"SPF_{mf.result.upper()}", SYMBOL_SUGGESTED[mf.result],
+                       options=[mf.domain or "-", ip],
+                       description=f"SPF {mf.result} for {mf.identity} {mf.sender or '<>'}"
+                                   + (f": {mf.explanation}" if mf.explanation and
+                                      mf.result not in ("pass", "none") else ""),
+                       source="spf")
+        if helo_res is not None and helo_res is not mf:
+            ctx.add_symbol(f"SPF_HELO_{helo_res.result.upper()}", 0.0,
+                           options=[helo_res.domain or "-"],
+                           description=f"SPF {helo_res.result} for HELO {session.helo}",
+                           source="spf")
+        return data
+
+    @hookimpl
+    async def mail_from(self, ctx, sender, params, options):
+        data = await self._evaluate(ctx)
+        if data is None:
+            return None
+        mf = data["mailfrom"]
+        if mf.result == "fail" and options.get("reject_on_fail"):
+            exp = mf.explanation or options.get("default_explanation") or "SPF fail"
+            return Verdict.reject(f"SPF fail: {exp}", code=550, enhanced="5.7.23")
+        if mf.result == "temperror" and options.get("tempfail_on_temperror"):
+            return Verdict.tempfail("SPF temporary error: DNS lookup failed", code=451,
+                                    enhanced="4.7.24")
+        return None
+
+    @hookimpl(tryfirst=True)  # before the plugins that use auth results (reputation ...)
+    async def data(self, ctx, message, options):
+        # normally done at MAIL FROM; pipelines driven without that phase still get SPF
+        await self._evaluate(ctx)
+        return None
