@@ -31,6 +31,8 @@ site_dir = "{DATA / 'rules'}"
 site_dir = "{DATA / 'plugins'}"
 [spam_headers]
 add = "always"
+[milter]
+quarantine = "hold"
 """)
     # thresholds (incl. per recipient) come from tests/data/milter/rules/milter-test-actions.toml
     (tmp / "state").mkdir()
@@ -119,6 +121,31 @@ def test_quarantined_message_is_held_in_postfix_hold_queue(stack):
     assert len(pf.held()) == before + 1, pf.log()[-2000:]
     assert "hold-e2e" not in "".join(m.decode(errors="replace") for m in sink.messages())
     assert "milter triggers HOLD action" in pf.log()
+
+
+def test_quarantine_store_mode_keeps_the_message_in_filterds_quarantine(tmp_path):
+    """quarantine = "auto" picks filterd's quarantine service (registered by the quarantine
+    plugin, enabled here): the message is stored there and discarded at the MTA, not delivered, not held."""
+    sink = Sink()
+    cfg = tmp_path / "filterd.toml"
+    cfg.write_text(f'[rules]\nsite_dir = "{DATA / "rules"}"\n[quarantine]\nenabled = true\n')
+    milter = FilterdMilterProc(config=str(cfg))
+    pf = Postfix(sink.port, milter=milter.spec)
+    try:
+        msg = make_message(body="milter-hold-marker\r\n", subject="store-e2e")
+        assert send(pf, ["bob@example.org"], msg) == {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "stored=bob@example.org" not in milter.log():
+            time.sleep(0.1)
+        assert "stored=bob@example.org" in milter.log(), milter.log()[-3000:]
+        assert "quarantined entry=" in milter.log()
+        assert "milter-discard" in pf.log()
+        assert not pf.held()
+        assert not arrived(sink, b"store-e2e", timeout=2)
+    finally:
+        pf.stop()
+        milter.stop()
+        sink.stop()
 
 
 def test_subject_rewrite_header_change_delete_and_body_replacement(stack):
