@@ -188,6 +188,7 @@ class FilterdMilterProc:
     def __init__(self, *overrides: str, workers: int = 1, state_dir: str | None = None,
                  log_level: str = "info", env: dict | None = None, config: str | None = None):
         self.port = free_port()
+        self.own_state = not state_dir
         self.state = Path(state_dir) if state_dir else _tmpdir("filterd-milter-state-")
         self.stderr_path = self.state / "milter.log"
         e = dict(os.environ)
@@ -230,3 +231,5 @@ class FilterdMilterProc:
                 self.proc.kill()
                 self.proc.wait()
         self.errf.close()
+        if self.own_state:
+            shutil.rmtree(self.state, ignore_errors=True)
