@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Milter throughput: smtp-source -> private Postfix -> smtp-sink, in ONE run:
+
+  1. Postfix alone (no milter)
+  2. Postfix + rspamd's milter (Debian rspamd, default config, DNS on a local dnsmasq stub)
+  3. Postfix + `filterd milter` (default plugins and rules; same DNS stub), per worker count
+
+for each session count (default 20 and 60), 5 KB messages. Prints msg/s (messages accepted by
+Postfix per second of smtp-source wall time) and the ratio filterd/rspamd. Not a test: nothing
+here asserts a time. Needs root (rspamd, dnsmasq, smtp-sink -u nobody).
+
+    .venv/bin/python bench/milter_bench.py                      # defaults
+    .venv/bin/python bench/milter_bench.py --messages 5000 --workers 1,2,4 --sessions 20,60
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from milter_support import FilterdMilterProc, Postfix, Sink, free_port, wait_port  # noqa: E402
+
+RSPAMD_OPTIONS = Path("/etc/rspamd/local.d/options.inc")
+
+
+def smtp_source(port: int, sessions: int, messages: int, size: int) -> float:
+    cmd = ["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(messages),
+           "-f", "bench@example.com", "-t", "rcpt@example.org", f"127.0.0.1:{port}"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, timeout=3600)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        print(f"  smtp-source exited {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}")
+    return dt
+
+
+def count_accepted(pf: Postfix, before: int) -> tuple[int, int]:
+    """(queued by Postfix, refused by a milter) since the log had ``before`` lines."""
+    lines = pf.log().splitlines()[before:]
+    queued = sum(1 for ln in lines if "postfix/qmgr" in ln and "(queue active)" in ln)
+    refused = sum(1 for ln in lines if "milter-reject" in ln or "milter-discard" in ln)
+    return queued, refused
+
+
+def wait_drained(pf: Postfix, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not pf.queue_empty():
+        time.sleep(0.2)
+
+
+def measure(label: str, sink: Sink, milter_spec: str | None, args) -> dict:
+    pf = Postfix(sink.port, milter=milter_spec)
+    out = {}
+    try:
+        # warm-up: a few messages so process pools and caches exist
+        smtp_source(pf.port, 5, 50, args.size)
+        wait_drained(pf)
+        for s in args.sessions:
+            before = len(pf.log().splitlines())
+            dt = smtp_source(pf.port, s, args.messages, args.size)
+            time.sleep(0.5)
+            queued, refused = count_accepted(pf, before)
+            rate = args.messages / dt
+            out[s] = rate
+            print(f"  {label:<34} sessions={s:<3} {args.messages} msgs in {dt:6.2f}s "
+                  f"= {rate:7.1f} msg/s  (queued {queued}, milter-refused {refused})",
+                  flush=True)
+            wait_drained(pf)
+    finally:
+        pf.stop()
+    return out
+
+
+class Dnsmasq:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+             f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+             "--address=/#/", "--user=nobody"], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+class Rspamd:
+    """Debian's rspamd with its default config, DNS pointed at the stub."""
+
+    def __init__(self, dns_port: int):
+        self.saved = RSPAMD_OPTIONS.read_bytes() if RSPAMD_OPTIONS.exists() else None
+        RSPAMD_OPTIONS.write_text(f'dns {{ nameserver = ["127.0.0.1:{dns_port}"]; }}\n')
+        Path("/run/rspamd").mkdir(exist_ok=True)
+        shutil.chown("/run/rspamd", "_rspamd")
+        self.pidfile = Path("/run/rspamd/rspamd.pid")
+        for port in (11332, 11333):
+            try:
+                wait_port(port, 0.2)
+            except RuntimeError:
+                continue
+            raise RuntimeError(f"something already listens on 127.0.0.1:{port}; stop the "
+                               "running rspamd first so the benchmark measures its own")
+        # rspamd daemonizes: no pipes, or run() would wait for its workers
+        r = subprocess.run(["rspamd", "-u", "_rspamd", "-g", "_rspamd"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError(f"rspamd failed to start (exit {r.returncode}); "
+                               "see /var/log/rspamd/rspamd.log")
+        wait_port(11332, 60)
+        wait_port(11333, 60)
+        time.sleep(1)
+
+    def stop(self):
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
+                except ProcessLookupError:
+                    break
+        except (OSError, ValueError):
+            pass
+        if self.saved is None:
+            RSPAMD_OPTIONS.unlink(missing_ok=True)
+        else:
+            RSPAMD_OPTIONS.write_bytes(self.saved)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--size", type=int, default=5120)
+    ap.add_argument("--sessions", default="20,60")
+    ap.add_argument("--workers", default="1,2", help="filterd milter worker counts to measure")
+    ap.add_argument("--skip-rspamd", action="store_true")
+    ap.add_argument("--skip-postfix-alone", action="store_true")
+    ap.add_argument("--core-variant", action="store_true",
+                    help="also measure filterd with only the foundation's plugins (rules, "
+                         "spam_headers), every other plugin disabled")
+    ap.add_argument("--filterd-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for the filterd milter (e.g. to see what a plugin costs)")
+    args = ap.parse_args()
+    args.sessions = [int(x) for x in args.sessions.split(",")]
+    workers = [int(x) for x in args.workers.split(",")]
+    print(f"milter benchmark: {args.messages} messages of {args.size} bytes per run, "
+          f"sessions {args.sessions}, {os.cpu_count()} CPUs", flush=True)
+
+    sink = Sink(capture=False)
+    dns = Dnsmasq()
+    results: dict[str, dict] = {}
+    try:
+        if not args.skip_postfix_alone:
+            results["postfix"] = measure("Postfix alone", sink, None, args)
+        if not args.skip_rspamd:
+            rs = Rspamd(dns.port)
+            try:
+                results["rspamd"] = measure("Postfix + rspamd milter", sink,
+                                            "inet:127.0.0.1:11332", args)
+            finally:
+                rs.stop()
+        for w in workers:
+            m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
+                                  *args.filterd_set, workers=w, log_level="warning")
+            try:
+                results[f"filterd-{w}"] = measure(f"Postfix + filterd milter ({w} proc)",
+                                                  sink, m.spec, args)
+                if not m.alive():
+                    print("  filterd milter died:\n" + m.log()[-2000:])
+            finally:
+                m.stop()
+        if args.core_variant:
+            from filterd.pipeline import load_config_and_plugins
+
+            _, infos = load_config_and_plugins(None, [], use_default_path=False)
+            others = sorted(i.name for i in infos if i.name not in ("rules", "spam_headers"))
+            m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
+                                  f"plugins.disabled={others!r}".replace("'", '"'),
+                                  *args.filterd_set, workers=1, log_level="warning")
+            try:
+                results["filterd-core"] = measure("Postfix + filterd, core plugins", sink,
+                                                  m.spec, args)
+            finally:
+                m.stop()
+            print(f"  (core variant: disabled {', '.join(others)})")
+    finally:
+        dns.stop()
+        sink.stop()
+
+    print("\nsummary (msg/s)")
+    names = list(results)
+    print(f"  {'sessions':<10}" + "".join(f"{n:>14}" for n in names))
+    for s in args.sessions:
+        print(f"  {s:<10}" + "".join(f"{results[n].get(s, 0):>14.1f}" for n in names))
+    if "rspamd" in results:
+        for s in args.sessions:
+            base = results["rspamd"][s]
+            for n in names:
+                if n.startswith("filterd"):
+                    print(f"  ratio {n}/rspamd at {s} sessions: {results[n][s] / base:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
