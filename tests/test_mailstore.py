@@ -4,6 +4,7 @@ with imaplib through a real Dovecot using the shipped configuration snippet."""
 from __future__ import annotations
 
 import imaplib
+import json
 import os
 import poplib
 import shutil
@@ -310,3 +311,7 @@ def test_imap_through_dovecot_reads_inbox_and_junk_and_a_move_to_junk_is_learned
                            "--set", f"server.state_dir={mailgw.state}"], capture_output=True)
     out = proc.stdout.decode()
     assert "learned spam" in out and "1 message(s) learned" in out, out
+    # ... into the Bayes store the gateway uses
+    stats = subprocess.run([sys.executable, "-m", "filterd", "bayes", "stats", "--json",
+                            "--set", f"server.state_dir={mailgw.state}"], capture_output=True)
+    assert json.loads(stats.stdout)["spam_messages"] == 1, stats.stdout

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -376,3 +377,35 @@ def test_workers_share_a_unix_socket_and_stop_cleanly_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_with_milter_flag_runs_the_milter_front_door(tmp_path):
+    """`filterd serve --milter inet:PORT@HOST` (no SMTP listener): the same pipeline answers
+    milter sessions; GTUBE gets filterd's reject and a clean message passes."""
+    from gateway_fixtures import free_port as free
+
+    port = free()
+    state = tmp_path / "state"
+    state.mkdir()
+    log = state / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filterd", "serve", "--milter",
+         f"inet:{port}@127.0.0.1", "--set", f"server.state_dir={state}"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while b"ready: milter on" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        replies = clean_session(port)
+        assert final(replies) in (b"c", b"a"), replies
+        c = MilterClient(port)
+        c.negotiate()
+        replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                            f"{GTUBE}\r\n".encode())
+        c.quit()
+        code, data = replies[-1]
+        assert code == b"y" and b"550" in data, replies  # filterd's own SMTP reply
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()

@@ -42,6 +42,9 @@ def register(sub, common) -> None:
     p.add_argument("--mode", choices=("gateway", "proxy"), help="[smtp] mode")
     p.add_argument("--next-hop", metavar="HOST:PORT",
                    help="proxy mode: where to forward ([smtp] proxy_next_hop)")
+    p.add_argument("--milter", metavar="SOCKET",
+                   help="also (or only) serve as a milter: inet:PORT@HOST or unix:/path "
+                        "([milter] listen); with no SMTP listener configured, milter only")
     p.add_argument("--workers", type=int, metavar="N",
                    help="SMTP worker processes sharing the listeners (0 = one per CPU)")
     p.set_defaults(func=run)
@@ -70,6 +73,10 @@ def _overrides(args) -> list[str]:
         ov.append("smtp.mode=" + json.dumps(args.mode))
     if args.next_hop:
         ov.append("smtp.proxy_next_hop=" + json.dumps(args.next_hop))
+    if args.milter:
+        ov.append("milter.listen=" + json.dumps(args.milter))
+        if not args.listen and not args.submission:
+            ov.append("smtp.listen=[]")  # `serve --milter X` alone: the milter front door only
     if args.workers is not None:
         ov.append(f"smtp.workers={int(args.workers)}")
     return ov
@@ -91,9 +98,10 @@ def _listener_specs(cfg):
             except ValueError as exc:
                 raise ConfigError([ConfigProblem("", None, key, str(exc))])
             specs.append(ListenerSpec(host, port, kind))
-    if not specs:
+    if not specs and not cfg.get("milter.listen"):
         raise ConfigError([ConfigProblem("", None, "smtp.listen",
-                                         "no listener configured (set [smtp] listen or --listen)")])
+                                         "no listener configured (set [smtp] listen, --listen "
+                                         "or --milter)")])
     return specs
 
 
@@ -247,6 +255,10 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         _register_submit(new_pipe, spool, delivery)
+        if cfg.get("milter.listen"):
+            from ..milter.server import swap_pipeline as swap_milter
+
+            swap_milter(new_pipe)
         pipe = new_pipe
         await server.swap_pipeline(new_pipe, new_settings, new_relay)
         log.info("reload done; sessions already running finish on the old configuration")
@@ -293,10 +305,24 @@ def _register_submit(pipe, spool, delivery) -> None:
 
 async def _start_side_services(pipe) -> list:
     """Services that run once per gateway (in the process that owns delivery), beside SMTP:
-    the mailstore's POP3 listeners and Junk scanner. Returns async closers."""
+    the milter front door, the mailstore's POP3 listeners and Junk scanner. Returns async
+    closers."""
     from ..mailstore import service as mailstore_service
 
-    return await mailstore_service.start(pipe)
+    closers = await mailstore_service.start(pipe)
+    if pipe.config.get("milter.listen"):
+        from ..milter.server import run_milter_from_config
+
+        task = asyncio.ensure_future(run_milter_from_config(pipe.config, pipe))
+
+        async def stop_milter():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
+                pass
+        closers.append(stop_milter)
+    return closers
 
 
 async def _parent(args, overrides, children, spawn) -> int:

@@ -15,15 +15,18 @@ log = logging.getLogger("filterd.mailstore")
 
 
 def learner(services):
-    """A synchronous ``learn(kind, data)`` for the Junk scanner, or None without a learner.
-    The Bayes plugin registers ``services.extra["learn"]`` (async, ``(kind, data)``)."""
-    learn = services.extra.get("learn")
-    if learn is None:
+    """A synchronous ``learn(kind, data)`` for the Junk scanner (it runs in a worker thread),
+    or None when the Bayes plugin is off. Learning goes through the one learn path,
+    :func:`filterd.bayes.learn_message`, like quarantine releases and training by email."""
+    if not services.config.get("bayes.enabled", True):
         return None
+    from ..bayes import learn_message
+
     loop = asyncio.get_running_loop()
 
     def sync_learn(kind: str, data: bytes) -> None:
-        asyncio.run_coroutine_threadsafe(learn(kind, data), loop).result(timeout=60)
+        asyncio.run_coroutine_threadsafe(learn_message(services, data, kind == "spam"),
+                                         loop).result(timeout=60)
     return sync_learn
 
 
