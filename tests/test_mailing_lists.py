@@ -165,3 +165,36 @@ async def test_offline_check_never_sends_mail(lists, tmp_path):
     await pipe.scan(make_message(), "ann@example.com", ["team-subscribe@example.org"],
                     Session(front_door="check"))
     assert outbox.take() == []
+
+
+async def test_one_click_unsubscribe_link_works_over_http_and_get_never_acts(pipeline_factory):
+    import aiohttp
+
+    from gateway_fixtures import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    pipe = await pipeline_factory("quarantine.enabled=true",
+                                  f'quarantine.web_listen="127.0.0.1:{port}"',
+                                  f'quarantine.base_url="{base}"',
+                                  f'mailing_lists.web_base_url="{base}"')
+    outbox = Outbox()
+    pipe.services.extra["submit"] = outbox
+    m = ListManager(pipe.services.store)
+    await m.create("team@example.org")
+    await m.add_members("team@example.org", "ann@example.com", "bob@example.net")
+    await pipe.scan(make_message(sender="ann@example.com", to="team@example.org"),
+                    "ann@example.com", ["team@example.org"], Session(front_door="smtp"))
+    copy = next(msg for _, r, msg in outbox.take() if r == ["bob@example.net"]).parsed
+    assert copy.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
+    url = re.search(r"<(http[^>]+)>", copy.header("List-Unsubscribe")).group(1)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as r:  # a link scanner's prefetch
+            assert r.status == 200 and "Unsubscribe" in await r.text()
+        assert "bob@example.net" in await m.members("team@example.org")
+        forged = re.sub(r"token=[0-9a-f]+", "token=" + "0" * 32, url)
+        async with http.post(forged, data={"List-Unsubscribe": "One-Click"}) as r:
+            assert r.status == 403
+        async with http.post(url, data={"List-Unsubscribe": "One-Click"}) as r:
+            assert r.status == 200
+    assert await m.members("team@example.org") == ["ann@example.com"]

@@ -13,7 +13,9 @@ Routes (every page carries ``Referrer-Policy: same-origin``, a strict CSP and ``
 - ``GET  /q/login?u=<address>&t=<token>``  signed login link → session cookie → ``/q/list``;
 - ``GET  /q/list``  everything held for the signed-in user, with buttons, lists and the digest
   frequency; ``POST /q/list/act`` and ``POST /q/prefs`` act with the session's CSRF value;
-- ``GET  /healthz``.
+- ``GET  /healthz``;
+- ``GET|POST /lists/unsubscribe?list=&member=&token=``  mailing lists' RFC 8058 one-click
+  unsubscribe (GET shows a button; the POST with ``List-Unsubscribe=One-Click`` acts).
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ class QuarantineWeb:
         app.router.add_post("/q/list/act", self.list_act)
         app.router.add_post("/q/prefs", self.prefs)
         app.router.add_get("/healthz", self.health)
+        app.router.add_get("/lists/unsubscribe", self.list_unsubscribe_page)
+        app.router.add_post("/lists/unsubscribe", self.list_unsubscribe)
         self.app = app
 
     # -- server lifecycle ---------------------------------------------------------------------
@@ -245,6 +249,36 @@ class QuarantineWeb:
 
     async def health(self, request):
         return web.Response(text="ok\n")
+
+    # -- mailing lists: RFC 8058 one-click unsubscribe ----------------------------------------
+    async def list_unsubscribe_page(self, request):
+        """GET never acts (link scanners): it shows one button that POSTs to the same URL."""
+        q = request.rel_url.query
+        listaddr, member = q.get("list", ""), q.get("member", "")
+        from html import escape
+
+        body = (f"<!doctype html><html lang=en><meta charset=utf-8><title>Unsubscribe</title>"
+                f"<main><h1>Unsubscribe {escape(member)} from {escape(listaddr)}?</h1>"
+                f"<form method=post><input type=hidden name=List-Unsubscribe value=One-Click>"
+                f"<button>Unsubscribe</button></form></main></html>")
+        return web.Response(text=body, content_type="text/html", charset="utf-8")
+
+    async def list_unsubscribe(self, request):
+        """The POST a mail client sends for ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``
+        (RFC 8058): the signed token in the URL, bound to list and member, is the authority."""
+        from ..lists import ListManager
+
+        q = request.rel_url.query
+        form = await request.post()
+        if form.get("List-Unsubscribe") != "One-Click":
+            return web.Response(text="expected List-Unsubscribe=One-Click\n", status=400)
+        manager = ListManager(self.service.services.store)
+        ok = await manager.one_click_unsubscribe(q.get("list", ""), q.get("member", ""),
+                                                 q.get("token", ""))
+        if not ok:
+            return web.Response(text="unknown list, member or token\n", status=403)
+        log.info("list %s: %s unsubscribed by one-click", q.get("list"), q.get("member"))
+        return web.Response(text="unsubscribed\n")
 
 
 def base36(n: int) -> str:
