@@ -109,8 +109,8 @@ class Thresholds:
         for key, value in table.items():
             if key in ("domains", "recipients") or isinstance(value, dict):
                 continue
-            if value is False or value is None or float(value) < 0:
-                continue  # a negative threshold switches the action off
+            if value is False or value is None:
+                continue
             levels[Action.parse(key)] = float(value)
         return cls(levels)
 
