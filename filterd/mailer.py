@@ -9,8 +9,6 @@ with what to configure.
 from __future__ import annotations
 
 import email.utils
-import smtplib
-import asyncio
 import socket
 import uuid
 
@@ -41,18 +39,21 @@ async def submit(services, sender: str, recipients: list[str], data: bytes,
     if not relay:
         raise MailerError("no way to send mail: run inside `filterd serve` (gateway mode) or set "
                           "[mailer] relay = \"host:port\" (e.g. your Postfix on 127.0.0.1:25)")
+    await send_to_relay(relay, sender, recipients, data)
+    return "sent"
+
+
+async def send_to_relay(relay: str, sender: str, recipients: list[str], data: bytes) -> None:
+    """Hand ``data`` to the SMTP relay ``"host:port"`` (``"[host]:port"``; port 25 when
+    omitted). Raises :class:`MailerError` naming the relay when it fails or refuses."""
+    import aiosmtplib
+
     host, _, port = relay.rpartition(":")
-    host = host.strip("[]") or relay
-    return await asyncio.to_thread(_send_smtp, host, int(port or 25), sender, recipients, data)
-
-
-def _send_smtp(host: str, port: int, sender: str, recipients: list[str], data: bytes) -> str:
+    if not host:
+        host, port = relay, ""
+    host = host.strip("[]") or "127.0.0.1"
     try:
-        with smtplib.SMTP(host, port, timeout=30) as s:
-            s.ehlo_or_helo_if_needed()
-            refused = s.sendmail(sender, recipients, data)
-            if refused:
-                raise MailerError(f"relay {host}:{port} refused {sorted(refused)}")
-            return "sent"
-    except (OSError, smtplib.SMTPException) as exc:
-        raise MailerError(f"relay {host}:{port}: {exc}") from exc
+        await aiosmtplib.send(data, sender=sender, recipients=list(recipients), hostname=host,
+                              port=int(port or 25), timeout=60, start_tls=False, use_tls=False)
+    except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+        raise MailerError(f"relay {host}:{port or 25}: {exc}") from exc

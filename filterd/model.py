@@ -365,12 +365,8 @@ class Message:
         return self.parsed.defects
 
     def header_block_and_body(self) -> tuple[bytes, bytes]:
-        """Split raw bytes at the first empty line (either CRLF or LF style)."""
-        raw = self.raw
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            i = raw.find(sep)
-            if i >= 0:
-                j = raw.find(b"\r\n\r\n" if sep == b"\n\n" else b"\n\n")
-                if sep == b"\r\n\r\n" or j < 0 or i < j:
-                    return raw[: i + len(sep)], raw[i + len(sep):]
-        return raw, b""
+        """(header block including the empty line, body), split at the first empty line."""
+        from .rewrite import split_message
+
+        block, sep, body = split_message(self.raw)
+        return block + sep, body

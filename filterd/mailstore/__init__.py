@@ -134,10 +134,12 @@ class MailStore:
 
     @staticmethod
     def is_tagged_spam(data: bytes) -> bool:
-        head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-        for line in head.splitlines():
-            if line.lower().startswith(b"x-spam-flag:"):
-                return line.split(b":", 1)[1].strip().upper() == b"YES"
+        """filterd's own ``X-Spam-Flag: YES`` (incoming copies are stripped by spam_headers)."""
+        from ..rewrite import field_name, field_value, header_fields, split_message
+
+        for field in header_fields(split_message(data)[0]):
+            if field_name(field) == "x-spam-flag":
+                return field_value(field).upper() == "YES"
         return False
 
     # -- delivery ------------------------------------------------------------------------------

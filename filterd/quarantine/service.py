@@ -352,16 +352,12 @@ class QuarantineService:
         return True
 
     async def relay(self, mail_from: str, recipients: list[str], data: bytes) -> None:
-        import aiosmtplib
+        from ..mailer import MailerError, send_to_relay
 
-        host, _, port = self.options["relay"].rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
         try:
-            await aiosmtplib.send(data, sender=mail_from, recipients=list(recipients),
-                                  hostname=host, port=int(port or 25), timeout=60,
-                                  start_tls=False, use_tls=False)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise ActionError(f"could not hand the message to the relay {host}:{port} "
+            await send_to_relay(self.options["relay"], mail_from, recipients, data)
+        except MailerError as exc:
+            raise ActionError(f"could not hand the message to the relay "
                               f"([quarantine] relay): {exc}") from exc
 
     def compose(self, to: str, subject: str, text: str, html: str | None = None) -> bytes:
