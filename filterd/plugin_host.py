@@ -204,6 +204,29 @@ class PluginHost:
                                  [i for i in ordered if i.trylast])
         return self._impls[hook]
 
+    def wants(self, hook: str, session=None, address: str | None = None) -> bool:
+        """Would some plugin act in early phase ``hook`` (for this ``session`` and recipient
+        ``address``; without a session: for some session)? Front doors where calling a phase
+        costs a round trip ask this first (the milter: the MTA waits for a reply) and run the
+        phase later, at end of message and in order, when no plugin wants it now.
+
+        A plugin answers through an optional ``wants(hook, session, address)`` method (see
+        docs/hooks.md, "Answering early only when needed"); a plugin without one always wants
+        its hooks. ``wants`` runs outside the event loop (in a milter thread): it may only read
+        its configuration and the session, never await or change state."""
+        for impl in self.impls(hook):
+            fn = getattr(impl.plugin, "wants", None)
+            if fn is None:
+                return True
+            try:
+                if fn(hook, session, address):
+                    return True
+            except Exception:  # noqa: BLE001 - when unsure, the hook runs at its own step
+                log.exception("plugin %s: wants(%r) failed; calling the hook at its step",
+                              impl.plugin_name, hook)
+                return True
+        return False
+
     # -- calling ------------------------------------------------------------------------------
     async def call_one(self, impl, kwargs: dict, ctx=None):
         """Call one hook implementation under its timeout and error policy.

@@ -6,6 +6,7 @@ sender allow-listed / of good reputation?" exactly the way the reputation plugin
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -154,9 +155,16 @@ class ReputationModel:
     subject); a bucket's weight halves every ``half_life``; buckets older than ``max_age`` are
     ignored and pruned. One round trip reads the three subjects of a message; one writes them."""
 
-    def __init__(self, options: dict):
+    def __init__(self, options: dict, services=None):
         from .config import parse_duration
 
+        # one buffer per pipeline, shared by every plugin that reads standings (reputation,
+        # greylist), so what this node learnt but has not written yet is seen by all of them
+        flush = parse_duration(options.get("learn_flush", "0s"))
+        self.buffer: LearnBuffer | None = None
+        if services is not None and flush > 0:
+            self.buffer = services.extra.setdefault("reputation.learn_buffer",
+                                                    LearnBuffer(flush))
         self.bucket = max(parse_duration(options.get("bucket", "6h")), 1.0)
         self.half_life = max(parse_duration(options.get("half_life", "7d")), 1.0)
         self.max_age = parse_duration(options.get("max_age", "30d"))
@@ -194,7 +202,9 @@ class ReputationModel:
 
     def standings(self, subj: dict[str, str], rows: list[dict[str, int]], now: float
                   ) -> dict[str, Standing]:
-        return {kind: Standing(key.split(":", 2)[2], self.decay(row, now))
+        buf = self.buffer
+        return {kind: Standing(key.split(":", 2)[2],
+                               self.decay(buf.merged(key, row) if buf else row, now))
                 for (kind, key), row in zip(subj.items(), rows)}
 
     async def lookup(self, store, ip: str, sender: str, now: float | None = None,
@@ -224,8 +234,11 @@ class ReputationModel:
         now = time.time() if now is None else now
         field = f"{category}:{int(now // self.bucket)}"
         subj = self.subjects(ip, sender)
-        await store.mhincr({key: {field: 1} for key in subj.values()},
-                           ttl=self.max_age + self.bucket)
+        items = {key: {field: 1} for key in subj.values()}
+        if self.buffer is not None:
+            self.buffer.add(store, items, ttl=self.max_age + self.bucket)
+            return
+        await store.mhincr(items, ttl=self.max_age + self.bucket)
 
     def judge(self, standing: Standing) -> str | None:
         """"bad", "good" or None (too little history or in between)."""
@@ -236,6 +249,86 @@ class ReputationModel:
         if standing.bad_ratio <= self.good_ratio:
             return "good"
         return None
+
+
+class LearnBuffer:
+    """Reputation learning, written behind: the counts of every message learnt in the last
+    ``interval`` seconds go to the store in ONE round trip (counts of the same subject added up),
+    instead of one write per message on that message's path.
+
+    Standings read on this node add what is still pending or being written, so the next message
+    from a sender already sees the previous one's outcome; other nodes sharing Redis see it after
+    the next flush (at most ``interval`` later). A flush that fails (store down in ``skip`` mode)
+    logs a warning and drops those counts: reputation is statistics, not mail. ``flush()`` is
+    awaited at shutdown, so a clean stop or reload loses nothing."""
+
+    MAX_PENDING = 100_000  # subjects held while the store keeps failing; beyond that, dropped
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.pending: dict[str, dict[str, int]] = {}
+        self.inflight: dict[str, dict[str, int]] = {}
+        self.store = None
+        self.ttl: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+
+    def add(self, store, items: dict[str, dict[str, int]], ttl: float | None) -> None:
+        self.store, self.ttl = store, ttl
+        if len(self.pending) >= self.MAX_PENDING:
+            log.warning("reputation: %d subjects waiting to be written; dropping new counts "
+                        "until the store accepts writes again", len(self.pending))
+            return
+        for key, counts in items.items():
+            row = self.pending.setdefault(key, {})
+            for f, n in counts.items():
+                row[f] = row.get(f, 0) + n
+        if self._timer is None and self._task is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+
+    def merged(self, key: str, row: dict[str, int]) -> dict[str, int]:
+        """``row`` as read from the store plus this node's unwritten counts."""
+        extra = [d[key] for d in (self.pending, self.inflight) if key in d]
+        if not extra:
+            return row
+        out = dict(row)
+        for d in extra:
+            for f, n in d.items():
+                out[f] = out.get(f, 0) + n
+        return out
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._flush_then_reschedule())
+
+    async def _flush_then_reschedule(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            self._task = None
+            if self.pending and self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+
+    async def flush(self) -> None:
+        """Write what is pending now (one store round trip)."""
+        if self._timer is not None and self._task is None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.pending or self.store is None:
+            return
+        self.inflight, self.pending = self.pending, {}
+        try:
+            await self.store.mhincr(self.inflight, ttl=self.ttl)
+        except StoreError as exc:
+            log.warning("reputation: could not write the counts of %d subjects, dropped: %s",
+                        len(self.inflight), exc)
+        finally:
+            self.inflight = {}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        await self.flush()
 
 
 # -- store trouble never stops mail ----------------------------------------------------------------

@@ -60,6 +60,19 @@ class Plugin:
     def startup(self, options):
         self.map = load_alias_map(options)  # a broken alias file stops start-up, named
 
+    def wants(self, hook, session=None, address=None) -> bool:
+        """RCPT TO only for an address this plugin expands or refuses: a list, an alias, a
+        catch-all or virtual domain (everything else passes through unchanged)."""
+        if hook != "rcpt_to" or self.map is None:
+            return True
+        if address is None:
+            return bool(self.lists or self.virtual or self.map.entries or self.map.unqualified
+                        or self.map.catch_all)
+        key = address.lower()
+        domain = key.rpartition("@")[2]
+        return (key in self.lists or domain in self.virtual or domain in self.map.catch_all
+                or self.map.is_alias(address))
+
     @hookimpl
     def rcpt_to(self, ctx, recipient):
         addr = recipient.address

@@ -130,6 +130,15 @@ class Plugin:
         kind = self.learn.get(recipient.address.lower())
         if kind is None:
             return None
+        return self._learn_address(ctx, recipient, kind)
+
+    def wants(self, hook, session=None, address=None) -> bool:
+        # RCPT TO matters only for the learn addresses (refused to non-local senders there)
+        if hook != "rcpt_to":
+            return True
+        return bool(self.learn) if address is None else address.lower() in self.learn
+
+    def _learn_address(self, ctx, recipient, kind):
         if not self._may_learn(ctx.session):
             return Verdict.reject(
                 f"{recipient.address} accepts mail from authenticated local users only",

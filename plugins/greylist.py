@@ -77,13 +77,18 @@ class Plugin:
         self.auto_ttl = _d(options["auto_allow_ttl"])
         rep = services.config.section("reputation") or {}
         self.lists = ListPolicy(rep)
-        self.model = ReputationModel(rep)
+        self.model = ReputationModel(rep, services)
 
     def triplet_key(self, ip: str, sender: str, rcpt: str) -> tuple[str, str]:
         net = client_network(ip, int(self.options["ipv4_prefix"]),
                              int(self.options["ipv6_prefix"]))
         raw = f"{net}|{normalize_sender(sender)}|{rcpt.lower()}"
         return f"grey:t:{hashlib.sha1(raw.encode()).hexdigest()}", f"grey:net:{net}"
+
+    def wants(self, hook, session=None, address=None) -> bool:
+        if hook != "rcpt_to" or session is None:
+            return True
+        return not (session.auth_user or _ip_in(session.peer_ip, self.options["skip_networks"]))
 
     @hookimpl
     def rcpt_to(self, ctx, recipient):

@@ -24,6 +24,14 @@ class Plugin:
         return bool(self.store) and self.options.get("check_at_smtp_time", True) and \
             address.rpartition("@")[2].lower() in self.local
 
+    def wants(self, hook, session=None, address=None) -> bool:
+        if hook != "rcpt_to":
+            return True
+        if address is None:
+            return bool(self.store) and bool(self.options.get("check_at_smtp_time", True)) \
+                and bool(self.local)
+        return self._applies(address)
+
     @hookimpl
     def rcpt_to(self, recipient):
         if not self._applies(recipient.address):

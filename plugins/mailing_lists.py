@@ -94,6 +94,11 @@ class Plugin:
                                         parse_duration(o["token_ttl"]))
         return self._manager
 
+    def wants(self, hook, session=None, address=None) -> bool:
+        # RCPT TO only looks the list up (and tempfails while the store is down): run at end of
+        # message instead, that tempfail covers the whole message, which is just as safe
+        return hook != "rcpt_to"
+
     # -- pipeline hooks -----------------------------------------------------------------------
     @hookimpl
     async def rcpt_to(self, ctx, recipient):

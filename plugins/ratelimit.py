@@ -57,6 +57,19 @@ class Plugin:
     def __init__(self, options, services):
         self.options = options
 
+    def wants(self, hook, session=None, address=None) -> bool:
+        """MAIL FROM: unauthenticated clients outside ``exempt_networks`` (a limit on IP or
+        sender); RCPT TO: authenticated users (the per-user limit)."""
+        o = self.options
+        if hook == "mail_from":
+            if not (int(o["ip"]["limit"]) or int(o["sender"]["limit"])):
+                return False
+            return session is None or not (session.auth_user
+                                           or _ip_in(session.peer_ip, o["exempt_networks"]))
+        if hook == "rcpt_to":
+            return bool(int(o["user"]["limit"])) and (session is None or bool(session.auth_user))
+        return True
+
     def _reply(self, kind: str, subject: str) -> Verdict:
         o = self.options[kind]
         text = o["text"].format(limit=o["limit"], window=o["window"], subject=subject)

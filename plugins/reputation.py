@@ -9,8 +9,8 @@ When it runs:
   block: 550 5.7.1). An allow entry never overrides another plugin's own verdict (a virus
   reject, a scanner tempfail) — only what the score decided.
 - ``scanned``: the final outcome is learnt (the event after the data phase; rejected messages
-  never reach ``delivered``). The learnt category ignores this plugin's own symbols, so a bad
-  reputation does not feed itself.
+  never reach ``delivered``), written behind every ``learn_flush`` in one round trip. The
+  learnt category ignores this plugin's own symbols, so a bad reputation does not feed itself.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ CONFIG = """
 in_check = false
 # Learn from every message's outcome (ham, spam, virus, rejected).
 learn = true
+# Learnt counts are written behind, all subjects of this interval in one store round trip
+# (off the message's path). This node's own lookups see unwritten counts at once; other nodes
+# sharing Redis see them at most this much later. "0s" writes each message's counts at once.
+learn_flush = "250ms"
 # Clients whose mail is not learnt from (local submissions, your own relays).
 skip_networks = ["127.0.0.0/8", "::1/128"]
 # Mail from authenticated clients (outbound) is not learnt from.
@@ -79,8 +83,18 @@ class Plugin:
     def __init__(self, options, services):
         self.options = options
         self.services = services
-        self.model = ReputationModel(options)
+        self.model = ReputationModel(options, services)
         self.lists = ListPolicy(options)
+
+    @hookimpl
+    async def shutdown(self):
+        if self.model.buffer is not None:  # a clean stop or reload loses no learnt counts
+            await self.model.buffer.close()
+
+    async def flush(self) -> None:
+        """Write learnt counts still held in the write-behind buffer now."""
+        if self.model.buffer is not None:
+            await self.model.buffer.flush()
 
     @hookimpl
     def data(self, ctx, message):

@@ -189,6 +189,12 @@ class Plugin:
                            source="spf")
         return data
 
+    def wants(self, hook, session=None, address=None) -> bool:
+        # SPF is always evaluated (here or in ``data``); MAIL FROM only has to wait for it when
+        # a fail or temperror refuses the sender there
+        return hook != "mail_from" or bool(self.options.get("reject_on_fail")
+                                           or self.options.get("tempfail_on_temperror"))
+
     @hookimpl
     async def mail_from(self, ctx, sender, params, options):
         data = await self._evaluate(ctx)

@@ -60,11 +60,12 @@ async def test_negotiation_requests_only_needed_steps_and_actions(milter_proc, p
     # no EOH / DATA / unknown callbacks; headers and body without per-packet replies
     for bit in (M.P_NOEOH, M.P_NODATA, M.P_NOUNKNOWN, M.P_NR_HDR, M.P_NR_BODY):
         assert c.protocol & bit
-    # an early step waits for a reply exactly when some plugin implements its hook
+    # an early step waits for a reply exactly when some plugin may want to answer there
     pipe = await pipeline_factory()
     for hook, bit in (("connect", M.P_NR_CONN), ("helo", M.P_NR_HELO),
                       ("mail_from", M.P_NR_MAIL), ("rcpt_to", M.P_NR_RCPT)):
-        assert bool(c.protocol & bit) == (not pipe.host.impls(hook)), hook
+        assert bool(c.protocol & bit) == (not pipe.host.wants(hook)), hook
+    assert not pipe.host.wants("connect") and pipe.host.impls("rcpt_to")
     assert not c.protocol & (M.P_NOCONNECT | M.P_NOHDRS | M.P_NOBODY | M.P_RCPT_REJ)
     assert c.actions & (M.ADDHDRS | M.CHGHDRS | M.DELRCPT | M.QUARANTINE)
     assert not c.actions & (M.ADDRCPT | M.CHGFROM)
@@ -292,6 +293,77 @@ def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
         cmd, data = c.mail("blocked@example.com")
         assert cmd == b"y" and data.startswith(b"550 5.7.1 Sender blocked")
         c.quit()
+        assert m.alive()
+    finally:
+        m.stop()
+
+
+WANTS_PLUGIN = '''
+from filterd.hookspecs import hookimpl
+from filterd.verdict import Modification, Verdict
+CONFIG = ""
+
+class Plugin:
+    def __init__(self, options, services):
+        pass
+
+    def wants(self, hook, session=None, address=None):
+        # MAIL FROM never needs an answer at its step; RCPT TO only for "special" addresses
+        if hook == "mail_from":
+            return session is None
+        return address is None or address.startswith("special")
+
+    @hookimpl
+    def mail_from(self, ctx, sender):
+        ctx.data.setdefault("seen", []).append("mail:" + sender)
+
+    @hookimpl
+    def rcpt_to(self, ctx, recipient):
+        ctx.data.setdefault("seen", []).append("rcpt:" + recipient.address)
+        if recipient.address.startswith(("special-no", "late-no")):
+            return Verdict.reject("Refused by test policy", code=550, enhanced="5.1.1")
+
+    @hookimpl
+    def modify(self, ctx):
+        return [Modification.add_header("X-Seen", " ".join(ctx.data.get("seen", [])))]
+'''
+
+
+def test_phases_no_plugin_wants_now_are_answered_at_once_and_run_at_end_of_message(tmp_path):
+    """``wants`` lets a plugin say an early hook has nothing to answer for this client or
+    address: the milter replies at once and runs the hook at end of message; a recipient it does
+    want is answered live, after the deferred phases before it ran in order."""
+    plugdir = tmp_path / "plugins"
+    plugdir.mkdir()
+    (plugdir / "picky.py").write_text(WANTS_PLUGIN)
+    m = FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    try:
+        c = MilterClient(m.port)
+        c.negotiate()
+        c.connect()
+        c.helo()
+        assert c.mail("alice@example.com") == (b"c", b"")
+        assert c.rcpt("bob@example.org") == (b"c", b"")
+        assert c.rcpt("late-no@example.org") == (b"c", b"")  # not wanted: refused later
+        cmd, data = c.rcpt("special-no@example.org")  # wanted: refused at its step
+        assert cmd == b"y" and data.startswith(b"550 5.1.1 Refused by test policy")
+        assert c.rcpt("carol@example.org") == (b"c", b"")
+        for n, v in CLEAN_HEADERS:
+            c.header(n, v)
+        c.eoh()
+        c.body(b"fine\r\n")
+        replies = c.eom()
+        c.quit()
+        # the late refusal removes that recipient at end of message, the others go on
+        assert (b"-", b"<late-no@example.org>\0") in replies or \
+            (b"-", b"late-no@example.org\0") in replies, replies
+        seen = next(d for cmd, d in replies if cmd in (b"h", b"i") and b"X-Seen" in d)
+        # every phase ran once, in SMTP order, the live ones and the deferred ones alike
+        value = seen.rstrip(b"\0").rpartition(b"\0")[2]  # h: name\0value\0, i: index+same
+        assert value.decode().split() == [
+            "mail:alice@example.com", "rcpt:bob@example.org", "rcpt:late-no@example.org",
+            "rcpt:special-no@example.org", "rcpt:carol@example.org"]
+        assert replies[-1][0] in (b"c", b"a")
         assert m.alive()
     finally:
         m.stop()

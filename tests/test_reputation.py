@@ -75,9 +75,48 @@ async def test_own_symbols_do_not_feed_back_into_learning(rep_pipe, pipeline_fac
     # the bad standing alone (3 + 1.5 + 2 = 6.5) would tag these hams; they still count as ham
     r = await pipe.scan(HAM, "x@spam.test", ["u@example.org"], smtp("198.51.100.50"))
     assert r.action.value == "add_header"
+    await pipe.host.pm.get_plugin("reputation").flush()  # written behind: write them now
     store = pipe.services.store
     counts = ReputationModel({}).decay(await store.hgetall("rep:ip:198.51.100.50"), time.time())
     assert round(counts["ham"]) == 1 and round(counts["rejected"]) == 5
+
+
+async def test_learning_is_written_behind_in_one_round_trip_and_seen_at_once_locally(
+        rep_pipe, monkeypatch):
+    pipe = await rep_pipe("reputation.learn_flush=1h")  # no timer flush during the test
+    store = pipe.services.store
+    writes = []
+    real = type(store).mhincr
+
+    async def counting(self, items, ttl=None):
+        writes.append(dict(items))
+        return await real(self, items, ttl)
+    monkeypatch.setattr(type(store), "mhincr", counting)
+    for _ in range(5):
+        await pipe.scan(SPAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.17"))
+    # nothing written yet, but this node already judges from what it learnt
+    assert writes == [] and await store.keys("rep:") == []
+    r = await pipe.scan(HAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.17"))
+    assert "REP_IP_BAD" in names(r)
+    # a clean stop writes everything, one round trip for the six messages' three subjects
+    await pipe.host.shutdown()
+    assert len(writes) == 1 and set(writes[0]) == {
+        "rep:ip:198.51.100.17", "rep:net:198.51.100.0/24", "rep:dom:spammer.test"}
+    counts = ReputationModel({}).decay(await store.hgetall("rep:ip:198.51.100.17"), time.time())
+    assert round(counts["rejected"]) == 5 and round(counts["ham"]) == 1
+
+
+async def test_learnt_counts_reach_the_store_after_the_flush_interval(rep_pipe):
+    import asyncio
+
+    pipe = await rep_pipe("reputation.learn_flush=50ms")
+    await pipe.scan(SPAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.18"))
+    store = pipe.services.store
+    for _ in range(200):  # another node would see it from here on
+        if await store.keys("rep:ip:198.51.100.18"):
+            break
+        await asyncio.sleep(0.02)
+    assert await store.keys("rep:ip:198.51.100.18") == ["rep:ip:198.51.100.18"]
 
 
 async def test_counts_decay_with_age(store):
@@ -108,15 +147,18 @@ async def test_authenticated_and_local_mail_is_not_learnt(rep_pipe):
     pipe = await rep_pipe()
     await pipe.scan(SPAM, "me@example.org", ["x@remote.test"], smtp("198.51.100.60", auth="me"))
     await pipe.scan(SPAM, "me@example.org", ["x@remote.test"], smtp("127.0.0.1"))
+    await pipe.host.pm.get_plugin("reputation").flush()
     assert await pipe.services.store.keys("rep:") == []
 
 
 async def test_filterd_check_is_a_dry_run_unless_in_check(pipeline_factory, store_overrides):
     pipe = await pipeline_factory(*store_overrides)
     await pipe.scan(SPAM, "a@b.test", ["u@example.org"], Session(peer_ip="198.51.100.70"))
+    await pipe.host.pm.get_plugin("reputation").flush()
     assert await pipe.services.store.keys("rep:") == []
     pipe2 = await pipeline_factory(*store_overrides, "reputation.in_check=true")
     await pipe2.scan(SPAM, "a@b.test", ["u@example.org"], Session(peer_ip="198.51.100.70"))
+    await pipe2.host.pm.get_plugin("reputation").flush()
     assert "rep:ip:198.51.100.70" in await pipe2.services.store.keys("rep:")
 
 

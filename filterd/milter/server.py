@@ -140,8 +140,9 @@ class MilterSettings:
 
 
 def live_hooks(pipeline) -> dict[str, bool]:
-    """Which early phases some plugin implements (those steps must wait for the pipeline)."""
-    return {h: bool(pipeline.host.impls(h)) for h in EARLY_HOOKS}
+    """Which early phases some plugin may have to answer at that step (the MTA must then wait
+    for a reply; see :meth:`filterd.plugin_host.PluginHost.wants`)."""
+    return {h: pipeline.host.wants(h) for h in EARLY_HOOKS}
 
 
 class MilterServer:
@@ -174,25 +175,11 @@ class MilterServer:
     async def end_of_message(self, pipe, live: dict, tx: "TxState", session: Session, raw: bytes,
                              headers: list[tuple[str, str]], truncated: bool):
         s = self.settings
-        early: Verdict | None = tx.early
-        # deferred early phases, in pipeline order (their hooks have no implementations)
-        if early is None and tx.run_connect:
-            early = await pipe.connect(session)
-        if early is None and tx.run_helo and session.helo:
-            early = await pipe.helo(session, session.helo)
-        ctx = tx.ctx
-        if ctx is None:
-            ctx = tx.ctx = pipe.begin(session)
-            early = early or await pipe.mail_from(ctx, tx.sender, tx.mail_params)
-        elif early is None and not live["mail_from"]:
-            early = await pipe.mail_from(ctx, tx.sender, tx.mail_params)
-        if early is not None and early.action in (Action.REJECT, Action.TEMPFAIL):
+        early = await owed_phases(pipe, tx, session)
+        if early is not None:
             return _verdict_plan(early), None
-        rejected: dict[str, Verdict] = {}
-        for addr, params in tx.pending_rcpts:
-            v = await pipe.rcpt_to(ctx, addr, params)
-            if v.action in (Action.REJECT, Action.TEMPFAIL):
-                rejected[addr] = v
+        ctx = tx.ctx
+        rejected = tx.rejected
         if not ctx.recipients:
             v = next(iter(rejected.values()), None) or Verdict.reject("No valid recipients")
             return _verdict_plan(v), None
@@ -241,6 +228,32 @@ class MilterServer:
             await pipe.quarantined(ctx, addr, reason)
 
 
+async def owed_phases(pipe, tx: "TxState", session: Session) -> Verdict | None:
+    """Run the early phases not run live so far, in pipeline order: connect, HELO, MAIL FROM and
+    the recipients waiting in ``tx.pending_rcpts`` (a recipient refused here is remembered in
+    ``tx.rejected`` for end of message). Returns a verdict that ends the transaction (reject or
+    tempfail at connect, HELO or MAIL FROM), else None."""
+    early = tx.early
+    if early is None and tx.run_connect:
+        early = await pipe.connect(session)
+    if early is None and tx.run_helo and session.helo:
+        early = await pipe.helo(session, session.helo)
+    tx.run_connect = tx.run_helo = False
+    if tx.ctx is None:
+        tx.ctx = pipe.begin(session)
+        if early is None:
+            early = await pipe.mail_from(tx.ctx, tx.sender, tx.mail_params)
+    tx.early = early
+    if early is not None and early.action in (Action.REJECT, Action.TEMPFAIL):
+        return early
+    pending, tx.pending_rcpts = tx.pending_rcpts, []
+    for addr, params in pending:
+        v = await pipe.rcpt_to(tx.ctx, addr, params)
+        if v.action in (Action.REJECT, Action.TEMPFAIL):
+            tx.rejected[addr] = v
+    return None
+
+
 def _verdict_plan(v: Verdict) -> milter_actions.MilterPlan:
     p = milter_actions.MilterPlan()
     if v.action is Action.TEMPFAIL:
@@ -261,11 +274,12 @@ class TxState:
 
     sender: str = ""
     mail_params: dict = field(default_factory=dict)
-    ctx: object = None  # ScanContext when mail_from ran live
+    ctx: object = None  # ScanContext once the MAIL FROM phase ran (live or caught up)
     early: Verdict | None = None
     run_connect: bool = False
     run_helo: bool = False
-    pending_rcpts: list = field(default_factory=list)  # (address, params) to run at EOM
+    pending_rcpts: list = field(default_factory=list)  # (address, params) not run yet
+    rejected: dict = field(default_factory=dict)  # address -> verdict, refused when caught up
     rcpt_raw: dict = field(default_factory=dict)  # address -> form the MTA gave (for delrcpt)
 
 
@@ -393,7 +407,6 @@ class FilterdMilter(Milter.Base):
 
     @_guard(milter.P_NR_HELO)
     def hello(self, heloname):
-        srv = self.server
         self.session.helo = _text(heloname or "")
         self._read_tls()
         if self.live["helo"]:
@@ -404,7 +417,6 @@ class FilterdMilter(Milter.Base):
 
     @_guard(milter.P_NR_MAIL)
     def envfrom(self, sender, *params):
-        srv = self.server
         self._reset()
         self.failure = ""
         self._read_tls()
@@ -412,27 +424,14 @@ class FilterdMilter(Milter.Base):
         tx = self.tx = TxState(sender=_strip_angle(sender), mail_params=_params(params))
         tx.run_connect, tx.run_helo = self.connect_pending, self.helo_pending
         self.connect_pending = self.helo_pending = False
-        pipe = self.pipeline
-        if self.live["mail_from"]:
-            # earlier deferred phases must run first, in order
-            async def run():
-                if tx.run_connect:
-                    v = await pipe.connect(self.session)
-                    if v is not None:
-                        return v
-                if tx.run_helo and self.session.helo:
-                    v = await pipe.helo(self.session, self.session.helo)
-                    if v is not None:
-                        return v
-                tx.ctx = pipe.begin(self.session)
-                return await pipe.mail_from(tx.ctx, tx.sender, tx.mail_params)
-            tx.run_connect = tx.run_helo = False
-            return self._early(run(), milter.P_NR_MAIL, store=True)
+        if self.live["mail_from"] and self.pipeline.host.wants("mail_from", self.session):
+            # a plugin may answer MAIL FROM for this client: the phases owed so far run first
+            return self._early(owed_phases(self.pipeline, tx, self.session), milter.P_NR_MAIL,
+                               store=True)
         return self._ok(milter.P_NR_MAIL)
 
     @_guard(milter.P_NR_RCPT)
     def envrcpt(self, rcpt, *params):
-        srv = self.server
         tx = self.tx
         if tx is None:  # RCPT without MAIL: the MTA would not do that
             raise RuntimeError("RCPT without MAIL FROM")
@@ -441,13 +440,13 @@ class FilterdMilter(Milter.Base):
         tx.rcpt_raw[addr.lower()] = rcpt
         p = _params(params)
         pipe = self.pipeline
-        if self.live["rcpt_to"] and tx.early is None:
-            if tx.ctx is None:
-                tx.ctx = pipe.begin(self.session)
-
+        if (self.live["rcpt_to"] and tx.early is None
+                and pipe.host.wants("rcpt_to", self.session, addr)):
             async def run():
-                return await pipe.rcpt_to(tx.ctx, addr, p)
+                v = await owed_phases(pipe, tx, self.session)
+                return v if v is not None else await pipe.rcpt_to(tx.ctx, addr, p)
             return self._early(run(), milter.P_NR_RCPT, store=False)
+        # nothing to answer now: the phase runs at end of message, in order
         tx.pending_rcpts.append((addr, p))
         return self._ok(milter.P_NR_RCPT)
 
