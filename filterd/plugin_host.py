@@ -178,14 +178,18 @@ class PluginHost:
         for i in self.failed:
             log.error("plugin %s (%s) %s", i.name, i.origin, i.error)
         self._impls: dict[str, list] = {}
+        self._timeouts: dict[str, float] = {}
 
     # -- configuration per plugin -------------------------------------------------------------
     def options(self, name: str) -> dict:
         return self.config.section(name) if isinstance(self.config.section(name), dict) else {}
 
     def timeout(self, name: str) -> float:
-        t = self.options(name).get("timeout") or ""
-        return parse_duration(t) if t else self.default_timeout
+        cached = self._timeouts.get(name)
+        if cached is None:
+            t = self.options(name).get("timeout") or ""
+            cached = self._timeouts[name] = parse_duration(t) if t else self.default_timeout
+        return cached
 
     def on_error(self, name: str) -> str:
         return self.options(name).get("on_error") or self.default_on_error
@@ -236,22 +240,25 @@ class PluginHost:
         name = impl.plugin_name
         args = {a: (self.options(name) if a == "options" else kwargs.get(a))
                 for a in impl.argnames}
-        hook = impl.function.__name__
         timeout = self.timeout(name)
         t0 = time.monotonic()
         try:
             result = impl.function(**args)
             if inspect.isawaitable(result):
-                result = await asyncio.wait_for(result, timeout)
+                # asyncio.timeout, not wait_for: no extra task per hook call
+                async with asyncio.timeout(timeout):
+                    result = await result
             if ctx is not None:
-                ctx.timings[f"{name}.{hook}"] = time.monotonic() - t0
+                ctx.timings[f"{name}.{impl.function.__name__}"] = time.monotonic() - t0
             return result, None
-        except asyncio.TimeoutError:
+        except TimeoutError:
+            hook = impl.function.__name__
             what, symbol = f"timed out after {timeout:g}s in hook {hook}", "PLUGIN_TIMEOUT"
             log.error("plugin %s %s", name, what)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a crashing plugin must never crash the server
+            hook = impl.function.__name__
             what, symbol = f"raised {type(exc).__name__}: {exc} in hook {hook}", "PLUGIN_ERROR"
             log.error("plugin %s %s", name, what, exc_info=True)
         return None, self._failure(name, what, symbol, ctx)

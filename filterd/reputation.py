@@ -7,6 +7,7 @@ sender allow-listed / of good reputation?" exactly the way the reputation plugin
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -22,32 +23,49 @@ CATEGORIES = ("ham", "spam", "virus", "rejected")
 
 
 # -- networks --------------------------------------------------------------------------------------
-def client_network(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
-    """``192.0.2.0/24`` for ``192.0.2.7``; ``2001:db8:1:2::/64`` for an IPv6 address. An
-    IPv4-mapped IPv6 address counts as IPv4. Unparsable input is returned unchanged."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    prefix = v4_prefix if addr.version == 4 else v6_prefix
-    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
-
-
-def _ip_in(ip: str, entries: list[str]) -> str | None:
+# Parsing addresses and networks with ipaddress is slow next to a Redis round trip; every message
+# asks the same few questions (its client, the configured networks), so the answers are cached.
+@functools.lru_cache(maxsize=16384)
+def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address (an IPv4-mapped IPv6 address as IPv4), or None when unparsable."""
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
+    return addr
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_net(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=16384)
+def client_network(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
+    """``192.0.2.0/24`` for ``192.0.2.7``; ``2001:db8:1:2::/64`` for an IPv6 address. An
+    IPv4-mapped IPv6 address counts as IPv4. Unparsable input is returned unchanged."""
+    addr = _parse_ip(ip)
+    if addr is None:
+        return ip
+    prefix = v4_prefix if addr.version == 4 else v6_prefix
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+def _ip_in(ip: str, entries: list[str]) -> str | None:
+    if not entries:
+        return None
+    addr = _parse_ip(ip)
+    if addr is None:
+        return None
     for e in entries:
-        try:
-            if addr in ipaddress.ip_network(e, strict=False):
-                return e
-        except ValueError:
-            continue
+        net = _parse_net(e)
+        if net is not None and addr.version == net.version and addr in net:
+            return e
     return None
 
 
