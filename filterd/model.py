@@ -317,10 +317,16 @@ class ParsedMessage:
         seen: dict[str, None] = {}
         sources = [p.text() for p in self.parts if p.is_text]
         for src in sources:
-            for m in _HREF_RE.finditer(src):
-                u = html.unescape(m.group(1))
-                if u.lower().startswith(("http://", "https://", "ftp://", "www.")):
-                    seen.setdefault(u, None)
+            # the regexes scan every position; most text has no link at all, and a link needs
+            # "://" or "www." (a cheap substring test first)
+            low = src.lower()
+            if "://" not in low and "www." not in low:
+                continue
+            if "=" in low:
+                for m in _HREF_RE.finditer(src):
+                    u = html.unescape(m.group(1))
+                    if u.lower().startswith(("http://", "https://", "ftp://", "www.")):
+                        seen.setdefault(u, None)
             for m in _URL_RE.finditer(src):
                 seen.setdefault(m.group(1).rstrip(".,;:!?"), None)
             if len(seen) >= MAX_URLS:

@@ -56,7 +56,7 @@ def client_network(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
-def _ip_in(ip: str, entries: list[str]) -> str | None:
+def ip_in(ip: str, entries: list[str]) -> str | None:
     if not entries:
         return None
     addr = _parse_ip(ip)
@@ -117,7 +117,7 @@ class ListPolicy:
     @staticmethod
     def _match(table: dict, ip: str, sender: str) -> tuple[str, str] | None:
         for kind in ("block", "allow"):
-            hit = _ip_in(ip, table.get(f"{kind}_ips") or [])
+            hit = ip_in(ip, table.get(f"{kind}_ips") or [])
             if hit is None and sender:
                 hit = _sender_in(sender, table.get(f"{kind}_senders") or [])
             if hit is not None:

@@ -73,13 +73,12 @@ def _verify(d: dkimpy.ARC, prefetch: TXTPrefetch) -> tuple:
 
 async def validate(resolver, raw: bytes, min_key_bits: int = 1024) -> ARCResult:
     """The chain validation status of ``raw`` (RFC 8617 5.2): pass, fail or none."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    if not re.search(rb"(?im)^arc-(seal|message-signature|authentication-results)[ \t]*:", head):
+        return ARCResult("none", "no ARC sets")  # without parsing the message for dkimpy
     try:
         d = dkimpy.ARC(raw, minkey=min_key_bits, logger=log)
     except Exception as exc:  # noqa: BLE001 - unparseable header block
-        head = raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
-        if not re.search(rb"(?im)^arc-(seal|message-signature|authentication-results)[ \t]*:",
-                         head):
-            return ARCResult("none", "no ARC sets")
         return ARCResult("fail", f"message not parseable for ARC: {exc}")
     if not any(n.lower() in _ARC_NAMES + (b"arc-authentication-results",)
                for n, _ in d.headers):

@@ -95,17 +95,20 @@ def _verify_one(d: dkimpy.DKIM, idx: int, prefetch: TXTPrefetch, minkey: int) ->
     return ("pass", "") if ok else ("fail", "signature did not verify")
 
 
+_SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:")
+
+
 async def verify_message(resolver, raw: bytes, min_key_bits: int = 1024,
                          max_key_bits: int = 8192, max_signatures: int = 10,
                          accept_rsa_sha1: bool = False) -> list[DKIMResult]:
     """Verify every DKIM-Signature of ``raw`` (top to bottom). Never raises: each signature
     ends in pass, fail, neutral, temperror or permerror."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    if not _SIGNATURE_FIELD.search(head):
+        return []  # unsigned: nothing to verify (dkimpy's parse of the message is not needed)
     try:
         d = dkimpy.DKIM(raw, minkey=min_key_bits, logger=log)
     except Exception as exc:  # noqa: BLE001 - unparseable header block
-        if not re.search(rb"(?im)^dkim-signature[ \t]*:", raw.split(b"\n\n", 1)[0]
-                         .split(b"\r\n\r\n", 1)[0]):
-            return []  # unsigned: nothing to verify, whatever the header syntax
         return [DKIMResult("permerror", reason=f"message not parseable for DKIM: {exc}")]
     sigs = [v for n, v in d.headers if n.lower() == b"dkim-signature"]
     results: list[DKIMResult] = []

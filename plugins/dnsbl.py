@@ -20,7 +20,7 @@ import logging
 
 from filterd.dns import DNSError
 from filterd.hookspecs import hookimpl
-from filterd.reputation import _ip_in, active, guarded, sender_domain
+from filterd.reputation import ip_in, active, guarded, sender_domain
 
 log = logging.getLogger("filterd.plugins.dnsbl")
 
@@ -165,7 +165,7 @@ class Plugin:
         if o["ip_zones"]:
             ip = ctx.session.peer_ip
             rev = reversed_ip(ip)
-            private = _ip_in(ip, LOCAL_NETWORKS) is not None
+            private = ip_in(ip, LOCAL_NETWORKS) is not None
             if rev and (o["check_private"] or not private):
                 jobs.append(self._check(ctx, o["ip_zones"], [(rev, ip)], "client IP"))
         if o["rhsbl_zones"]:

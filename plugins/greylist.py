@@ -22,7 +22,7 @@ import re
 import time
 
 from filterd.hookspecs import hookimpl
-from filterd.reputation import ListPolicy, ReputationModel, _ip_in, active, client_network, guarded
+from filterd.reputation import ListPolicy, ReputationModel, ip_in, active, client_network, guarded
 from filterd.verdict import Verdict
 
 CONFIG = """
@@ -88,7 +88,7 @@ class Plugin:
     def wants(self, hook, session=None, address=None) -> bool:
         if hook != "rcpt_to" or session is None:
             return True
-        return not (session.auth_user or _ip_in(session.peer_ip, self.options["skip_networks"]))
+        return not (session.auth_user or ip_in(session.peer_ip, self.options["skip_networks"]))
 
     @hookimpl
     def rcpt_to(self, ctx, recipient):
@@ -96,7 +96,7 @@ class Plugin:
         if not active(ctx, o) or ctx.session.auth_user:
             return None
         ip, sender = ctx.session.peer_ip, ctx.transaction.mail_from
-        if _ip_in(ip, o["skip_networks"]):
+        if ip_in(ip, o["skip_networks"]):
             return None
         hit = self.lists.check(ip, sender, recipient.address)
         if hit is not None and hit.kind == "allow":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from filterd.hookspecs import hookimpl
-from filterd.reputation import _ip_in, active, guarded
+from filterd.reputation import ip_in, active, guarded
 from filterd.verdict import Verdict
 
 _LIMIT = """
@@ -65,7 +65,7 @@ class Plugin:
             if not (int(o["ip"]["limit"]) or int(o["sender"]["limit"])):
                 return False
             return session is None or not (session.auth_user
-                                           or _ip_in(session.peer_ip, o["exempt_networks"]))
+                                           or ip_in(session.peer_ip, o["exempt_networks"]))
         if hook == "rcpt_to":
             return bool(int(o["user"]["limit"])) and (session is None or bool(session.auth_user))
         return True
@@ -101,7 +101,7 @@ class Plugin:
         if not active(ctx, self.options) or ctx.session.auth_user:
             return None
         ip = ctx.session.peer_ip
-        if _ip_in(ip, self.options["exempt_networks"]):
+        if ip_in(ip, self.options["exempt_networks"]):
             return None
         return self._hit(ctx, [("ip", ip), ("sender", sender)])
 

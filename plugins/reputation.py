@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from filterd.hookspecs import hookimpl
-from filterd.reputation import ListPolicy, ReputationModel, _ip_in, active, guarded, sender_domain
+from filterd.reputation import ListPolicy, ReputationModel, ip_in, active, guarded, sender_domain
 from filterd.verdict import Action, Verdict
 
 CONFIG = """
@@ -176,7 +176,7 @@ class Plugin:
             return None
         if o["skip_authenticated"] and ctx.session.auth_user:
             return None
-        if _ip_in(ctx.session.peer_ip, o["skip_networks"]):
+        if ip_in(ctx.session.peer_ip, o["skip_networks"]):
             return None
         cat = self.category(ctx)
         if cat is None:

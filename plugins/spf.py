@@ -13,6 +13,7 @@ import spf as pyspf
 from filterd.auth import SPFResult, authserv_id, is_outbound
 from filterd.dns import DNSError
 from filterd.hookspecs import hookimpl
+from filterd.reputation import ip_in
 from filterd.verdict import Verdict
 
 CONFIG = """
@@ -28,6 +29,10 @@ tempfail_on_temperror = false
 lookup_budget = "8s"
 # Explanation given for fail when the domain publishes no exp= (%{d} etc. are not expanded).
 default_explanation = "SPF check failed; see RFC 7208"
+# Clients whose mail is not SPF-checked (no SPF result, as for outbound mail): mail handed over
+# on this host (loopback) is not from the Internet. The same default as pypolicyd-spf's
+# skip_addresses and rspamd's local_addrs; add your own relays here, or [] to check everyone.
+skip_networks = ["127.0.0.0/8", "::1/128"]
 """
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -151,9 +156,11 @@ class Plugin:
             return ctx.data["spf"]
         if is_outbound(ctx) and not ctx.config.get("auth.check_outbound"):
             return None
+        opts = self.options
+        if ip_in(ctx.session.peer_ip, opts.get("skip_networks") or []):
+            return None
         from filterd.config import parse_duration
 
-        opts = self.options
         budget = parse_duration(opts.get("lookup_budget") or "8s")
         session = ctx.session
         ip = session.peer_ip.split("%")[0] if session.peer_ip else ""

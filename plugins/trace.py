@@ -4,12 +4,15 @@ recipient; deliveries, deferrals, bounces, quarantine) in the message trace that
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
 from filterd.hookspecs import hookimpl
 from filterd.trace import Event, TraceLog
 from filterd.verdict import Modification
+
+log = logging.getLogger("filterd.trace")
 
 CONFIG = """
 # Directory of the trace log (JSON lines per day) and its index; "" = <state_dir>/trace
@@ -25,6 +28,8 @@ class Plugin:
         self.services = services
         self.log: TraceLog | None = None
         self.lock = threading.Lock()
+        self.pending: list[Event] = []
+        self._writer: asyncio.Task | None = None
 
     def _log(self) -> TraceLog:
         if self.log is None:  # opened on first use: `filterd check` never needs it
@@ -37,9 +42,30 @@ class Plugin:
             self._log().record(events)
 
     async def record(self, events) -> None:
-        # in a worker thread: waiting for the index's write lock (shared by the gateway's
-        # worker processes) must never stall the event loop
-        await asyncio.to_thread(self._write, events)
+        """Queue ``events`` for the trace; the message does not wait for the disk. One writer
+        at a time writes what has queued up (in a worker thread: the index's write lock is
+        shared by the gateway's worker processes and must never stall the event loop), so under
+        load many messages' events share one append and one index transaction, and when idle
+        an event is written at once."""
+        self.pending.extend(events)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except Exception:  # noqa: BLE001 - the trace must never cost a message
+                log.exception("trace: %d events could not be written to %s", len(batch),
+                              self.options.get("directory") or "<state_dir>/trace")
+
+    async def flush(self) -> None:
+        """Wait until every queued event is written."""
+        while self.pending or (self._writer is not None and not self._writer.done()):
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.ensure_future(self._drain())
+            await asyncio.shield(self._writer)
 
     @hookimpl
     def modify(self, ctx):
@@ -90,6 +116,7 @@ class Plugin:
         await self._event(ctx, "quarantined", recipient, {"reason": reason})
 
     @hookimpl
-    def shutdown(self):
+    async def shutdown(self):
+        await self.flush()
         if self.log is not None:
             self.log.close()

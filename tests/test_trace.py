@@ -19,6 +19,7 @@ async def test_track_shows_arrival_verdicts_and_later_events(tmp_path, pipeline_
     await pipe.bounced(ham.ctx, "carol@example.org", "550 5.1.1 no such user", permanent=True)
     msg_id = ham.ctx.transaction.id
     assert ("X-Filterd-ID", msg_id) in ham.added_headers
+    await pipe.host.pm.get_plugin("trace").flush()  # the messages did not wait for the disk
 
     base = ["--set", f"server.state_dir={state}", "--json"]
     proc = run_filterd("track", "--from", "alice@example.com", "--since", "1h", *base)
