@@ -30,6 +30,8 @@ Conditions:
 - ``all`` / ``any`` — lists of other rule names; ``not`` — one rule name (meta rules).
 
 ``flags`` holds regex flags: ``i`` (ignore case), ``m`` (multi-line), ``s`` (dot matches all).
+``body`` and ``rawbody`` patterns run on RE2 when RE2 accepts them (linear time; ``\\w``, ``\\b``,
+``\\d`` match ASCII only there), else on Python's re (lookarounds, backreferences).
 """
 from __future__ import annotations
 
@@ -81,6 +83,24 @@ class RuleError(ConfigError):
     pass
 
 
+def _text_scanner(pattern: str, flags_text: str, flags: int):
+    """A compiled pattern for scanning whole message texts (``body``, ``rawbody``): RE2 (linear
+    time, about 5x faster than Python's re on these texts, and immune to catastrophic
+    backtracking in a site's own rules) when RE2 accepts the pattern, else Python's re (RE2 has
+    no lookarounds or backreferences). Under RE2, ``\\w``, ``\\b`` and ``\\d`` are ASCII-only."""
+    try:
+        import re2
+    except ImportError:  # pragma: no cover - google-re2 is a dependency; keep working without
+        return re.compile(pattern, flags)
+    inline = "".join(ch for ch in "ims" if ch in (flags_text or ""))
+    opts = re2.Options()
+    opts.log_errors = False  # a pattern RE2 refuses falls back quietly
+    try:
+        return re2.compile(f"(?{inline}){pattern}" if inline else pattern, opts)
+    except Exception:  # noqa: BLE001 - re2.error: unsupported syntax
+        return re.compile(pattern, flags)
+
+
 def _flags(text: str) -> int:
     f = 0
     for ch in text or "":
@@ -125,7 +145,9 @@ def _compile_rule(entry: Any, origin: str, index: int, problems: list[ConfigProb
                 bad(key, f"expected a regular expression string, got {pattern!r}")
                 continue
             try:
-                rule.conds[key] = re.compile(pattern, flags)
+                rule.conds[key] = re.compile(pattern, flags)  # Python's re validates the syntax
+                if key in ("body", "rawbody"):
+                    rule.conds[key] = _text_scanner(pattern, str(entry.get("flags", "")), flags)
             except re.error as exc:
                 bad(key, f"bad regular expression {pattern!r}: {exc}")
     if "match" in entry and "header" not in entry:

@@ -508,8 +508,12 @@ class Plugin:
 
     @hookimpl
     async def data(self, ctx, message):
-        message.parsed.parts  # parse here, once: the parsed view is shared with other plugins
-        findings = await asyncio.to_thread(self.scanner.scan, message)
+        parts = message.parsed.parts  # parsed once: the view is shared with other plugins
+        if any(p.is_attachment for p in parts) or len(parts) > 8:
+            # archives and content sniffing can take a while: off the event loop
+            findings = await asyncio.to_thread(self.scanner.scan, message)
+        else:
+            findings = self.scanner.scan(message)  # a few text parts: structure checks only
         action = self.options.get("banned_action", "reject")
         for name, opts in findings.symbols.items():
             sym = ctx.add_symbol(name, None, opts, DESCRIPTIONS.get(name, ""),
