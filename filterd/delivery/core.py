@@ -287,10 +287,13 @@ class DeliveryCore:
                 await self._internal_error(h, exc)
             else:
                 if finished:
-                    # unlinking and closing the last reference frees the inode: file system
-                    # work that must not stall the event loop
                     closed = True
-                    await asyncio.get_running_loop().run_in_executor(None, h.discard)
+                    if h.size < 1 << 20:
+                        h.discard()  # a small file: unlinking it is quicker than a thread hop
+                    else:
+                        # freeing a big file's blocks is file system work that must not stall
+                        # the event loop
+                        await asyncio.get_running_loop().run_in_executor(None, h.discard)
         finally:
             if not closed:
                 h.close()
