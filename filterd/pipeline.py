@@ -211,10 +211,14 @@ class Pipeline:
         return ScanContext(self, session, Transaction(session=session))
 
     async def connect(self, session: Session) -> Verdict | None:
+        if not self.host.impls("connect"):
+            return None  # no context to build when nobody listens
         return await self.host.call_first("connect", self.begin(session))
 
     async def helo(self, session: Session, helo: str) -> Verdict | None:
         session.helo = helo
+        if not self.host.impls("helo"):
+            return None
         return await self.host.call_first("helo", self.begin(session), helo=helo)
 
     async def mail_from(self, ctx: ScanContext, sender: str, params: dict | None = None):

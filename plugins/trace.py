@@ -19,6 +19,10 @@ CONFIG = """
 directory = ""
 # Header carrying filterd's ID of the message ("" = none). `filterd track --id` finds it.
 id_header = "X-Filterd-ID"
+# Events are written behind, off the message's path: the writer waits this long for more
+# events so that under load many messages share one append and one index transaction.
+# "0s" writes each message's events as soon as the previous write is done.
+write_delay = "50ms"
 """
 
 
@@ -30,6 +34,9 @@ class Plugin:
         self.lock = threading.Lock()
         self.pending: list[Event] = []
         self._writer: asyncio.Task | None = None
+        from filterd.config import parse_duration
+
+        self.delay = parse_duration(options.get("write_delay") or "0s")
 
     def _log(self) -> TraceLog:
         if self.log is None:  # opened on first use: `filterd check` never needs it
@@ -52,6 +59,8 @@ class Plugin:
             self._writer = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)  # let more events join this write
         while self.pending:
             batch, self.pending = self.pending, []
             try:
