@@ -154,6 +154,8 @@ def run(args) -> int:
     if workers == 0:
         workers = os.cpu_count() or 1
     _bind(specs, reuseport=False)
+    if cfg.duration("server.switch_interval") > 0:
+        sys.setswitchinterval(cfg.duration("server.switch_interval"))
     for s in specs:
         print(f"filterd: ready: {s.kind} on {s.host}:{s.port}", file=sys.stderr, flush=True)
     if workers <= 1:

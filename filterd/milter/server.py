@@ -137,7 +137,7 @@ class MilterSettings:
             header_position=g("header_position"),
             request_macros=bool(g("request_macros")),
             name=g("name") or "filterd",
-            switch_interval=config.duration("milter.switch_interval"),
+            switch_interval=config.duration("server.switch_interval"),
         )
 
 
