@@ -290,10 +290,11 @@ class Pipeline:
                     for r in ctx.recipients}
         result = ScanResult(ctx, outcomes, mods, time.monotonic() - t0)
         await self.host.notify("scanned", ctx=ctx, result=result)
-        log.info("scanned id=%s from=<%s> to=%s score=%.2f action=%s symbols=%s",
-                 ctx.transaction.id, ctx.transaction.mail_from,
-                 ",".join(f"<{a}>:{o.action.value}" for a, o in outcomes.items()), result.score,
-                 result.action.value, ",".join(s.name for s in result.symbols))
+        if log.isEnabledFor(logging.INFO):
+            log.info("scanned id=%s from=<%s> to=%s score=%.2f action=%s symbols=%s",
+                     ctx.transaction.id, ctx.transaction.mail_from,
+                     ",".join(f"<{a}>:{o.action.value}" for a, o in outcomes.items()),
+                     result.score, result.action.value, ",".join(s.name for s in result.symbols))
         return result
 
     @staticmethod

@@ -500,9 +500,11 @@ class FilterdMilter(Milter.Base):
                 reason = (result.outcomes[p.quarantined[0]].verdict.reason
                           if result is not None else "")
                 srv.loop.submit(srv.after_message(self.pipeline, ctx, p, reason))
-            log.info("milter qid=%s id=%s from=<%s> rcpts=%d size=%d %s (%.1f ms)", queue_id or "-",
-                     ctx.transaction.id if ctx is not None else "-", tx.sender,
-                     len(tx.rcpt_raw), self.size, p.summary(), (time.monotonic() - t0) * 1000)
+            if log.isEnabledFor(logging.INFO):
+                log.info("milter qid=%s id=%s from=<%s> rcpts=%d size=%d %s (%.1f ms)",
+                         queue_id or "-", ctx.transaction.id if ctx is not None else "-",
+                         tx.sender, len(tx.rcpt_raw), self.size, p.summary(),
+                         (time.monotonic() - t0) * 1000)
             return rc
         except FutureTimeout:
             return self._error(f"pipeline did not finish within [milter] timeout "
