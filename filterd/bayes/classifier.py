@@ -146,16 +146,22 @@ def token_probability(packed: int, nspam: int, nham: int, params: Params) -> flo
 
 
 def combine(fs: list[float], max_tokens: int = 0) -> Result:
-    """Fisher's combination of token probabilities. Sorted first, so the result does not
-    depend on the order the tokens came in (every backend gives bit-identical results)."""
+    """Fisher's combination of token probabilities. The sums are exact (``math.fsum``), so the
+    result does not depend on the order the tokens came in (every backend gives bit-identical
+    results)."""
     if max_tokens and len(fs) > max_tokens:
-        fs = sorted(fs, key=lambda f: -abs(f - 0.5))[:max_tokens]
+        fs = sorted(fs, key=lambda f: (-abs(f - 0.5), f))[:max_tokens]
     if not fs:
         return Result(0.5, 0.0, 0.0, 0)
-    fs = sorted(fs)
-    log_h = sum(map(math.log, fs))  # sum ln f
-    log_s = sum(map(math.log, [1.0 - f for f in fs]))  # sum ln (1 - f)
-    n = len(fs)
+    log = math.log
+    return combine_logs(math.fsum(map(log, fs)), math.fsum([log(1.0 - f) for f in fs]), len(fs))
+
+
+def combine_logs(log_h: float, log_s: float, n: int) -> Result:
+    """Fisher's combination from ``Σ ln f`` (``log_h``) and ``Σ ln(1 - f)`` (``log_s``) of ``n``
+    token probabilities (the classify fast path keeps both logarithms per token)."""
+    if n <= 0:
+        return Result(0.5, 0.0, 0.0, 0)
     spam_ev = 1.0 - _chi2q_log(log_s, n)
     ham_ev = 1.0 - _chi2q_log(log_h, n)
     return Result((1.0 + spam_ev - ham_ev) / 2.0, spam_ev, ham_ev, n)

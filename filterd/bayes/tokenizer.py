@@ -54,9 +54,9 @@ _STRIP_RE = re.compile(r"(?s)<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>")  
 _URL_RE = re.compile(r"""(?:https?://|ftp://|www\.)[^\s<>"'\)\]]{1,400}""")
 _HREF_RE = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]{1,400})""")
 _ENCWORD_RE = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?")
-_HOST_RE = re.compile(r"\b([a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63}){0,8}\.[a-z]{2,24})\b")
+_HOST_RE = re.compile(r"([a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63}){0,8}\.[a-z]{2,24})")
+_RCVD_SPLIT_RE = re.compile(r"[\s()\[\]<>;,=@/]+")
 _IP_RE = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}\b")
-_RCVD_IP_RE = re.compile(r"[\[(](\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}[\])]")
 _ADDR_RE = re.compile(r"([\w.+'=-]{1,64})@([\w-]{1,63}(?:\.[\w-]{1,63}){0,8})")
 
 # Second-level labels under which registrations happen (co.uk, com.au, ...): a short, stable
@@ -78,14 +78,29 @@ def registrable_domain(host: str) -> str:
 
 def _words(text: str, prefix: str, out: set, lowered: bool = False) -> None:
     """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries."""
-    found = _WORD_RE.findall(text if lowered else text.lower())
-    if not found:
+    if not lowered:
+        text = text.lower()
+    # Words never span white space: split (C speed) and deduplicate first, then run the word
+    # pattern only on the distinct chunks that are not plain letters/digits already.
+    # C-speed first pass: ASCII characters that never belong to a word become spaces (UTF-8
+    # multi-byte sequences are left alone), then split and deduplicate; only the distinct
+    # chunks left that are not plain letters/digits are looked at one by one.
+    chunks = set(text.encode("utf-8", "replace").translate(_NONWORD).decode("utf-8", "replace")
+                 .split())
+    words = {c for c in chunks if c.isalnum()}
+    for c in chunks - words:
+        if c.isascii():  # only word characters and '$%.@-_ are left in it
+            c = c.lstrip("'$%.@-_").rstrip("'.@-")
+            if c:
+                words.add(c)
+        else:
+            words.update(_WORD_RE.findall(c))
+    if not words:
         return
-    words = set(found)
     keep = {w for w in words if MIN_WORD <= len(w) <= MAX_WORD}
     out.update({prefix + w for w in keep} if prefix else keep)
     if len(words) > len(keep) and any(len(w) > MAX_WORD for w in words):
-        long = [w for w in found if len(w) > MAX_WORD]  # in order of appearance
+        long = sorted(w for w in words if len(w) > MAX_WORD)
         out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
         # e-mail addresses and dotted names inside long runs still tell something
         for w in long[:50]:
@@ -99,6 +114,9 @@ def _words(text: str, prefix: str, out: set, lowered: bool = False) -> None:
 
 
 _SPLIT_RE = re.compile(r"[.@/-]+")
+# bytes.translate table: ASCII that is never part of a word -> space
+_NONWORD = bytes(i if i >= 128 or chr(i).isalnum() or chr(i) in "_'$%.@-" else 32
+                 for i in range(256))
 
 
 def _url_tokens(url: str, out: set) -> None:
@@ -164,8 +182,7 @@ def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) 
     return n
 
 
-_HEADER_RE = re.compile(rb"^([!-9;-~]{1,80})[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.M)
-_UNFOLD_RE = re.compile(r"\r?\n[ \t]+")
+_UNFOLD_RE = re.compile(r"\n[ \t]+")
 
 
 def split_head(data: bytes) -> tuple[bytes, bytes]:
@@ -183,24 +200,36 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
 
 def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]:
     """(name, unfolded raw value) of the header block, read straight from the bytes (much
-    cheaper than the email package's header objects); 8-bit values are taken as UTF-8, else
-    Latin-1."""
+    cheaper than the email package's header objects); an 8-bit block is taken as UTF-8, else
+    Latin-1. Lines that are not ``name: value`` (or a continuation) are skipped."""
     if block is None:
         block = split_head(raw)[0]
     if block.startswith(b"From "):  # mbox separator line
         block = block[block.find(b"\n") + 1:]
-    out = []
-    for name, value in _HEADER_RE.findall(block[:200_000])[:MAX_HEADERS]:
+    block = block[:200_000]
+    try:
+        text = block.decode("ascii")
+    except UnicodeDecodeError:
         try:
-            v = value.decode("ascii")
+            text = block.decode("utf-8")
         except UnicodeDecodeError:
-            try:
-                v = value.decode("utf-8")
-            except UnicodeDecodeError:
-                v = value.decode("latin-1")
-        if "\n" in v:
-            v = _UNFOLD_RE.sub(" ", v)
-        out.append((name.decode("ascii"), v.rstrip()))
+            text = block.decode("latin-1")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if "\n " in text or "\n\t" in text:
+        text = _UNFOLD_RE.sub(" ", text)
+    out = []
+    for line in text.split("\n"):
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        name = name.rstrip(" \t")
+        if not name or len(name) > 80 or not (name.isascii() and name.isprintable()) \
+                or " " in name:
+            continue
+        out.append((name, value.strip()))
+        if len(out) >= MAX_HEADERS:
+            break
     return out
 
 
@@ -250,10 +279,12 @@ def _decode_payload(body: bytes, cte: str, out: set) -> bytes:
     return body
 
 
-def walk(raw: bytes, out: set) -> list[MimePart]:
-    """Leaf parts of a message, iteratively, bounded in depth and number."""
+def walk(raw: bytes, out: set, top: tuple | None = None) -> list[MimePart]:
+    """Leaf parts of a message, iteratively, bounded in depth and number. ``top`` is the
+    message's ``(headers, body)`` when the caller has them already (saves parsing twice)."""
     parts: list[MimePart] = []
     stack = [(raw, 0, True, "text/plain")]
+    first = top
     while stack:
         data, depth, top, default_ct = stack.pop()
         if len(parts) >= MAX_PARTS:
@@ -262,9 +293,14 @@ def walk(raw: bytes, out: set) -> list[MimePart]:
         if depth > MAX_DEPTH:
             out.add("defect:deep")
             continue
-        head, body = split_head(data)
+        if first is not None:
+            headers, body = first
+            first = None
+        else:
+            head, body = split_head(data)
+            headers = raw_headers(b"", head)
         ctype, cte, disp, params, dparams = default_ct, "", "", {}, {}
-        for name, value in raw_headers(b"", head):
+        for name, value in headers:
             lname = name.lower()
             if lname == "content-type":
                 ctype = value.split(";", 1)[0].strip().lower() or default_ct
@@ -317,6 +353,26 @@ def walk(raw: bytes, out: set) -> list[MimePart]:
     return parts
 
 
+def _received_tokens(raw: str, out: set) -> None:
+    """``rcvd:`` registrable domains of the host names (at most 6) and ``rcvd:ip:`` /24
+    networks of the bracketed IPv4 addresses (at most 4) of one Received header."""
+    hosts = ips = 0
+    for w in raw.lower().split():  # split + a check per piece: cheaper than a pattern scan
+        if "." not in w:
+            continue
+        if w[0] in "[(" and ips < 4:
+            m = _IP_RE.fullmatch(w.strip("[]();"))
+            if m:
+                out.add("rcvd:ip:{}.{}.{}".format(*m.groups()))
+                ips += 1
+                continue
+        if hosts < 6:
+            for piece in _RCVD_SPLIT_RE.split(w) if not w.isalnum() else (w,):
+                if "." in piece and piece[-1:].isalpha() and (m := _HOST_RE.fullmatch(piece)):
+                    out.add("rcvd:" + registrable_domain(m.group(1)))
+                    hosts += 1
+
+
 def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
     received = 0
     for name, raw in headers:
@@ -333,10 +389,7 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
             received += 1
             if received > 6:
                 continue
-            for host in _HOST_RE.findall(raw.lower())[:6]:
-                out.add("rcvd:" + registrable_domain(host))
-            for a, b, c in _RCVD_IP_RE.findall(raw)[:4]:
-                out.add(f"rcvd:ip:{a}.{b}.{c}")
+            _received_tokens(raw, out)
             continue
         value = _decode(raw)
         if lname == "subject":
@@ -386,9 +439,11 @@ def tokenize(message: Message | bytes) -> set[str]:
     """The distinct tokens of a message (at most :data:`MAX_TOKENS`)."""
     raw = message.raw if isinstance(message, Message) else bytes(message)
     out: set[str] = set()
-    _header_tokens(raw_headers(raw), out)
+    head, body = split_head(raw)
+    headers = raw_headers(b"", head)
+    _header_tokens(headers, out)
     urls: list[str] = []
-    for part in walk(raw, out):
+    for part in walk(raw, out, (headers, body)):
         ctype = part.content_type
         out.add("part:" + ctype[:60])
         if part.charset:
