@@ -58,7 +58,8 @@ class Bayes:
         d = Params()
         p = Params(robs=float(options.get("robs", d.robs)), robx=float(options.get("robx", d.robx)),
                    min_dev=float(options.get("min_dev", d.min_dev)),
-                   max_tokens=int(options.get("max_tokens", d.max_tokens)))
+                   max_tokens=int(options.get("max_tokens", d.max_tokens)),
+                   n_eff=int(options.get("n_eff", d.n_eff)))
         return cls(store, options.get("namespace", "bayes:"), p)
 
     async def classify(self, message: Message | bytes, explain: int = 0,
@@ -91,11 +92,12 @@ class Bayes:
         if explain or (max_tokens and len(hits) > max_tokens):
             clues = sorted(((fc[t][0], t) for t in toks if fc[t] is not None),
                            key=lambda x: (-abs(x[0] - 0.5), x[1]))
-            res = combine([f for f, _ in clues], max_tokens)
+            res = combine([f for f, _ in clues], max_tokens, self.params.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
             return res
         fsum = math.fsum
-        return combine_logs(fsum([v[1] for v in hits]), fsum([v[2] for v in hits]), len(hits))
+        return combine_logs(fsum([v[1] for v in hits]), fsum([v[2] for v in hits]), len(hits),
+                            self.params.n_eff)
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,
                     batch: int = 500, progress=None) -> LearnStats:

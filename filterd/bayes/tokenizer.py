@@ -49,8 +49,9 @@ _WORD_RE = re.compile(r"[^\W_](?:[\w'$€£%.@-]*[\w$€£%])?")
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{2,}")
 _TAG_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b([^>]{0,2000})>")
 _ATTR_RE = re.compile(r"\s([a-zA-Z][a-zA-Z-]{0,20})\s*=")
-_STRIP_RE = re.compile(r"(?s)<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>")  # lower-cased
-# (applied to lower-cased text: a case-insensitive pattern is several times slower)
+# (character classes, not (?i): a case-insensitive pattern is several times slower)
+_STRIP_RE = re.compile(r"(?s)<([sS][cC][rR][iI][pP][tT]|[sS][tT][yY][lL][eE])\b.*?</\1\s*>"
+                       r"|<!--.*?-->|<[^>]*>")
 _URL_RE = re.compile(r"""(?:https?://|ftp://|www\.)[^\s<>"'\)\]]{1,400}""")
 _HREF_RE = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]{1,400})""")
 _ENCWORD_RE = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?")
@@ -63,7 +64,7 @@ _ADDR_RE = re.compile(r"([\w.+'=-]{1,64})@([\w-]{1,63}(?:\.[\w-]{1,63}){0,8})")
 # approximation of the public suffix list, good enough to group URL hosts into domains.
 _SLD = {"co", "com", "net", "org", "gov", "edu", "ac", "or", "ne", "go", "gob", "mil", "nom"}
 
-_SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-id",
+_SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-id", "date",
              "x-mailer", "user-agent", "received", "content-type", "sender", "errors-to",
              "list-id", "organization", "x-priority", "importance", "precedence",
              "content-transfer-encoding"}
@@ -76,32 +77,54 @@ def registrable_domain(host: str) -> str:
     return ".".join(labels[-2:])
 
 
-def _words(text: str, prefix: str, out: set, lowered: bool = False) -> None:
-    """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries."""
-    if not lowered:
+def _words(text: str, prefix: str, out: set, lowered: bool = False, cased: bool = False) -> None:
+    """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries.
+
+    A word starts with a letter or digit, ends with one (or ``$ % € £``) and may hold
+    ``' . @ -`` inside (the same words as :data:`_WORD_RE` finds). Done at C speed where it can
+    be: ASCII characters that never belong to a word become spaces (UTF-8 multi-byte sequences
+    are left alone), the text is split and deduplicated, and only the few distinct chunks that
+    are not plain letters/digits of a usable length are looked at one by one.
+
+    ``cased``: words that are not all lower case also count as they were written, as
+    ``<prefix>cs:<Word>`` ("FREE" and "Free" say more than "free"; bogofilter is case
+    sensitive throughout)."""
+    if not (lowered or cased):
         text = text.lower()
-    # Words never span white space: split (C speed) and deduplicate first, then run the word
-    # pattern only on the distinct chunks that are not plain letters/digits already.
-    # C-speed first pass: ASCII characters that never belong to a word become spaces (UTF-8
-    # multi-byte sequences are left alone), then split and deduplicate; only the distinct
-    # chunks left that are not plain letters/digits are looked at one by one.
     chunks = set(text.encode("utf-8", "replace").translate(_NONWORD).decode("utf-8", "replace")
                  .split())
-    words = {c for c in chunks if c.isalnum()}
+    words = {c for c in chunks if MIN_WORD <= len(c) <= MAX_WORD and c.isalnum()}
+    long = []
     for c in chunks - words:
+        if len(c) < MIN_WORD:
+            continue
         if c.isascii():  # only word characters and '$%.@-_ are left in it
             c = c.lstrip("'$%.@-_").rstrip("'.@-")
-            if c:
-                words.add(c)
+            found = (c,)
         else:
-            words.update(_WORD_RE.findall(c))
-    if not words:
-        return
-    keep = {w for w in words if MIN_WORD <= len(w) <= MAX_WORD}
-    out.update({prefix + w for w in keep} if prefix else keep)
-    if len(words) > len(keep) and any(len(w) > MAX_WORD for w in words):
-        long = sorted(w for w in words if len(w) > MAX_WORD)
-        out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
+            found = _WORD_RE.findall(c)
+        for w in found:
+            n = len(w)
+            if MIN_WORD <= n <= MAX_WORD:
+                words.add(w)
+            elif n > MAX_WORD:
+                long.append(w)
+    if cased and words:
+        # lower-case all distinct words in one go; those that changed were written in capitals
+        low = set(" ".join(words).lower().split())
+        upper = words - low
+        if upper:
+            out.update({prefix + "cs:" + w for w in upper})
+        words = low
+        if long:
+            long = [w.lower() for w in long]
+    if prefix:
+        out.update({prefix + w for w in words})
+    else:
+        out.update(words)
+    if long:
+        long.sort()
+        out.update({f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200]})
         # e-mail addresses and dotted names inside long runs still tell something
         for w in long[:50]:
             for piece in _SPLIT_RE.split(w):
@@ -153,19 +176,21 @@ def _url_tokens(url: str, out: set) -> None:
                 out.add("url:p:" + piece)
 
 
-def _html_tokens(markup: str, out: set) -> str:
-    """Add tag/attribute hints and return the visible text (``markup`` is lower-cased)."""
+def _html_tokens(markup: str, lower: str, out: set) -> str:
+    """Add tag/attribute hints and return the visible text (as written; ``lower`` is the
+    lower-cased ``markup``)."""
     markup = markup[:MAX_HTML]
-    tags = _TAG_RE.findall(markup)[:5000]
-    out.update({"tag:" + t.lower() for t, _ in tags})
+    lower = lower[:MAX_HTML]
+    tags = _TAG_RE.findall(lower)[:5000]
+    out.update({"tag:" + t for t, _ in tags})
     attrs = set()
     for _, rest in tags:
         if "=" in rest:
             attrs.update(_ATTR_RE.findall(rest))
-    out.update({"attr:" + a.lower() for a in attrs})
-    if "display:none" in markup or "visibility:hidden" in markup:
+    out.update({"attr:" + a for a in attrs})
+    if "display:none" in lower or "visibility:hidden" in lower:
         out.add("html:hidden")
-    if markup.count("<!--") > 20:
+    if lower.count("<!--") > 20:
         out.add("html:manycomments")
     text = _STRIP_RE.sub(" ", markup)
     return _html.unescape(text) if "&" in text else text
@@ -354,27 +379,49 @@ def walk(raw: bytes, out: set, top: tuple | None = None) -> list[MimePart]:
 
 
 def _received_tokens(raw: str, out: set) -> None:
-    """``rcvd:`` registrable domains of the host names (at most 6) and ``rcvd:ip:`` /24
-    networks of the bracketed IPv4 addresses (at most 4) of one Received header."""
+    """``rcvd:`` registrable domains of the host names (at most 4) and ``rcvd:ip:`` /24
+    networks of the bracketed IPv4 addresses (at most 2) in the *from* clause of one Received
+    header: who handed the message on. The *by* host is the receiving MTA (our own relays, or
+    the previous hop's *from* again), *for* is the recipient and the date says nothing."""
+    low = raw.lower()
+    cut = low.find(" by ")
+    if cut < 0:
+        cut = low.find(";")
+    if cut >= 0:
+        low = low[:cut]
     hosts = ips = 0
-    for w in raw.lower().split():  # split + a check per piece: cheaper than a pattern scan
+    for w in low.split():  # split + a check per piece: cheaper than a pattern scan
         if "." not in w:
             continue
-        if w[0] in "[(" and ips < 4:
+        if w[0] in "[(" and ips < 2:
             m = _IP_RE.fullmatch(w.strip("[]();"))
             if m:
                 out.add("rcvd:ip:{}.{}.{}".format(*m.groups()))
                 ips += 1
                 continue
-        if hosts < 6:
+        if hosts < 4:
             for piece in _RCVD_SPLIT_RE.split(w) if not w.isalnum() else (w,):
                 if "." in piece and piece[-1:].isalpha() and (m := _HOST_RE.fullmatch(piece)):
                     out.add("rcvd:" + registrable_domain(m.group(1)))
                     hosts += 1
 
 
+def _shape(s: str) -> str:
+    """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content."""
+    return _SHAPE_RE.sub(_shape_char, s)
+
+
+def _shape_char(m: re.Match) -> str:
+    g = m.group(0)
+    return "9" if g[0].isdigit() else ("a" if g.islower() else "A")
+
+
+_SHAPE_RE = re.compile(r"[a-z]+|[A-Z]+|[0-9]+")
+
+
 def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
     received = 0
+    seen_mid = seen_date = False
     for name, raw in headers:
         lname = name.lower()
         # (tokens for the mere presence of each header name were tried and left out: they
@@ -393,7 +440,7 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
             continue
         value = _decode(raw)
         if lname == "subject":
-            _words(value, "subj:", out)
+            _words(value, "subj:", out, cased=True)
             if value and value.upper() == value and any(ch.isalpha() for ch in value):
                 out.add("subj:allcaps")
             if "!!" in value:
@@ -413,8 +460,18 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
             if not _address_tokens(value, "rp:", out, with_local=False):
                 out.add("rp:empty")
         elif lname == "message-id":
-            dom = value.rpartition("@")[2].strip(" <>").lower()
+            seen_mid = True
+            local, _, dom = value.rpartition("@")
+            dom = dom.strip(" <>").lower()
             out.add("mid:dom:" + registrable_domain(dom)[:60] if dom else "mid:nodomain")
+            # the shape of the left part (runs of digits -> 9, lower -> a, upper -> A):
+            # mass mailers and forgers make their own
+            out.add("mid:shape:" + _shape(local.strip(" <"))[:30])
+        elif lname == "date":
+            seen_date = True
+            zone = value.rsplit(None, 1)[-1] if value.strip() else ""
+            out.add("date:tz:" + zone[:12])
+            out.add("date:shape:" + _shape(value)[:40])
         elif lname in ("x-mailer", "user-agent"):
             _words(value, "mailer:", out)
         elif lname == "content-type":
@@ -428,6 +485,10 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
         elif lname == "content-transfer-encoding":
             out.add("cte:top:" + value.strip().lower()[:30])
 
+    if not seen_mid:
+        out.add("mid:none")
+    if not seen_date:
+        out.add("date:none")
 
 def _decode(value: str) -> str:
     from ..model import decode_header_value
@@ -456,17 +517,18 @@ def tokenize(message: Message | bytes) -> set[str]:
                 out.add("att:ext:" + ext[:10] if ext else "att:noext")
                 out.add("att:name:" + name)
             continue
-        text = _part_text(part, out).lower()
+        text = _part_text(part, out)
         if ctype == "text/html":
+            lower = text.lower()
             if len(urls) < MAX_URLS:
                 urls.extend(_html.unescape(u) if "&" in u else u
-                            for u in _HREF_RE.findall(text, 0, MAX_HTML)[:MAX_URLS])
-            text = _html_tokens(text, out)
+                            for u in _HREF_RE.findall(lower, 0, MAX_HTML)[:MAX_URLS])
+            text = _html_tokens(text, lower, out)
         else:
             out.add("body:plain")
         if len(urls) < MAX_URLS:
-            urls.extend(_URL_RE.findall(text)[:MAX_URLS])
-        _words(text, "", out, lowered=True)
+            urls.extend(_URL_RE.findall(text.lower())[:MAX_URLS])
+        _words(text, "", out, cased=True)
     for u in set(urls[:MAX_URLS]):
         _url_tokens(u, out)
     if len(out) > MAX_TOKENS:
