@@ -14,7 +14,7 @@ from typing import Iterable
 from ..model import Message
 from .classifier import Params, Result, combine, combine_logs, token_probability
 from .store import HAM, SHIFT, SPAM, TokenStore, digest
-from .tokenizer import tokenize
+from .tokenizer import TOKEN_FORMAT, tokenize
 
 log = logging.getLogger("filterd.bayes")
 
@@ -52,6 +52,7 @@ class Bayes:
         # token -> f(w) (None: too weak to count), valid while the store's state is unchanged
         self._fcache: dict[str, float | None] = {}
         self._fstate: tuple | None = None
+        self._warned: tuple | None = None  # the state the outdated-database warning was for
 
     @classmethod
     def from_options(cls, store, options: dict) -> "Bayes":
@@ -77,6 +78,7 @@ class Bayes:
         if state != self._fstate or len(fc) > CACHE_MAX:
             fc.clear()
             self._fstate = state
+            self._check_format(nspam, nham, state)
         missing = toks.difference(fc)
         if missing:
             packed = await self.tokens.packed(missing)
@@ -98,6 +100,15 @@ class Bayes:
         fsum = math.fsum
         return combine_logs(fsum([v[1] for v in hits]), fsum([v[2] for v in hits]), len(hits),
                             self.params.n_eff)
+
+    def _check_format(self, nspam: int, nham: int, state: tuple) -> None:
+        old = self.tokens.outdated(nspam, nham)
+        if old and self._warned is None:
+            self._warned = state
+            log.warning("bayes: %d of the %d messages in the token database (%s) were learned "
+                        "with an older tokenizer (token format < %d): classification is less "
+                        "accurate until it is retrained: filterd bayes train --reset --spam DIR "
+                        "--ham DIR", old, nspam + nham, self.tokens.ns, TOKEN_FORMAT)
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,
                     batch: int = 500, progress=None) -> LearnStats:
@@ -152,7 +163,7 @@ class Bayes:
                 nham += 1
             seen_d[dig] = cls - prev
             seen[dig] = cls  # a duplicate later in the same batch is "already"
-        await self.tokens.apply(deltas, nspam, nham, seen_d)
+        await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned)
         return stats
 
     async def forget(self, message: Message | bytes) -> bool:
@@ -165,7 +176,7 @@ class Bayes:
         sub = -ONE[prev]
         await self.tokens.apply({t: sub for t in tokenize(message)},
                                 -1 if prev == SPAM else 0, -1 if prev == HAM else 0,
-                                {dig: -prev})
+                                {dig: -prev}, learned=-1)
         return True
 
 

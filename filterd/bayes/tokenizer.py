@@ -30,6 +30,13 @@ from dataclasses import dataclass
 
 from ..model import Message
 
+# The token format. Bump it whenever a change makes the tokens of the same message differ: a
+# database trained with another format must be retrained (the store counts the messages learned
+# with this format; ``filterd bayes stats`` and classification say so when some were not).
+#   1: filterd up to 2026-11 (no marker in the database)
+#   2: case-preserving cs: tokens, Date/Message-ID shapes, Received from-clause only
+TOKEN_FORMAT = 2
+
 # -- bounds -------------------------------------------------------------------------------------
 MAX_PARTS = 60  # leaf parts looked at
 MAX_TEXT = 200_000  # characters of decoded text per part
