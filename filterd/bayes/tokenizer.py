@@ -28,7 +28,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
-from ..model import Message
+from ..model import Message, decode_header_value
 
 # The token format. Bump it whenever a change makes the tokens of the same message differ: a
 # database trained with another format must be retrained (the store counts the messages learned
@@ -75,6 +75,9 @@ _SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-
              "x-mailer", "user-agent", "received", "content-type", "sender", "errors-to",
              "list-id", "organization", "x-priority", "importance", "precedence",
              "content-transfer-encoding"}
+
+
+assert not any(h.startswith(IGNORED_HEADER_PREFIXES) for h in _SELECTED)
 
 
 def registrable_domain(host: str) -> str:
@@ -144,6 +147,7 @@ def _words(text: str, prefix: str, out: set, lowered: bool = False, cased: bool 
 
 
 _SPLIT_RE = re.compile(r"[.@/-]+")
+_URL_PATH_SPLIT_RE = re.compile(r"[/?&=#.+_%-]+")
 # bytes.translate table: ASCII that is never part of a word -> space
 _NONWORD = bytes(i if i >= 128 or chr(i).isalnum() or chr(i) in "_'$%.@-" else 32
                  for i in range(256))
@@ -178,7 +182,7 @@ def _url_tokens(url: str, out: set) -> None:
     out.add("url:dom:" + registrable_domain(host))
     path = rest[len(hostport):]
     if len(path) > 1:
-        for piece in re.split(r"[/?&=#.+_%-]+", path[:300]):
+        for piece in _URL_PATH_SPLIT_RE.split(path[:300]):
             if 3 <= len(piece) <= 20 and not piece.isdigit():
                 out.add("url:p:" + piece)
 
@@ -374,8 +378,6 @@ def walk(raw: bytes, out: set, top: tuple | None = None) -> list[MimePart]:
             continue
         filename = dparams.get("filename") or params.get("name") or ""
         if "=?" in filename:
-            from ..model import decode_header_value
-
             filename = decode_header_value(filename)
         is_text = ctype.startswith("text/")
         attachment = bool(filename) or disp == "attachment" or not is_text
@@ -424,6 +426,7 @@ def _shape_char(m: re.Match) -> str:
 
 
 _SHAPE_RE = re.compile(r"[a-z]+|[A-Z]+|[0-9]+")
+_CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 
 
 def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
@@ -433,7 +436,7 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
         lname = name.lower()
         # (tokens for the mere presence of each header name were tried and left out: they
         # lowered accuracy in cross-validation, mostly echoing how a corpus was collected)
-        if lname not in _SELECTED or lname.startswith(IGNORED_HEADER_PREFIXES):
+        if lname not in _SELECTED:  # (none of them starts with IGNORED_HEADER_PREFIXES)
             continue
         raw = str(raw)[:4000]
         if "=?" in raw:
@@ -484,7 +487,7 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
         elif lname == "content-type":
             ct = value.split(";", 1)[0].strip().lower()
             out.add("ctype:" + ct[:60])
-            m = re.search(r'(?i)charset\s*=\s*"?([^";\s]{1,40})', value)
+            m = _CHARSET_RE.search(value)
             if m:
                 out.add("charset:" + m.group(1).lower())
         elif lname in ("list-id", "organization", "precedence", "x-priority", "importance"):
@@ -498,8 +501,6 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
         out.add("date:none")
 
 def _decode(value: str) -> str:
-    from ..model import decode_header_value
-
     return decode_header_value(value) if "=?" in value else value
 
 
