@@ -4,21 +4,34 @@ It looks at what a sender controls, each kind of token under its own prefix so t
 in a Subject and in a body are different evidence:
 
 - selected headers: ``subj:`` words, ``from:`` address/domain/name words, ``to:`` domains and
-  recipient count, ``rt:`` Reply-To, ``rp:`` Return-Path, ``mid:`` Message-ID domain,
-  ``mailer:`` X-Mailer/User-Agent words, ``rcvd:`` Received host domains and /24 networks,
-  ``hdr:`` the header names present (as spelled: mailers differ), ``enc:`` RFC 2047
-  encoded-word charsets and encodings, ``charset:`` declared charsets;
+  recipient count, ``rt:`` Reply-To, ``rp:`` Return-Path, ``mid:`` Message-ID domain and shape,
+  ``date:`` the Date header's time zone and shape (``mid:none``/``date:none`` when missing),
+  ``mailer:`` X-Mailer/User-Agent words, ``rcvd:`` the host domains and /24 networks in the
+  *from* clause of the Received headers (who handed the message on; the *by* host is the
+  receiving relay), ``enc:`` RFC 2047 encoded-word charsets and encodings, ``charset:`` declared
+  charsets;
 - every text part, decoded (transfer encoding and charset undone; a broken charset falls back to
-  UTF-8 with replacement, then Latin-1): body words lower-cased, long words summarised as
-  ``skip:`` tokens, runs of CJK characters as character pairs;
+  UTF-8 with replacement, then Latin-1): body words lower-cased, plus ``cs:<Word>`` for each word
+  not written all in lower case ("FREE", "Dear": case says something; the Subject gets
+  ``subj:cs:`` the same way), long words summarised as ``skip:`` tokens, runs of CJK characters
+  as character pairs;
 - HTML reduced to its visible text, plus ``tag:`` and ``attr:`` hints (which tags and attributes
   were used, not their values);
-- URLs: ``url:`` host, registrable domain (approximated), IP literal, port and scheme hints;
+- URLs: ``url:`` host, registrable domain (approximated), path words, IP literal, port and
+  scheme hints;
 - attachments: ``att:`` content types, file name extensions and names; ``part:``/``cte:``
   structure tokens; ``defect:`` parser defects.
 
-Work is bounded per message (parts, bytes of text per part, HTML bytes, URLs, headers and the
-number of distinct tokens), so a hostile message costs no more than a large ordinary one.
+A ``<x>:shape:`` token is the header's format with its content taken out: runs of digits become
+``9``, of lower-case letters ``a``, of capitals ``A`` (``<20021008.A1b2@x>`` -> ``<9.9A9a9@a>``).
+
+Work is bounded per message (parts, bytes of text per part and per message, HTML bytes, URLs,
+headers and the number of distinct tokens), so a hostile message costs no more than a large
+ordinary one. The hot paths avoid per-character Python work: headers are parsed once, straight
+from the bytes; words are split at C speed (see :func:`_words`).
+
+Changing what tokens a message gives means bumping :data:`TOKEN_FORMAT` (databases trained with
+an older format are then reported as needing a retrain).
 """
 from __future__ import annotations
 
@@ -40,6 +53,7 @@ TOKEN_FORMAT = 2
 # -- bounds -------------------------------------------------------------------------------------
 MAX_PARTS = 60  # leaf parts looked at
 MAX_TEXT = 200_000  # characters of decoded text per part
+MAX_MESSAGE_TEXT = 200_000  # characters of visible text per message (all parts together)
 MAX_HTML = 400_000  # characters of HTML markup per part
 MAX_HEADERS = 120  # headers looked at
 MAX_URLS = 200
@@ -417,15 +431,13 @@ def _received_tokens(raw: str, out: set) -> None:
 
 def _shape(s: str) -> str:
     """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content."""
-    return _SHAPE_RE.sub(_shape_char, s)
+    return _SHAPE_RUNS_RE.sub(r"\1", s.translate(_SHAPE_TABLE))
 
 
-def _shape_char(m: re.Match) -> str:
-    g = m.group(0)
-    return "9" if g[0].isdigit() else ("a" if g.islower() else "A")
-
-
-_SHAPE_RE = re.compile(r"[a-z]+|[A-Z]+|[0-9]+")
+_SHAPE_TABLE = str.maketrans({**{c: "9" for c in "0123456789"},
+                              **{c: "a" for c in "abcdefghijklmnopqrstuvwxyz"},
+                              **{c: "A" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}})
+_SHAPE_RUNS_RE = re.compile(r"([9aA])\1+")
 _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 
 
@@ -512,6 +524,7 @@ def tokenize(message: Message | bytes) -> set[str]:
     headers = raw_headers(b"", head)
     _header_tokens(headers, out)
     urls: list[str] = []
+    budget = MAX_MESSAGE_TEXT
     for part in walk(raw, out, (headers, body)):
         ctype = part.content_type
         out.add("part:" + ctype[:60])
@@ -534,6 +547,10 @@ def tokenize(message: Message | bytes) -> set[str]:
             text = _html_tokens(text, lower, out)
         else:
             out.add("body:plain")
+        if len(text) > budget:
+            text = text[:budget]
+            out.add("body:truncated")
+        budget -= len(text)
         if len(urls) < MAX_URLS:
             urls.extend(_URL_RE.findall(text.lower())[:MAX_URLS])
         _words(text, "", out, cased=True)
