@@ -82,13 +82,14 @@ class Bayes:
         missing = toks.difference(fc)
         if missing:
             packed = await self.tokens.packed(missing)
+            # f(w) with both logarithms Fisher's method sums, or None (no evidence): None for
+            # all first (most looked-up tokens were never learned), then the ones found
+            fc.update(dict.fromkeys(missing))
             params = self.params
             log = math.log
-            for t in missing:
-                v = packed.get(t)
-                f = token_probability(v, nspam, nham, params) if v else None
-                # f(w) with both logarithms Fisher's method sums, or None (no evidence)
-                fc[t] = (f, log(f), log(1.0 - f)) if f is not None else None
+            for t, v in packed.items():
+                if v and (f := token_probability(v, nspam, nham, params)) is not None:
+                    fc[t] = (f, log(f), log(1.0 - f))
         hits = [v for t in toks if (v := fc[t]) is not None]
         max_tokens = self.params.max_tokens
         if explain or (max_tokens and len(hits) > max_tokens):
