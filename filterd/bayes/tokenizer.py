@@ -430,14 +430,15 @@ def _received_tokens(raw: str, out: set) -> None:
 
 
 def _shape(s: str) -> str:
-    """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content."""
-    return _SHAPE_RUNS_RE.sub(r"\1", s.translate(_SHAPE_TABLE))
+    """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content
+    (non-ASCII characters become ``?``)."""
+    b = s.encode("ascii", "replace").translate(_SHAPE_TABLE)
+    return _SHAPE_RUNS_RE.sub(rb"\1", b).decode("ascii")
 
 
-_SHAPE_TABLE = str.maketrans({**{c: "9" for c in "0123456789"},
-                              **{c: "a" for c in "abcdefghijklmnopqrstuvwxyz"},
-                              **{c: "A" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}})
-_SHAPE_RUNS_RE = re.compile(r"([9aA])\1+")
+_SHAPE_TABLE = bytes(57 if 48 <= i <= 57 else 97 if 97 <= i <= 122 else 65 if 65 <= i <= 90
+                     else i for i in range(256))  # digit -> 9, lower -> a, upper -> A
+_SHAPE_RUNS_RE = re.compile(rb"([9aA])\1+")
 _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 
 
