@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -49,10 +50,11 @@ class Bayes:
     def __init__(self, store, namespace: str = "bayes:", params: Params | None = None):
         self.tokens = TokenStore(store, namespace)
         self.params = params or Params()
-        # token -> f(w) (None: too weak to count), valid while the store's state is unchanged
-        self._fcache: dict[str, float | None] = {}
+        # token -> (f(w), ln f, ln(1 - f)), or None (never learned or too weak to count);
+        # valid while the store's state is unchanged
+        self._fcache: dict[str, tuple[float, float, float] | None] = {}
         self._fstate: tuple | None = None
-        self._warned: tuple | None = None  # the state the outdated-database warning was for
+        self._warned_at = 0.0  # when the outdated-database warning was last logged
 
     @classmethod
     def from_options(cls, store, options: dict) -> "Bayes":
@@ -78,7 +80,7 @@ class Bayes:
         if state != self._fstate or len(fc) > CACHE_MAX:
             fc.clear()
             self._fstate = state
-            self._check_format(nspam, nham, state)
+            self._check_format(nspam, nham)
         missing = toks.difference(fc)
         if missing:
             packed = await self.tokens.packed(missing)
@@ -102,10 +104,13 @@ class Bayes:
         return combine_logs(fsum([v[1] for v in hits]), fsum([v[2] for v in hits]), len(hits),
                             self.params.n_eff)
 
-    def _check_format(self, nspam: int, nham: int, state: tuple) -> None:
+    def _check_format(self, nspam: int, nham: int) -> None:
+        """Log (at most hourly) when the database holds messages learned with an older token
+        format: it should be retrained."""
         old = self.tokens.outdated(nspam, nham)
-        if old and self._warned is None:
-            self._warned = state
+        now = time.monotonic()
+        if old and (not self._warned_at or now - self._warned_at > 3600):
+            self._warned_at = now
             log.warning("bayes: %d of the %d messages in the token database (%s) were learned "
                         "with an older tokenizer (token format < %d): classification is less "
                         "accurate until it is retrained: filterd bayes train --reset --spam DIR "

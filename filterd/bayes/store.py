@@ -69,7 +69,9 @@ class TokenStore:
 
     def outdated(self, nspam: int, nham: int) -> int:
         """How many of the ``nspam + nham`` learned messages were learned with an older token
-        format (as of the last :meth:`state`): when not 0 the database should be retrained."""
+        format (as of the last :meth:`state`): when not 0 the database should be retrained.
+        (Forgetting a message subtracts it from the current format's count even when it was
+        learned with an older one: after such forgets the figure is a little high.)"""
         return max(0, nspam + nham - self.format_messages)
 
     async def totals(self) -> tuple[int, int]:
