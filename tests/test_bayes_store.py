@@ -155,3 +155,20 @@ async def test_a_database_learned_with_an_older_tokenizer_is_reported(tmp_path, 
     assert bayes.tokens.outdated(nspam, nham) == 0
     if backend == "sqlite":
         await store.close()
+
+
+async def test_engine_fast_path_agrees_with_the_reference_classifier(tmp_path):
+    from filterd.bayes import tokenize
+
+    store = SQLiteStore(tmp_path / "t.sqlite")
+    try:
+        bayes = Bayes(store)
+        await train(bayes, 20)
+        nspam, nham, _ = await bayes.tokens.state()
+        for probe in (synth("spam", 300, seed=3), synth("ham", 300, seed=3)):
+            counts = await bayes.tokens.counts(tokenize(probe))
+            want = classify(counts, nspam, nham, bayes.params).probability
+            got = (await bayes.classify(probe)).probability
+            assert got == pytest.approx(want, abs=1e-12)
+    finally:
+        await store.close()

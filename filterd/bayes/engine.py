@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import Message
-from .classifier import Params, Result, combine, combine_logs, token_probability
-from .store import HAM, SHIFT, SPAM, TokenStore, digest
+from .classifier import Params, Result, combine, combine_logs
+from .store import HAM, MASK, SHIFT, SPAM, TokenStore, digest
 from .tokenizer import TOKEN_FORMAT, tokenize
 
 log = logging.getLogger("filterd.bayes")
@@ -87,12 +87,9 @@ class Bayes:
             # f(w) with both logarithms Fisher's method sums, or None (no evidence): None for
             # all first (most looked-up tokens were never learned), then the ones found
             fc.update(dict.fromkeys(missing))
-            params = self.params
-            log = math.log
-            for t, v in packed.items():
-                if v and (f := token_probability(v, nspam, nham, params)) is not None:
-                    fc[t] = (f, log(f), log(1.0 - f))
-        hits = [v for t in toks if (v := fc[t]) is not None]
+            if packed:
+                fc.update(self._probabilities(packed, nspam, nham))
+        hits = list(filter(None, map(fc.__getitem__, toks)))  # (C speed: no Python loop)
         max_tokens = self.params.max_tokens
         if explain or (max_tokens and len(hits) > max_tokens):
             clues = sorted(((fc[t][0], t) for t in toks if fc[t] is not None),
@@ -100,9 +97,31 @@ class Bayes:
             res = combine([f for f, _ in clues], max_tokens, self.params.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
             return res
-        fsum = math.fsum
-        return combine_logs(fsum([v[1] for v in hits]), fsum([v[2] for v in hits]), len(hits),
-                            self.params.n_eff)
+        if not hits:
+            return combine_logs(0.0, 0.0, 0)
+        _, log_f, log_1f = zip(*hits)
+        return combine_logs(math.fsum(log_f), math.fsum(log_1f), len(hits), self.params.n_eff)
+
+    def _probabilities(self, packed: dict[str, int], nspam: int, nham: int) -> dict:
+        """token -> (f(w), ln f, ln(1 - f)) for the tokens of ``packed`` that carry evidence
+        (:func:`~.classifier.token_probability` inlined: this runs for every token learned
+        but not yet in the cache)."""
+        p = self.params
+        robs, prior, min_dev, min_count = p.robs, p.robs * p.robx, p.min_dev, p.min_count
+        log = math.log
+        out = {}
+        for t, v in packed.items():
+            s, h = v >> SHIFT, v & MASK
+            n = s + h
+            if n <= 0 or n < min_count:
+                continue
+            sr = s / nspam
+            f = (prior + n * (sr / (sr + h / nham))) / (robs + n)
+            if abs(f - 0.5) < min_dev:
+                continue
+            f = min(max(f, 1e-9), 1 - 1e-9)
+            out[t] = (f, log(f), log(1.0 - f))
+        return out
 
     def _check_format(self, nspam: int, nham: int) -> None:
         """Log (at most hourly) when the database holds messages learned with an older token

@@ -39,6 +39,9 @@ class SQLiteStore(Store):
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            # page cache up to 64 MB (default 2 MB): the Bayes token table alone outgrows the
+            # default, and every cache miss is a read from the OS (used only as the file grows)
+            self.db.execute("PRAGMA cache_size=-65536")
             self.db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
