@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bogofilter", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                    help="classifier parameter (robs, robx, min_dev, max_tokens), for tuning")
+                    help="classifier parameter (robs, robx, min_dev, max_tokens, n_eff), for tuning")
     args = ap.parse_args(argv)
     corpus = Path(args.corpus)
     if not corpus.is_dir():

@@ -27,11 +27,14 @@ min_ham = 100
 ham_cutoff = 0.2
 spam_cutoff = 0.9
 # Classifier tuning (Robinson f(w) + Fisher chi-square): prior strength, prior probability,
-# minimum distance from 0.5 for a token to count, and the most tokens used per message.
+# minimum distance from 0.5 for a token to count, the most tokens used per message, and the
+# most tokens' worth of evidence Fisher's test counts (longer messages are scaled down to it;
+# 0 = no limit).
 robs = 0.0178
 robx = 0.52
 min_dev = 0.2
 max_tokens = 10000
+n_eff = 50
 # Autolearn after delivery/quarantine (never for mail rejected or deferred at SMTP time).
 # Spam: total score WITHOUT the Bayes symbols at least autolearn_spam_score.
 # Ham: score without Bayes at most autolearn_ham_score AND a Bayes probability at most

@@ -70,3 +70,38 @@ def test_missing_path_is_a_clear_error(tmp_path):
     assert "nope: no such file or directory" in p.stderr.decode()
     p = run_filterd("bayes", "classify", "--db", str(tmp_path / "x.sqlite"), str(tmp_path / "nope"))
     assert p.returncode == 1 and "cannot read" in p.stderr.decode()
+
+
+def test_stats_and_classify_say_when_the_database_needs_retraining(tmp_path):
+    import asyncio
+
+    from filterd.bayes.store import FORMAT_FIELD
+    from filterd.store.sqlite import SQLiteStore
+
+    spam_dir, mbox, maildir = write_corpus(tmp_path)
+    db = str(tmp_path / "tokens.sqlite")
+    run_filterd("bayes", "train", "--db", db, "--spam", str(spam_dir), "--ham", str(mbox),
+                check=True)
+    st = json.loads(run_filterd("bayes", "stats", "--db", db, "--json", check=True).stdout)
+    assert st["messages_learned_with_older_format"] == 0
+    assert "(current)" in run_filterd("bayes", "stats", "--db", db, check=True).stdout.decode()
+
+    async def make_old():  # as a database from before the token-format marker looks
+        store = SQLiteStore(db)
+        await store.mhincr({"bayes:meta": {FORMAT_FIELD: -25}})
+        await store.close()
+
+    asyncio.run(make_old())
+    out = run_filterd("bayes", "stats", "--db", db, check=True).stdout.decode()
+    assert "OUTDATED: 25 of the 25 messages" in out and "train --reset" in out
+    probe = tmp_path / "probe.eml"
+    probe.write_bytes(synth("spam", 3, seed=9))
+    p = run_filterd("bayes", "classify", "--db", db, str(probe), check=True)
+    assert "older tokenizer" in p.stderr.decode()
+
+    p = run_filterd("bayes", "train", "--db", db, "--reset", "--spam", str(spam_dir),
+                    "--ham", str(mbox), check=True)
+    assert "emptied (15 spam, 10 ham were learned)" in p.stdout.decode()
+    assert "older tokenizer" not in p.stderr.decode()
+    st = json.loads(run_filterd("bayes", "stats", "--db", db, "--json", check=True).stdout)
+    assert st["messages_learned_with_older_format"] == 0 and st["spam_messages"] == 15

@@ -114,3 +114,61 @@ async def test_a_change_by_another_node_empties_the_token_cache(redis_store):
         assert second.probability > first.probability + 0.3
     finally:
         await other.close()
+
+
+def test_evidence_counts_as_at_most_n_eff_tokens():
+    # the tokens of one message are not independent: beyond n_eff tokens the mean evidence
+    # decides, not the length (plain Fisher, n_eff=0, grows more certain with length alone)
+    def weak_ham(n):
+        return {f"h{i}": (25, 75) for i in range(n)}
+
+    capped = [classify(weak_ham(n), 100, 100, Params(n_eff=50)).probability for n in (60, 600)]
+    plain = [classify(weak_ham(n), 100, 100, Params(n_eff=0)).probability for n in (60, 600)]
+    assert capped[0] == pytest.approx(capped[1], abs=1e-9)
+    assert plain[1] < plain[0] / 10
+    few = {f"s{i}": (60, 1) for i in range(10)}  # below n_eff tokens nothing changes
+    assert classify(few, 100, 100, Params(n_eff=50)).probability == \
+        classify(few, 100, 100, Params(n_eff=0)).probability
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_database_learned_with_an_older_tokenizer_is_reported(tmp_path, redis_store,
+                                                                       backend, caplog):
+    from filterd.bayes.store import FORMAT_FIELD
+
+    store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
+    bayes = Bayes(store)
+    await train(bayes, 10)
+    nspam, nham, _ = await bayes.tokens.state()
+    assert (nspam, nham) == (10, 10) and bayes.tokens.outdated(nspam, nham) == 0
+    # a database from before the format marker: the counter is missing
+    await store.mhincr({bayes.tokens.k_meta: {FORMAT_FIELD: -20}})
+    nspam, nham, _ = await bayes.tokens.state()
+    assert bayes.tokens.outdated(nspam, nham) == 20
+    with caplog.at_level("WARNING", logger="filterd.bayes"):
+        await Bayes(store).classify(synth("spam", 99))
+    assert "older tokenizer" in caplog.text and "train --reset" in caplog.text
+    # retraining from scratch clears the warning
+    await bayes.tokens.clear()
+    await train(bayes, 10)
+    nspam, nham, _ = await bayes.tokens.state()
+    assert bayes.tokens.outdated(nspam, nham) == 0
+    if backend == "sqlite":
+        await store.close()
+
+
+async def test_engine_fast_path_agrees_with_the_reference_classifier(tmp_path):
+    from filterd.bayes import tokenize
+
+    store = SQLiteStore(tmp_path / "t.sqlite")
+    try:
+        bayes = Bayes(store)
+        await train(bayes, 20)
+        nspam, nham, _ = await bayes.tokens.state()
+        for probe in (synth("spam", 300, seed=3), synth("ham", 300, seed=3)):
+            counts = await bayes.tokens.counts(tokenize(probe))
+            want = classify(counts, nspam, nham, bayes.params).probability
+            got = (await bayes.classify(probe)).probability
+            assert got == pytest.approx(want, abs=1e-12)
+    finally:
+        await store.close()

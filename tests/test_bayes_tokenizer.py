@@ -143,3 +143,50 @@ def test_mime_nesting_bomb_is_bounded():
     many = "".join("--m\r\nContent-Type: text/plain\r\n\r\nw%d\r\n" % i for i in range(5000))
     toks = tokenize(msg('Content-Type: multipart/mixed; boundary="m"', many + "--m--\r\n"))
     assert "parts:many" in toks
+
+
+def test_fast_word_split_finds_the_same_words_as_the_word_pattern():
+    text = ("Hello, world!! e-mail me at bob@example.com -- it's $100 (or 50%) "
+            "'quoted' _under_score_ ...dots... a--b x.y.z. café naïve 50€ “smart quotes” "
+            "self-made... don't! <tag> [bracket] {brace} #hash +plus =eq ~tilde `tick` ^c "
+            "wörter-mit-umlaut 'ÉLAN' ab a1 abc123def")
+    out = set()
+    tk._words(text, "", out)
+    expected = {w for w in tk._WORD_RE.findall(text.lower())
+                if tk.MIN_WORD <= len(w) <= tk.MAX_WORD}
+    assert out == expected
+
+
+def test_words_written_in_capitals_also_count_as_written():
+    raw = msg("Subject: FREE Offer inside\nContent-Type: text/plain",
+              "Dear Friend, this is ABSOLUTELY free and plain words stay lower")
+    toks = tokenize(raw)
+    assert {"cs:ABSOLUTELY", "cs:Dear", "cs:Friend", "absolutely", "dear", "free"} <= toks
+    assert {"subj:cs:FREE", "subj:cs:Offer", "subj:free", "subj:offer", "subj:inside"} <= toks
+    assert not any(t in toks for t in ("cs:free", "cs:plain", "subj:cs:inside"))
+
+
+def test_capitals_in_html_text_count_but_markup_does_not():
+    html = '<HTML><BODY><P STYLE="x">Order NOW</P><SCRIPT>HiddenCode()</SCRIPT></BODY></HTML>'
+    toks = tokenize(msg("Content-Type: text/html", html))
+    assert {"cs:Order", "cs:NOW", "order", "now", "tag:p", "tag:body", "attr:style"} <= toks
+    assert not any("hiddencode" in t.lower() for t in toks)
+
+
+def test_date_and_message_id_formats_become_shape_tokens():
+    toks = tokenize(msg("Message-ID: <20021008.A1b2@mx.example.com>\n"
+                        "Date: Wed, 07 Oct 2020 23:01:36 -1900\nContent-Type: text/plain", "x"))
+    assert {"mid:shape:9.A9a9", "mid:dom:example.com", "date:tz:-1900",
+            "date:shape:Aa, 9 Aa 9 9:9:9 -9"} <= toks
+    bare = tokenize(msg("Content-Type: text/plain", "no date, no id"))
+    assert {"mid:none", "date:none"} <= bare
+
+
+def test_received_tokens_come_from_the_from_clause_only():
+    raw = msg("Received: from mail.sender-isp.example (mail.sender-isp.example [192.0.2.77])\n"
+              "\tby mx.our-gateway.example (Postfix) with ESMTP id ABC\n"
+              "\tfor <bob@our-gateway.example>; Tue, 8 Oct 2002 10:58:16 +0100\n"
+              "Content-Type: text/plain", "x")
+    toks = tokenize(raw)
+    assert {"rcvd:sender-isp.example", "rcvd:ip:192.0.2"} <= toks
+    assert not any("our-gateway" in t for t in toks if t.startswith("rcvd:"))

@@ -7,13 +7,15 @@ once and moves it when it is relearned as the other class.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import Message
-from .classifier import Params, Result, combine, token_probability
-from .store import HAM, SHIFT, SPAM, TokenStore, digest
-from .tokenizer import tokenize
+from .classifier import Params, Result, combine, combine_logs
+from .store import HAM, MASK, SHIFT, SPAM, TokenStore, digest
+from .tokenizer import TOKEN_FORMAT, tokenize
 
 log = logging.getLogger("filterd.bayes")
 
@@ -48,22 +50,27 @@ class Bayes:
     def __init__(self, store, namespace: str = "bayes:", params: Params | None = None):
         self.tokens = TokenStore(store, namespace)
         self.params = params or Params()
-        # token -> f(w) (None: too weak to count), valid while the store's state is unchanged
-        self._fcache: dict[str, float | None] = {}
+        # token -> (f(w), ln f, ln(1 - f)), or None (never learned or too weak to count);
+        # valid while the store's state is unchanged
+        self._fcache: dict[str, tuple[float, float, float] | None] = {}
         self._fstate: tuple | None = None
+        self._warned_at = 0.0  # when the outdated-database warning was last logged
 
     @classmethod
     def from_options(cls, store, options: dict) -> "Bayes":
         d = Params()
         p = Params(robs=float(options.get("robs", d.robs)), robx=float(options.get("robx", d.robx)),
                    min_dev=float(options.get("min_dev", d.min_dev)),
-                   max_tokens=int(options.get("max_tokens", d.max_tokens)))
+                   max_tokens=int(options.get("max_tokens", d.max_tokens)),
+                   n_eff=int(options.get("n_eff", d.n_eff)))
         return cls(store, options.get("namespace", "bayes:"), p)
 
     async def classify(self, message: Message | bytes, explain: int = 0,
                        state: tuple[int, int, int] | None = None) -> Result:
         """Spam probability of a message. ``state`` is :meth:`TokenStore.state` when the
-        caller has just read it (saves a read); token counts are cached while it holds."""
+        caller has just read it (saves a read); token probabilities are cached while it holds,
+        so a message costs one store query for the tokens not seen since (one ``HMGET`` on
+        Redis, one ``IN`` query on SQLite)."""
         toks = tokenize(message)
         state = state or await self.tokens.state()
         nspam, nham = state[0], state[1]
@@ -73,20 +80,60 @@ class Bayes:
         if state != self._fstate or len(fc) > CACHE_MAX:
             fc.clear()
             self._fstate = state
+            self._check_format(nspam, nham)
         missing = toks.difference(fc)
         if missing:
             packed = await self.tokens.packed(missing)
-            params = self.params
-            for t in missing:
-                v = packed.get(t)
-                fc[t] = token_probability(v, nspam, nham, params) if v else None
-        if explain:
-            clues = sorted(((fc[t], t) for t in toks if fc[t] is not None),
-                           key=lambda x: -abs(x[0] - 0.5))
-            res = combine([f for f, _ in clues], self.params.max_tokens)
+            # f(w) with both logarithms Fisher's method sums, or None (no evidence): None for
+            # all first (most looked-up tokens were never learned), then the ones found
+            fc.update(dict.fromkeys(missing))
+            if packed:
+                fc.update(self._probabilities(packed, nspam, nham))
+        hits = list(filter(None, map(fc.__getitem__, toks)))  # (C speed: no Python loop)
+        max_tokens = self.params.max_tokens
+        if explain or (max_tokens and len(hits) > max_tokens):
+            clues = sorted(((fc[t][0], t) for t in toks if fc[t] is not None),
+                           key=lambda x: (-abs(x[0] - 0.5), x[1]))
+            res = combine([f for f, _ in clues], max_tokens, self.params.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
             return res
-        return combine([f for t in toks if (f := fc[t]) is not None], self.params.max_tokens)
+        if not hits:
+            return combine_logs(0.0, 0.0, 0)
+        _, log_f, log_1f = zip(*hits)
+        return combine_logs(math.fsum(log_f), math.fsum(log_1f), len(hits), self.params.n_eff)
+
+    def _probabilities(self, packed: dict[str, int], nspam: int, nham: int) -> dict:
+        """token -> (f(w), ln f, ln(1 - f)) for the tokens of ``packed`` that carry evidence
+        (:func:`~.classifier.token_probability` inlined: this runs for every token learned
+        but not yet in the cache)."""
+        p = self.params
+        robs, prior, min_dev, min_count = p.robs, p.robs * p.robx, p.min_dev, p.min_count
+        log = math.log
+        out = {}
+        for t, v in packed.items():
+            s, h = v >> SHIFT, v & MASK
+            n = s + h
+            if n <= 0 or n < min_count:
+                continue
+            sr = s / nspam
+            f = (prior + n * (sr / (sr + h / nham))) / (robs + n)
+            if abs(f - 0.5) < min_dev:
+                continue
+            f = min(max(f, 1e-9), 1 - 1e-9)
+            out[t] = (f, log(f), log(1.0 - f))
+        return out
+
+    def _check_format(self, nspam: int, nham: int) -> None:
+        """Log (at most hourly) when the database holds messages learned with an older token
+        format: it should be retrained."""
+        old = self.tokens.outdated(nspam, nham)
+        now = time.monotonic()
+        if old and (not self._warned_at or now - self._warned_at > 3600):
+            self._warned_at = now
+            log.warning("bayes: %d of the %d messages in the token database (%s) were learned "
+                        "with an older tokenizer (token format < %d): classification is less "
+                        "accurate until it is retrained: filterd bayes train --reset --spam DIR "
+                        "--ham DIR", old, nspam + nham, self.tokens.ns, TOKEN_FORMAT)
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,
                     batch: int = 500, progress=None) -> LearnStats:
@@ -141,7 +188,7 @@ class Bayes:
                 nham += 1
             seen_d[dig] = cls - prev
             seen[dig] = cls  # a duplicate later in the same batch is "already"
-        await self.tokens.apply(deltas, nspam, nham, seen_d)
+        await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned)
         return stats
 
     async def forget(self, message: Message | bytes) -> bool:
@@ -154,7 +201,7 @@ class Bayes:
         sub = -ONE[prev]
         await self.tokens.apply({t: sub for t in tokenize(message)},
                                 -1 if prev == SPAM else 0, -1 if prev == HAM else 0,
-                                {dig: -prev})
+                                {dig: -prev}, learned=-1)
         return True
 
 

@@ -7,7 +7,9 @@ Layout under a namespace (default ``bayes:``):
   ``spam * 2**32 + ham`` so a lookup of a message's tokens is one ``HMGET`` (Redis) or one indexed
   ``IN`` query (SQLite), and learning is one ``HINCRBY`` per token. Unlearning adds negative
   amounts; counts never go below zero because only learned messages are unlearned.
-- ``<ns>meta`` — hash with ``nspam`` and ``nham``, the numbers of messages learned, and ``gen``,
+- ``<ns>meta`` — hash with ``nspam`` and ``nham``, the numbers of messages learned, ``fmt<N>``,
+  how many of them were learned with token format N (:data:`~.tokenizer.TOKEN_FORMAT`; messages
+  learned before the marker existed have none: format 1), and ``gen``,
   bumped by every change: a node keeps the token probabilities it computed in memory for as
   long as the ``(nspam, nham, gen)`` it reads before each message is unchanged (see
   :class:`filterd.bayes.engine.Bayes`), so common tokens cost no lookup, and a change made by
@@ -21,6 +23,9 @@ from __future__ import annotations
 import hashlib
 
 from ..store import Store
+from .tokenizer import TOKEN_FORMAT
+
+FORMAT_FIELD = f"fmt{TOKEN_FORMAT}"
 
 SHIFT = 32
 MASK = (1 << SHIFT) - 1
@@ -52,11 +57,22 @@ class TokenStore:
         self.k_tokens = namespace + "tokens"
         self.k_meta = namespace + "meta"
         self.k_seen = namespace + "seen"
+        # messages learned with the current token format, as of the last state()
+        self.format_messages = 0
 
     async def state(self) -> tuple[int, int, int]:
-        """(nspam, nham, generation): one small read per message."""
-        meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen"))
+        """(nspam, nham, generation): one small read per message (it also refreshes
+        :attr:`format_messages`)."""
+        meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen", FORMAT_FIELD))
+        self.format_messages = int(meta.get(FORMAT_FIELD, 0))
         return int(meta.get("nspam", 0)), int(meta.get("nham", 0)), int(meta.get("gen", 0))
+
+    def outdated(self, nspam: int, nham: int) -> int:
+        """How many of the ``nspam + nham`` learned messages were learned with an older token
+        format (as of the last :meth:`state`): when not 0 the database should be retrained.
+        (Forgetting a message subtracts it from the current format's count even when it was
+        learned with an older one: after such forgets the figure is a little high.)"""
+        return max(0, nspam + nham - self.format_messages)
 
     async def totals(self) -> tuple[int, int]:
         nspam, nham, _ = await self.state()
@@ -75,13 +91,15 @@ class TokenStore:
         return await self.store.hget_many(self.k_seen, digests)
 
     async def apply(self, token_deltas: dict[str, int], nspam: int, nham: int,
-                    seen_deltas: dict[str, int]) -> None:
-        """Add packed token deltas, message-count deltas and seen-index deltas in one batch."""
+                    seen_deltas: dict[str, int], learned: int = 0) -> None:
+        """Add packed token deltas, message-count deltas and seen-index deltas in one batch;
+        ``learned``: change in the number of messages learned with the current token format."""
         items: dict[str, dict[str, int]] = {}
         deltas = {t: d for t, d in token_deltas.items() if d}
         if deltas:
             items[self.k_tokens] = deltas
-        meta = {k: v for k, v in (("nspam", nspam), ("nham", nham)) if v}
+        meta = {k: v for k, v in (("nspam", nspam), ("nham", nham), (FORMAT_FIELD, learned))
+                if v}
         if deltas or meta or seen_deltas:
             meta["gen"] = 1  # every change invalidates every node's token cache
             items[self.k_meta] = meta

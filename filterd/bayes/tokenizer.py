@@ -4,21 +4,34 @@ It looks at what a sender controls, each kind of token under its own prefix so t
 in a Subject and in a body are different evidence:
 
 - selected headers: ``subj:`` words, ``from:`` address/domain/name words, ``to:`` domains and
-  recipient count, ``rt:`` Reply-To, ``rp:`` Return-Path, ``mid:`` Message-ID domain,
-  ``mailer:`` X-Mailer/User-Agent words, ``rcvd:`` Received host domains and /24 networks,
-  ``hdr:`` the header names present (as spelled: mailers differ), ``enc:`` RFC 2047
-  encoded-word charsets and encodings, ``charset:`` declared charsets;
+  recipient count, ``rt:`` Reply-To, ``rp:`` Return-Path, ``mid:`` Message-ID domain and shape,
+  ``date:`` the Date header's time zone and shape (``mid:none``/``date:none`` when missing),
+  ``mailer:`` X-Mailer/User-Agent words, ``rcvd:`` the host domains and /24 networks in the
+  *from* clause of the Received headers (who handed the message on; the *by* host is the
+  receiving relay), ``enc:`` RFC 2047 encoded-word charsets and encodings, ``charset:`` declared
+  charsets;
 - every text part, decoded (transfer encoding and charset undone; a broken charset falls back to
-  UTF-8 with replacement, then Latin-1): body words lower-cased, long words summarised as
-  ``skip:`` tokens, runs of CJK characters as character pairs;
+  UTF-8 with replacement, then Latin-1): body words lower-cased, plus ``cs:<Word>`` for each word
+  not written all in lower case ("FREE", "Dear": case says something; the Subject gets
+  ``subj:cs:`` the same way), long words summarised as ``skip:`` tokens, runs of CJK characters
+  as character pairs;
 - HTML reduced to its visible text, plus ``tag:`` and ``attr:`` hints (which tags and attributes
   were used, not their values);
-- URLs: ``url:`` host, registrable domain (approximated), IP literal, port and scheme hints;
+- URLs: ``url:`` host, registrable domain (approximated), path words, IP literal, port and
+  scheme hints;
 - attachments: ``att:`` content types, file name extensions and names; ``part:``/``cte:``
   structure tokens; ``defect:`` parser defects.
 
-Work is bounded per message (parts, bytes of text per part, HTML bytes, URLs, headers and the
-number of distinct tokens), so a hostile message costs no more than a large ordinary one.
+A ``<x>:shape:`` token is the header's format with its content taken out: runs of digits become
+``9``, of lower-case letters ``a``, of capitals ``A`` (``<20021008.A1b2@x>`` -> ``<9.9A9a9@a>``).
+
+Work is bounded per message (parts, bytes of text per part and per message, HTML bytes, URLs,
+headers and the number of distinct tokens), so a hostile message costs no more than a large
+ordinary one. The hot paths avoid per-character Python work: headers are parsed once, straight
+from the bytes; words are split at C speed (see :func:`_words`).
+
+Changing what tokens a message gives means bumping :data:`TOKEN_FORMAT` (databases trained with
+an older format are then reported as needing a retrain).
 """
 from __future__ import annotations
 
@@ -28,11 +41,19 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
-from ..model import Message
+from ..model import Message, decode_header_value
+
+# The token format. Bump it whenever a change makes the tokens of the same message differ: a
+# database trained with another format must be retrained (the store counts the messages learned
+# with this format; ``filterd bayes stats`` and classification say so when some were not).
+#   1: filterd up to 2026-11 (no marker in the database)
+#   2: case-preserving cs: tokens, Date/Message-ID shapes, Received from-clause only
+TOKEN_FORMAT = 2
 
 # -- bounds -------------------------------------------------------------------------------------
 MAX_PARTS = 60  # leaf parts looked at
 MAX_TEXT = 200_000  # characters of decoded text per part
+MAX_MESSAGE_TEXT = 200_000  # characters of visible text per message (all parts together)
 MAX_HTML = 400_000  # characters of HTML markup per part
 MAX_HEADERS = 120  # headers looked at
 MAX_URLS = 200
@@ -49,24 +70,28 @@ _WORD_RE = re.compile(r"[^\W_](?:[\w'$€£%.@-]*[\w$€£%])?")
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{2,}")
 _TAG_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b([^>]{0,2000})>")
 _ATTR_RE = re.compile(r"\s([a-zA-Z][a-zA-Z-]{0,20})\s*=")
-_STRIP_RE = re.compile(r"(?s)<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>")  # lower-cased
-# (applied to lower-cased text: a case-insensitive pattern is several times slower)
+# (character classes, not (?i): a case-insensitive pattern is several times slower)
+_STRIP_RE = re.compile(r"(?s)<([sS][cC][rR][iI][pP][tT]|[sS][tT][yY][lL][eE])\b.*?</\1\s*>"
+                       r"|<!--.*?-->|<[^>]*>")
 _URL_RE = re.compile(r"""(?:https?://|ftp://|www\.)[^\s<>"'\)\]]{1,400}""")
 _HREF_RE = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]{1,400})""")
 _ENCWORD_RE = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?")
-_HOST_RE = re.compile(r"\b([a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63}){0,8}\.[a-z]{2,24})\b")
+_HOST_RE = re.compile(r"([a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63}){0,8}\.[a-z]{2,24})")
+_RCVD_SPLIT_RE = re.compile(r"[\s()\[\]<>;,=@/]+")
 _IP_RE = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}\b")
-_RCVD_IP_RE = re.compile(r"[\[(](\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}[\])]")
 _ADDR_RE = re.compile(r"([\w.+'=-]{1,64})@([\w-]{1,63}(?:\.[\w-]{1,63}){0,8})")
 
 # Second-level labels under which registrations happen (co.uk, com.au, ...): a short, stable
 # approximation of the public suffix list, good enough to group URL hosts into domains.
 _SLD = {"co", "com", "net", "org", "gov", "edu", "ac", "or", "ne", "go", "gob", "mil", "nom"}
 
-_SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-id",
+_SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-id", "date",
              "x-mailer", "user-agent", "received", "content-type", "sender", "errors-to",
              "list-id", "organization", "x-priority", "importance", "precedence",
              "content-transfer-encoding"}
+
+
+assert not any(h.startswith(IGNORED_HEADER_PREFIXES) for h in _SELECTED)
 
 
 def registrable_domain(host: str) -> str:
@@ -76,17 +101,54 @@ def registrable_domain(host: str) -> str:
     return ".".join(labels[-2:])
 
 
-def _words(text: str, prefix: str, out: set, lowered: bool = False) -> None:
-    """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries."""
-    found = _WORD_RE.findall(text if lowered else text.lower())
-    if not found:
-        return
-    words = set(found)
-    keep = {w for w in words if MIN_WORD <= len(w) <= MAX_WORD}
-    out.update({prefix + w for w in keep} if prefix else keep)
-    if len(words) > len(keep) and any(len(w) > MAX_WORD for w in words):
-        long = [w for w in found if len(w) > MAX_WORD]  # in order of appearance
-        out.update(f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200])
+def _words(text: str, prefix: str, out: set, lowered: bool = False, cased: bool = False) -> None:
+    """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries.
+
+    A word starts with a letter or digit, ends with one (or ``$ % € £``) and may hold
+    ``' . @ -`` inside (the same words as :data:`_WORD_RE` finds). Done at C speed where it can
+    be: ASCII characters that never belong to a word become spaces (UTF-8 multi-byte sequences
+    are left alone), the text is split and deduplicated, and only the few distinct chunks that
+    are not plain letters/digits of a usable length are looked at one by one.
+
+    ``cased``: words that are not all lower case also count as they were written, as
+    ``<prefix>cs:<Word>`` ("FREE" and "Free" say more than "free"; bogofilter is case
+    sensitive throughout)."""
+    if not (lowered or cased):
+        text = text.lower()
+    chunks = set(text.encode("utf-8", "replace").translate(_NONWORD).decode("utf-8", "replace")
+                 .split())
+    words = {c for c in chunks if MIN_WORD <= len(c) <= MAX_WORD and c.isalnum()}
+    long = []
+    for c in chunks - words:
+        if len(c) < MIN_WORD:
+            continue
+        if c.isascii():  # only word characters and '$%.@-_ are left in it
+            c = c.lstrip("'$%.@-_").rstrip("'.@-")
+            found = (c,)
+        else:
+            found = _WORD_RE.findall(c)
+        for w in found:
+            n = len(w)
+            if MIN_WORD <= n <= MAX_WORD:
+                words.add(w)
+            elif n > MAX_WORD:
+                long.append(w)
+    if cased and words:
+        # lower-case all distinct words in one go; those that changed were written in capitals
+        low = set(" ".join(words).lower().split())
+        upper = words - low
+        if upper:
+            out.update({prefix + "cs:" + w for w in upper})
+        words = low
+        if long:
+            long = [w.lower() for w in long]
+    if prefix:
+        out.update({prefix + w for w in words})
+    else:
+        out.update(words)
+    if long:
+        long.sort()
+        out.update({f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200]})
         # e-mail addresses and dotted names inside long runs still tell something
         for w in long[:50]:
             for piece in _SPLIT_RE.split(w):
@@ -99,6 +161,10 @@ def _words(text: str, prefix: str, out: set, lowered: bool = False) -> None:
 
 
 _SPLIT_RE = re.compile(r"[.@/-]+")
+_URL_PATH_SPLIT_RE = re.compile(r"[/?&=#.+_%-]+")
+# bytes.translate table: ASCII that is never part of a word -> space
+_NONWORD = bytes(i if i >= 128 or chr(i).isalnum() or chr(i) in "_'$%.@-" else 32
+                 for i in range(256))
 
 
 def _url_tokens(url: str, out: set) -> None:
@@ -130,24 +196,26 @@ def _url_tokens(url: str, out: set) -> None:
     out.add("url:dom:" + registrable_domain(host))
     path = rest[len(hostport):]
     if len(path) > 1:
-        for piece in re.split(r"[/?&=#.+_%-]+", path[:300]):
+        for piece in _URL_PATH_SPLIT_RE.split(path[:300]):
             if 3 <= len(piece) <= 20 and not piece.isdigit():
                 out.add("url:p:" + piece)
 
 
-def _html_tokens(markup: str, out: set) -> str:
-    """Add tag/attribute hints and return the visible text (``markup`` is lower-cased)."""
+def _html_tokens(markup: str, lower: str, out: set) -> str:
+    """Add tag/attribute hints and return the visible text (as written; ``lower`` is the
+    lower-cased ``markup``)."""
     markup = markup[:MAX_HTML]
-    tags = _TAG_RE.findall(markup)[:5000]
-    out.update({"tag:" + t.lower() for t, _ in tags})
+    lower = lower[:MAX_HTML]
+    tags = _TAG_RE.findall(lower)[:5000]
+    out.update({"tag:" + t for t, _ in tags})
     attrs = set()
     for _, rest in tags:
         if "=" in rest:
             attrs.update(_ATTR_RE.findall(rest))
-    out.update({"attr:" + a.lower() for a in attrs})
-    if "display:none" in markup or "visibility:hidden" in markup:
+    out.update({"attr:" + a for a in attrs})
+    if "display:none" in lower or "visibility:hidden" in lower:
         out.add("html:hidden")
-    if markup.count("<!--") > 20:
+    if lower.count("<!--") > 20:
         out.add("html:manycomments")
     text = _STRIP_RE.sub(" ", markup)
     return _html.unescape(text) if "&" in text else text
@@ -164,8 +232,7 @@ def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) 
     return n
 
 
-_HEADER_RE = re.compile(rb"^([!-9;-~]{1,80})[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.M)
-_UNFOLD_RE = re.compile(r"\r?\n[ \t]+")
+_UNFOLD_RE = re.compile(r"\n[ \t]+")
 
 
 def split_head(data: bytes) -> tuple[bytes, bytes]:
@@ -183,24 +250,36 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
 
 def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]:
     """(name, unfolded raw value) of the header block, read straight from the bytes (much
-    cheaper than the email package's header objects); 8-bit values are taken as UTF-8, else
-    Latin-1."""
+    cheaper than the email package's header objects); an 8-bit block is taken as UTF-8, else
+    Latin-1. Lines that are not ``name: value`` (or a continuation) are skipped."""
     if block is None:
         block = split_head(raw)[0]
     if block.startswith(b"From "):  # mbox separator line
         block = block[block.find(b"\n") + 1:]
-    out = []
-    for name, value in _HEADER_RE.findall(block[:200_000])[:MAX_HEADERS]:
+    block = block[:200_000]
+    try:
+        text = block.decode("ascii")
+    except UnicodeDecodeError:
         try:
-            v = value.decode("ascii")
+            text = block.decode("utf-8")
         except UnicodeDecodeError:
-            try:
-                v = value.decode("utf-8")
-            except UnicodeDecodeError:
-                v = value.decode("latin-1")
-        if "\n" in v:
-            v = _UNFOLD_RE.sub(" ", v)
-        out.append((name.decode("ascii"), v.rstrip()))
+            text = block.decode("latin-1")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if "\n " in text or "\n\t" in text:
+        text = _UNFOLD_RE.sub(" ", text)
+    out = []
+    for line in text.split("\n"):
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        name = name.rstrip(" \t")
+        if not name or len(name) > 80 or not (name.isascii() and name.isprintable()) \
+                or " " in name:
+            continue
+        out.append((name, value.strip()))
+        if len(out) >= MAX_HEADERS:
+            break
     return out
 
 
@@ -250,10 +329,12 @@ def _decode_payload(body: bytes, cte: str, out: set) -> bytes:
     return body
 
 
-def walk(raw: bytes, out: set) -> list[MimePart]:
-    """Leaf parts of a message, iteratively, bounded in depth and number."""
+def walk(raw: bytes, out: set, top: tuple | None = None) -> list[MimePart]:
+    """Leaf parts of a message, iteratively, bounded in depth and number. ``top`` is the
+    message's ``(headers, body)`` when the caller has them already (saves parsing twice)."""
     parts: list[MimePart] = []
     stack = [(raw, 0, True, "text/plain")]
+    first = top
     while stack:
         data, depth, top, default_ct = stack.pop()
         if len(parts) >= MAX_PARTS:
@@ -262,9 +343,14 @@ def walk(raw: bytes, out: set) -> list[MimePart]:
         if depth > MAX_DEPTH:
             out.add("defect:deep")
             continue
-        head, body = split_head(data)
+        if first is not None:
+            headers, body = first
+            first = None
+        else:
+            head, body = split_head(data)
+            headers = raw_headers(b"", head)
         ctype, cte, disp, params, dparams = default_ct, "", "", {}, {}
-        for name, value in raw_headers(b"", head):
+        for name, value in headers:
             lname = name.lower()
             if lname == "content-type":
                 ctype = value.split(";", 1)[0].strip().lower() or default_ct
@@ -306,8 +392,6 @@ def walk(raw: bytes, out: set) -> list[MimePart]:
             continue
         filename = dparams.get("filename") or params.get("name") or ""
         if "=?" in filename:
-            from ..model import decode_header_value
-
             filename = decode_header_value(filename)
         is_text = ctype.startswith("text/")
         attachment = bool(filename) or disp == "attachment" or not is_text
@@ -317,13 +401,55 @@ def walk(raw: bytes, out: set) -> list[MimePart]:
     return parts
 
 
+def _received_tokens(raw: str, out: set) -> None:
+    """``rcvd:`` registrable domains of the host names (at most 4) and ``rcvd:ip:`` /24
+    networks of the bracketed IPv4 addresses (at most 2) in the *from* clause of one Received
+    header: who handed the message on. The *by* host is the receiving MTA (our own relays, or
+    the previous hop's *from* again), *for* is the recipient and the date says nothing."""
+    low = raw.lower()
+    cut = low.find(" by ")
+    if cut < 0:
+        cut = low.find(";")
+    if cut >= 0:
+        low = low[:cut]
+    hosts = ips = 0
+    for w in low.split():  # split + a check per piece: cheaper than a pattern scan
+        if "." not in w:
+            continue
+        if w[0] in "[(" and ips < 2:
+            m = _IP_RE.fullmatch(w.strip("[]();"))
+            if m:
+                out.add("rcvd:ip:{}.{}.{}".format(*m.groups()))
+                ips += 1
+                continue
+        if hosts < 4:
+            for piece in _RCVD_SPLIT_RE.split(w) if not w.isalnum() else (w,):
+                if "." in piece and piece[-1:].isalpha() and (m := _HOST_RE.fullmatch(piece)):
+                    out.add("rcvd:" + registrable_domain(m.group(1)))
+                    hosts += 1
+
+
+def _shape(s: str) -> str:
+    """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content
+    (non-ASCII characters become ``?``)."""
+    b = s.encode("ascii", "replace").translate(_SHAPE_TABLE)
+    return _SHAPE_RUNS_RE.sub(rb"\1", b).decode("ascii")
+
+
+_SHAPE_TABLE = bytes(57 if 48 <= i <= 57 else 97 if 97 <= i <= 122 else 65 if 65 <= i <= 90
+                     else i for i in range(256))  # digit -> 9, lower -> a, upper -> A
+_SHAPE_RUNS_RE = re.compile(rb"([9aA])\1+")
+_CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
+
+
 def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
     received = 0
+    seen_mid = seen_date = False
     for name, raw in headers:
         lname = name.lower()
         # (tokens for the mere presence of each header name were tried and left out: they
         # lowered accuracy in cross-validation, mostly echoing how a corpus was collected)
-        if lname not in _SELECTED or lname.startswith(IGNORED_HEADER_PREFIXES):
+        if lname not in _SELECTED:  # (none of them starts with IGNORED_HEADER_PREFIXES)
             continue
         raw = str(raw)[:4000]
         if "=?" in raw:
@@ -333,14 +459,11 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
             received += 1
             if received > 6:
                 continue
-            for host in _HOST_RE.findall(raw.lower())[:6]:
-                out.add("rcvd:" + registrable_domain(host))
-            for a, b, c in _RCVD_IP_RE.findall(raw)[:4]:
-                out.add(f"rcvd:ip:{a}.{b}.{c}")
+            _received_tokens(raw, out)
             continue
         value = _decode(raw)
         if lname == "subject":
-            _words(value, "subj:", out)
+            _words(value, "subj:", out, cased=True)
             if value and value.upper() == value and any(ch.isalpha() for ch in value):
                 out.add("subj:allcaps")
             if "!!" in value:
@@ -360,14 +483,24 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
             if not _address_tokens(value, "rp:", out, with_local=False):
                 out.add("rp:empty")
         elif lname == "message-id":
-            dom = value.rpartition("@")[2].strip(" <>").lower()
+            seen_mid = True
+            local, _, dom = value.rpartition("@")
+            dom = dom.strip(" <>").lower()
             out.add("mid:dom:" + registrable_domain(dom)[:60] if dom else "mid:nodomain")
+            # the shape of the left part (runs of digits -> 9, lower -> a, upper -> A):
+            # mass mailers and forgers make their own
+            out.add("mid:shape:" + _shape(local.strip(" <"))[:30])
+        elif lname == "date":
+            seen_date = True
+            zone = value.rsplit(None, 1)[-1] if value.strip() else ""
+            out.add("date:tz:" + zone[:12])
+            out.add("date:shape:" + _shape(value)[:40])
         elif lname in ("x-mailer", "user-agent"):
             _words(value, "mailer:", out)
         elif lname == "content-type":
             ct = value.split(";", 1)[0].strip().lower()
             out.add("ctype:" + ct[:60])
-            m = re.search(r'(?i)charset\s*=\s*"?([^";\s]{1,40})', value)
+            m = _CHARSET_RE.search(value)
             if m:
                 out.add("charset:" + m.group(1).lower())
         elif lname in ("list-id", "organization", "precedence", "x-priority", "importance"):
@@ -375,10 +508,12 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
         elif lname == "content-transfer-encoding":
             out.add("cte:top:" + value.strip().lower()[:30])
 
+    if not seen_mid:
+        out.add("mid:none")
+    if not seen_date:
+        out.add("date:none")
 
 def _decode(value: str) -> str:
-    from ..model import decode_header_value
-
     return decode_header_value(value) if "=?" in value else value
 
 
@@ -386,9 +521,12 @@ def tokenize(message: Message | bytes) -> set[str]:
     """The distinct tokens of a message (at most :data:`MAX_TOKENS`)."""
     raw = message.raw if isinstance(message, Message) else bytes(message)
     out: set[str] = set()
-    _header_tokens(raw_headers(raw), out)
+    head, body = split_head(raw)
+    headers = raw_headers(b"", head)
+    _header_tokens(headers, out)
     urls: list[str] = []
-    for part in walk(raw, out):
+    budget = MAX_MESSAGE_TEXT
+    for part in walk(raw, out, (headers, body)):
         ctype = part.content_type
         out.add("part:" + ctype[:60])
         if part.charset:
@@ -401,17 +539,22 @@ def tokenize(message: Message | bytes) -> set[str]:
                 out.add("att:ext:" + ext[:10] if ext else "att:noext")
                 out.add("att:name:" + name)
             continue
-        text = _part_text(part, out).lower()
+        text = _part_text(part, out)
         if ctype == "text/html":
+            lower = text.lower()
             if len(urls) < MAX_URLS:
                 urls.extend(_html.unescape(u) if "&" in u else u
-                            for u in _HREF_RE.findall(text, 0, MAX_HTML)[:MAX_URLS])
-            text = _html_tokens(text, out)
+                            for u in _HREF_RE.findall(lower, 0, MAX_HTML)[:MAX_URLS])
+            text = _html_tokens(text, lower, out)
         else:
             out.add("body:plain")
+        if len(text) > budget:
+            text = text[:budget]
+            out.add("body:truncated")
+        budget -= len(text)
         if len(urls) < MAX_URLS:
-            urls.extend(_URL_RE.findall(text)[:MAX_URLS])
-        _words(text, "", out, lowered=True)
+            urls.extend(_URL_RE.findall(text.lower())[:MAX_URLS])
+        _words(text, "", out, cased=True)
     for u in set(urls[:MAX_URLS]):
         _url_tokens(u, out)
     if len(out) > MAX_TOKENS:

@@ -1,6 +1,7 @@
 """``filterd bayes``: train, inspect and query the Bayesian classifier.
 
-    filterd bayes train --spam PATH... --ham PATH...   bulk training (directories, mbox, Maildir)
+    filterd bayes train [--reset] --spam PATH... --ham PATH...   bulk training (directories,
+                                                       mbox, Maildir; --reset: start afresh)
     filterd bayes learn --spam|--ham [FILE...]         learn single messages (scripts; stdin)
     filterd bayes forget FILE...                       unlearn messages learned before
     filterd bayes classify [--json] FILE...            spam probability per message
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..bayes import Bayes
 from ..bayes.classifier import band
 from ..bayes.engine import LearnStats
+from ..bayes.tokenizer import TOKEN_FORMAT
 
 EPILOG = """PATH may be a directory of one-message files (searched recursively), a Maildir
 (cur/ and new/ are read), an mbox file, a single message file, or - for standard input.
@@ -43,6 +45,9 @@ def register(sub, common) -> None:
                         help="learn many messages: --spam PATH and/or --ham PATH (repeatable)")
     t.add_argument("--spam", action="append", default=[], metavar="PATH")
     t.add_argument("--ham", action="append", default=[], metavar="PATH")
+    t.add_argument("--reset", action="store_true",
+                   help="empty the token database first (retrain from scratch, e.g. after an "
+                        "upgrade that changed the tokenizer)")
     t.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress bar on stderr (auto: when stderr is a terminal)")
     db_arg(t)
@@ -222,6 +227,12 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def outdated_note(old: int, total: int) -> str:
+    return (f"{old} of the {total} messages in the token database were learned with an older "
+            f"tokenizer (token format before {TOKEN_FORMAT}); classification is less accurate "
+            "until the database is retrained: filterd bayes train --reset --spam DIR --ham DIR")
+
+
 # -- subcommands -----------------------------------------------------------------------------
 async def cmd_train(args) -> int:
     if not args.spam and not args.ham:
@@ -243,6 +254,10 @@ async def cmd_train(args) -> int:
     t0 = time.monotonic()
     n = 0
     try:
+        if args.reset:
+            nspam, nham = await db.bayes.tokens.totals()
+            await db.bayes.tokens.clear()
+            print(f"database ({db.where}): emptied ({nspam} spam, {nham} ham were learned)")
         for kind, path, files in jobs:
             bar = Progress(kind, len(files), show)
             errors: list[str] = []
@@ -268,9 +283,12 @@ async def cmd_train(args) -> int:
                   f"{stats.already} already known, {stats.failed} failed")
             total += stats
         nspam, nham = await db.bayes.tokens.totals()
+        old = db.bayes.tokens.outdated(nspam, nham)
     finally:
         await db.close()
     dt = time.monotonic() - t0
+    if old:
+        print(f"warning: {outdated_note(old, nspam + nham)}", file=sys.stderr)
     print(f"database ({db.where}): {nspam} spam, {nham} ham; "
           f"{n} messages in {dt:.1f}s ({n / max(dt, 1e-6):.0f} msg/s)")
     return 1 if total.failed and not (total.learned or total.relearned or total.already) else 0
@@ -333,6 +351,9 @@ async def cmd_classify(args) -> int:
         if not args.json and (totals[0] == 0 or totals[1] == 0):
             print(f"note: the database ({db.where}) has {totals[0]} spam and {totals[1]} ham: "
                   "train it first (filterd bayes train)", file=sys.stderr)
+        old = db.bayes.tokens.outdated(*totals)
+        if old:
+            print(f"warning: {outdated_note(old, sum(totals))}", file=sys.stderr)
         for f in args.files:
             try:
                 msgs = read_messages(f)
@@ -368,6 +389,7 @@ async def cmd_stats(args) -> int:
         return 1
     try:
         nspam, nham = await db.bayes.tokens.totals()
+        old = db.bayes.tokens.outdated(nspam, nham)
         toks = await db.bayes.tokens.all_tokens()
     finally:
         await db.close()
@@ -375,7 +397,8 @@ async def cmd_stats(args) -> int:
     only_ham = sum(1 for s, h in toks.values() if h and not s)
     d = {"database": db.where, "namespace": db.bayes.tokens.ns, "spam_messages": nspam,
          "ham_messages": nham, "tokens": len(toks), "tokens_only_in_spam": only_spam,
-         "tokens_only_in_ham": only_ham,
+         "tokens_only_in_ham": only_ham, "token_format": TOKEN_FORMAT,
+         "messages_learned_with_older_format": old,
          "trained": nspam >= int(db.options.get("min_spam", 100))
          and nham >= int(db.options.get("min_ham", 100))}
     if args.top:
@@ -391,6 +414,10 @@ async def cmd_stats(args) -> int:
     print(f"ham messages:  {nham}")
     print(f"tokens:        {len(toks)} ({only_spam} only in spam, {only_ham} only in ham)")
     print(f"trained:       {'yes' if d['trained'] else 'no (below [bayes] min_spam/min_ham)'}")
+    if old:
+        print(f"tokenizer:     OUTDATED: {outdated_note(old, nspam + nham)}")
+    else:
+        print(f"tokenizer:     token format {TOKEN_FORMAT} (current)")
     for key, label in (("top_spam", "spam"), ("top_ham", "ham")):
         if key in d:
             print(f"most frequent in {label}:")
