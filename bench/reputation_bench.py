@@ -5,7 +5,10 @@ printed beside the same set on the embedded SQLite store.
 
 The figure is the time spent in those plugins' hooks per message (the plugin host's own
 timings), measured over full pipeline transactions (connect → MAIL → RCPT → DATA → decide →
-modify → scanned). Target: p99 ≤ 1 ms with Redis.
+modify → scanned). Target: p99 ≤ 1 ms with Redis. 300 clients send in turn, so each comes back
+within seconds: with the defaults, its standings and passed triplet come from the node-local
+caches ([reputation] cache, [greylist] local_cache) and only the rate limit asks Redis. A third
+row turns those caches off, every message then asking Redis (rate limit + one read).
 
     .venv/bin/python bench/reputation_bench.py [--messages 3000] [--redis redis://127.0.0.1:6379/0]
 """
@@ -41,8 +44,11 @@ async def make_pipe(backend: str, redis_url: str, tmp: str, prefix: str) -> Pipe
           "ratelimit.ip.limit=1000000", "ratelimit.sender.limit=1000000",
           # only the set under test (and the rules engine, which needs no store)
           "plugins.disabled=[\"dnsbl\", \"spam_headers\"]"]
-    if backend == "redis":
+    if backend.startswith("redis"):
         ov += ["store.backend=redis", f"store.url={redis_url}", f"store.prefix={prefix}"]
+    if backend == "redis-cold":
+        # every message asks Redis: no node-local cache of standings or passed triplets
+        ov += ["reputation.cache=0s", "greylist.local_cache=0s"]
     return await Pipeline.create(None, ov, use_default_path=False)
 
 
@@ -51,7 +57,8 @@ async def run(messages: int, redis_url: str, clients: int) -> list[dict]:
     hits both figures alike."""
     tmp = tempfile.mkdtemp(prefix="filterd-bench-")
     prefix = f"filterd-bench-{uuid.uuid4().hex[:8]}:"
-    pipes = {b: await make_pipe(b, redis_url, tmp, prefix) for b in ("sqlite", "redis")}
+    pipes = {b: await make_pipe(b, redis_url, tmp, prefix + (b + ":" if b == "redis-cold" else ""))
+             for b in ("sqlite", "redis", "redis-cold")}
     senders = [(f"198.51.{i // 250}.{i % 250 + 1}", f"user{i}@sender{i % 50}.test")
                for i in range(clients)]
     added = {b: [] for b in pipes}
@@ -76,9 +83,10 @@ async def run(messages: int, redis_url: str, clients: int) -> list[dict]:
                     added[b].append(sum(v for k, v in res.ctx.timings.items()
                                         if k.startswith(PLUGINS)))
     finally:
-        keys = await pipes["redis"].services.store.primary.keys("")
-        if keys:
-            await pipes["redis"].services.store.primary.delete(*keys)
+        for b in ("redis", "redis-cold"):
+            keys = await pipes[b].services.store.primary.keys("")
+            if keys:
+                await pipes[b].services.store.primary.delete(*keys)
         for pipe in pipes.values():
             await pipe.close()
     return [{"backend": b, "n": messages, "p50": statistics.median(added[b]) * 1000,
@@ -154,10 +162,12 @@ def report(args) -> int:
     print(f"lookups added per message by reputation + greylist + rate limit "
           f"({args.messages} messages, {args.clients} clients)")
     print(f"{'backend':<22}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'whole scan p50 ms':>20}")
+    names = {"redis": "redis (loopback)", "sqlite": "sqlite (embedded, ref)",
+             "redis-cold": "redis, no node cache"}
     for r in rows:
-        name = "redis (loopback)" if r["backend"] == "redis" else "sqlite (embedded, ref)"
+        name = names[r["backend"]]
         print(f"{name:<22}{r['p50']:>9.3f}{r['p99']:>9.3f}{r['max']:>9.3f}{r['total_p50']:>20.3f}")
-    sq, rd = rows
+    sq, rd, cold = rows
     fl = asyncio.run(floor(args.redis))
     print(f"environment floor: Redis PING p50 {fl['ping_p50']:.3f} ms, p99 {fl['ping_p99']:.3f} ms; "
           f"event-loop turn p99 {fl['turn_p99']:.3f} ms; load average "
@@ -165,7 +175,8 @@ def report(args) -> int:
           f"{__import__('os').cpu_count()} CPUs")
     print(f"ratio redis/sqlite p99: {rd['p99'] / sq['p99']:.2f}x")
     ok = rd["p99"] <= 1.0
-    print(f"target p99 <= 1 ms with Redis: {'MET' if ok else 'NOT MET'} ({rd['p99']:.3f} ms)")
+    print(f"target p99 <= 1 ms with Redis: {'MET' if ok else 'NOT MET'} ({rd['p99']:.3f} ms; "
+          f"with the node-local caches off, every message asking Redis: {cold['p99']:.3f} ms)")
     return 0 if ok else 1
 
 

@@ -179,10 +179,14 @@ class ReputationModel:
         # one buffer per pipeline, shared by every plugin that reads standings (reputation,
         # greylist), so what this node learnt but has not written yet is seen by all of them
         flush = parse_duration(options.get("learn_flush", "0s"))
+        cache = parse_duration(options.get("cache", "0s"))
         self.buffer: LearnBuffer | None = None
+        self.rows: RowCache | None = None
+        if services is not None and cache > 0:
+            self.rows = services.extra.setdefault("reputation.row_cache", RowCache(cache))
         if services is not None and flush > 0:
             self.buffer = services.extra.setdefault("reputation.learn_buffer",
-                                                    LearnBuffer(flush))
+                                                    LearnBuffer(flush, self.rows))
         self.bucket = max(parse_duration(options.get("bucket", "6h")), 1.0)
         self.half_life = max(parse_duration(options.get("half_life", "7d")), 1.0)
         self.max_age = parse_duration(options.get("max_age", "30d"))
@@ -234,18 +238,31 @@ class ReputationModel:
         subj = self.subjects(ip, sender)
         keys = list(subj.values())
         cache = ctx.data.setdefault("rep_rows", {}) if ctx is not None else {}
+        fresh = False
         if all(k in cache for k in keys):
             rows = [cache[k] for k in keys]
         else:
-            rows = await store.mhgetall(keys)
+            rows = self.cached_rows(keys)
+            if rows is None:
+                rows = await store.mhgetall(keys)
+                self.cache_rows(keys, rows)
+                fresh = True
             cache.update(zip(keys, rows))
         cur = int(now // self.bucket)
-        for key, row in zip(keys, rows):
+        for key, row in zip(keys, rows if fresh else ()):
             stale = [f for f in row if f.partition(":")[2].isdigit()
                      and (cur - int(f.partition(":")[2])) * self.bucket > self.max_age]
             if stale:  # prune buckets past max_age (a busy subject's hash never expires)
                 await store.hdel(key, *stale)
         return self.standings(subj, rows, now)
+
+    def cached_rows(self, keys: list[str]) -> list[dict[str, int]] | None:
+        """The rows of ``keys`` from this node's cache when all are there and fresh."""
+        return self.rows.get_many(keys) if self.rows is not None else None
+
+    def cache_rows(self, keys: list[str], rows: list[dict[str, int]]) -> None:
+        if self.rows is not None:
+            self.rows.put_many(keys, rows)
 
     async def record(self, store, ip: str, sender: str, category: str,
                      now: float | None = None) -> None:
@@ -269,6 +286,48 @@ class ReputationModel:
         return None
 
 
+class RowCache:
+    """Standings rows read from the store, kept on this node for ``ttl`` seconds: a sender
+    that sends again within the TTL costs no read. Reputation is statistics over days: a
+    standing at most ``ttl`` old is as good as a fresh one. This node's own learning is added to
+    the cached rows as it is written (and seen before that through :class:`LearnBuffer`); other
+    nodes' learning shows after at most ``ttl``."""
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.rows: dict[str, tuple[float, dict[str, int]]] = {}
+
+    def get_many(self, keys: list[str]) -> list[dict[str, int]] | None:
+        now = time.monotonic()
+        out = []
+        for k in keys:
+            got = self.rows.get(k)
+            if got is None or got[0] < now:
+                return None
+            out.append(got[1])
+        return out
+
+    def put_many(self, keys: list[str], rows: list[dict[str, int]]) -> None:
+        if len(self.rows) >= self.MAX_ENTRIES:
+            now = time.monotonic()
+            self.rows = {k: v for k, v in self.rows.items() if v[0] >= now}
+            if len(self.rows) >= self.MAX_ENTRIES:
+                self.rows.clear()
+        expires = time.monotonic() + self.ttl
+        for k, row in zip(keys, rows):
+            self.rows[k] = (expires, dict(row))
+
+    def add_counts(self, items: dict[str, dict[str, int]]) -> None:
+        for k, counts in items.items():
+            got = self.rows.get(k)
+            if got is not None:
+                row = got[1]
+                for f, n in counts.items():
+                    row[f] = row.get(f, 0) + n
+
+
 class LearnBuffer:
     """Reputation learning, written behind: the counts of every message learnt in the last
     ``interval`` seconds go to the store in ONE round trip (counts of the same subject added up),
@@ -281,9 +340,11 @@ class LearnBuffer:
     awaited at shutdown, so a clean stop or reload loses nothing."""
 
     MAX_PENDING = 100_000  # subjects held while the store keeps failing; beyond that, dropped
+    SLICE = 48  # subjects per store call
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, rows: "RowCache | None" = None):
         self.interval = interval
+        self.rows = rows  # written counts are added to the rows this node has cached
         self.pending: dict[str, dict[str, int]] = {}
         self.inflight: dict[str, dict[str, int]] = {}
         self.store = None
@@ -336,7 +397,14 @@ class LearnBuffer:
             return
         self.inflight, self.pending = self.pending, {}
         try:
-            await self.store.mhincr(self.inflight, ttl=self.ttl)
+            # in slices: one huge call would hold Redis (single-threaded) and this event loop
+            # long enough to delay the rate-limit and greylist lookups of messages in flight
+            keys = list(self.inflight)
+            for i in range(0, len(keys), self.SLICE):
+                part = {k: self.inflight[k] for k in keys[i:i + self.SLICE]}
+                await self.store.mhincr(part, ttl=self.ttl)
+                if self.rows is not None:
+                    self.rows.add_counts(part)
         except StoreError as exc:
             log.warning("reputation: could not write the counts of %d subjects, dropped: %s",
                         len(self.inflight), exc)

@@ -47,6 +47,10 @@ ipv6_prefix = 64
 skip_networks = ["127.0.0.0/8", "::1/128"]
 # Skip clients whose IP or network has good reputation (see [reputation]).
 skip_good_reputation = true
+# A triplet that passed is remembered on this node this long, so its next messages cost no
+# store lookup ("0s" = ask the store every time). Passing is permanent for pass_ttl anyway;
+# only a manual deletion of the triplet in the store takes this long to be noticed here.
+local_cache = "60s"
 # The reply. {delay} is the remaining wait in seconds.
 code = 451
 enhanced = "4.7.1"
@@ -78,6 +82,22 @@ class Plugin:
         rep = services.config.section("reputation") or {}
         self.lists = ListPolicy(rep)
         self.model = ReputationModel(rep, services)
+        self.local_ttl = _d(options.get("local_cache") or "0s")
+        self.passed: dict[str, float] = {}  # triplet key -> until (monotonic), this node only
+
+    def _good(self, subj: dict, rows: list) -> bool:
+        st = self.model.standings(subj, rows, time.time())
+        return any(self.model.judge(st[k]) == "good" for k in ("ip", "net") if k in st)
+
+    def _remember_pass(self, key: str) -> None:
+        if self.local_ttl <= 0:
+            return
+        if len(self.passed) >= 200_000:
+            now = time.monotonic()
+            self.passed = {k: t for k, t in self.passed.items() if t > now}
+            if len(self.passed) >= 200_000:
+                self.passed.clear()
+        self.passed[key] = time.monotonic() + self.local_ttl
 
     def triplet_key(self, ip: str, sender: str, rcpt: str) -> tuple[str, str]:
         net = client_network(ip, int(self.options["ipv4_prefix"]),
@@ -107,20 +127,31 @@ class Plugin:
         o = self.options
         key, net_key = self.triplet_key(ip, sender, recipient.address)
 
+        if self.passed.get(key, 0.0) > time.monotonic():
+            return None  # passed before, remembered on this node: no store lookup
+
         async def check(store):
             # one round trip: the triplet, the network's auto-allow counter and the reputation
-            # rows (kept in ctx.data for the reputation plugin's data hook)
+            # rows (kept in ctx.data for the reputation plugin's data hook; rows this node read
+            # recently come from its [reputation] cache)
             subj = self.model.subjects(ip, sender)
-            (rec_raw, auto_raw), rows = await store.fetch([key, net_key], list(subj.values()))
-            ctx.data.setdefault("rep_rows", {}).update(zip(subj.values(), rows))
+            keys = list(subj.values())
+            rows = self.model.cached_rows(keys)
+            if rows is not None and o["skip_good_reputation"] and self._good(subj, rows):
+                ctx.data.setdefault("rep_rows", {}).update(zip(keys, rows))
+                return "reputation"  # known good from this node's cache: no store lookup
+            if rows is None:
+                (rec_raw, auto_raw), rows = await store.fetch([key, net_key], keys)
+                self.model.cache_rows(keys, rows)
+            else:
+                (rec_raw, auto_raw), _ = await store.fetch([key, net_key])
+            ctx.data.setdefault("rep_rows", {}).update(zip(keys, rows))
             auto = int(o["auto_allow_after"])
             if auto and int(auto_raw or 0) >= auto:
                 return "auto"
+            if o["skip_good_reputation"] and self._good(subj, rows):
+                return "reputation"
             now = time.time()
-            if o["skip_good_reputation"]:
-                st = self.model.standings(subj, rows, now)
-                if any(self.model.judge(st[k]) == "good" for k in ("ip", "net") if k in st):
-                    return "reputation"
             rec = json.loads(rec_raw) if rec_raw else None
             if rec is None:
                 await store.set_json(key, {"first": now}, ttl=self.window)
@@ -143,6 +174,8 @@ class Plugin:
         if result is None:
             return None  # store unavailable: never defer because of it
         if isinstance(result, str):
+            if result in ("known", "retried"):
+                self._remember_pass(key)
             if result == "retried":
                 ctx.add_symbol("GREYLIST_PASSED", 0.0, [recipient.address],
                                "greylisting: retried after the delay", source=NAME)

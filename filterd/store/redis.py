@@ -13,8 +13,10 @@ Connection errors and timeouts become :class:`filterd.store.StoreConnectionError
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import secrets
 import ssl as _ssl
-import uuid
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -24,28 +26,27 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import Store, StoreConnectionError, StoreError
 
-# Atomic "record if under the limit" for sliding windows. Members are "<time>:<cost>:<random>".
+# Sliding windows are sorted sets with one member per event (an event of cost c adds c members
+# "<time>:<node>:<n>:<j>"), scored by time: the count in the window is ZCARD after removing what
+# fell out of it, O(log n) however busy the key. (Members written before this layout,
+# "<time>:<cost>:<random>", count once each and age out within one window.)
+# Atomic "record if under the limit": ARGV now, window, limit, cost, member prefix, ttl_ms.
 _WINDOW_CHECK = """
 local k = KEYS[1]
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local limit, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
-local n = 0
-for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
-  n = n + tonumber(string.match(m, '^[^:]*:(%d+):'))
-end
+local n = redis.call('ZCARD', k)
 if n + cost > limit then
   return {n, 0}
 end
-redis.call('ZADD', k, now, ARGV[5])
+for j = 1, cost do redis.call('ZADD', k, now, ARGV[5] .. ':' .. j) end
 redis.call('PEXPIRE', k, ARGV[6])
 return {n + cost, 1}
 """
 
 # The same check over several keys in one call (not on a cluster: keys may live on other nodes).
-# ARGV: now, then per key: window, limit, cost, member, ttl_ms. Returns n1, ok1, n2, ok2...
+# ARGV: now, then per key: window, limit, cost, member prefix, ttl_ms. Returns n1, ok1, n2, ok2...
 _WINDOW_CHECK_MANY = """
 local now = tonumber(ARGV[1])
 local out = {}
@@ -53,15 +54,12 @@ for i, k in ipairs(KEYS) do
   local b = 1 + (i - 1) * 5
   local window, limit, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
-  local n = 0
-  for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
-    n = n + tonumber(string.match(m, '^[^:]*:(%d+):'))
-  end
+  local n = redis.call('ZCARD', k)
   if n + cost > limit then
     out[#out + 1] = n
     out[#out + 1] = 0
   else
-    redis.call('ZADD', k, now, ARGV[b + 4])
+    for j = 1, cost do redis.call('ZADD', k, now, ARGV[b + 4] .. ':' .. j) end
     redis.call('PEXPIRE', k, ARGV[b + 5])
     out[#out + 1] = n + cost
     out[#out + 1] = 1
@@ -95,6 +93,23 @@ for _, k in ipairs(KEYS) do
 end
 return 1
 """
+
+
+_NODE = secrets.token_hex(6)  # tells this process's window members from other processes'
+_SEQ = itertools.count()
+
+
+def _new_node() -> None:  # a forked worker draws its own token
+    global _NODE
+    _NODE = secrets.token_hex(6)
+
+
+os.register_at_fork(after_in_child=_new_node)
+
+
+def _member(now: float) -> str:
+    """A window member prefix unique across processes and nodes (no random syscall per hit)."""
+    return f"{now}:{_NODE}:{next(_SEQ)}"
 
 
 def _hostport(s: str, default_port: int) -> tuple[str, int]:
@@ -331,25 +346,23 @@ class RedisStore(Store):
     @_wrap
     async def window_hit(self, key, window, now, cost=1):
         k = self.k(key)
+        prefix = _member(now)
         async with self.r.pipeline(transaction=self._tx) as p:
             p.zremrangebyscore(k, "-inf", now - window)
-            # members carry their cost so a weighted hit counts as `cost` events
-            p.zadd(k, {f"{now}:{cost}:{uuid.uuid4().hex[:8]}": now})
-            p.zrange(k, 0, -1)
+            p.zadd(k, {f"{prefix}:{j}": now for j in range(1, int(cost) + 1)})
+            p.zcard(k)
             p.pexpire(k, self._ms(window) or 1000)
             res = await p.execute()
-        return sum(int(m.decode().split(":")[1]) for m in res[2])
+        return int(res[2])
 
     @_wrap
     async def window_count(self, key, window, now):
-        members = await self.r.zrangebyscore(self.k(key), f"({now - window}", "+inf")
-        return sum(int(m.decode().split(":")[1]) for m in members)
+        return int(await self.r.zcount(self.k(key), f"({now - window}", "+inf"))
 
     @_wrap
     async def window_check(self, key, window, now, limit, cost=1):
-        member = f"{now}:{int(cost)}:{uuid.uuid4().hex[:8]}"
         n, ok = await self._window_check(keys=[self.k(key)],
-                                         args=[now, window, int(limit), int(cost), member,
+                                         args=[now, window, int(limit), int(cost), _member(now),
                                                self._ms(window) or 1000])
         return int(n), bool(ok)
 
@@ -363,8 +376,7 @@ class RedisStore(Store):
         args: list = [now]
         for key, window, now_i, limit, *rest in items:
             cost = int(rest[0]) if rest else 1
-            args += [window, int(limit), cost, f"{now_i}:{cost}:{uuid.uuid4().hex[:8]}",
-                     self._ms(window) or 1000]
+            args += [window, int(limit), cost, _member(now_i), self._ms(window) or 1000]
         res = await self._window_check_many(keys=[self.k(it[0]) for it in items], args=args)
         return [(int(res[i]), bool(res[i + 1])) for i in range(0, len(res), 2)]
 
