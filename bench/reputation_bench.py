@@ -11,6 +11,7 @@ caches ([reputation] cache, [greylist] local_cache) and only the rate limit asks
 row turns those caches off, every message then asking Redis (rate limit + one read).
 
     .venv/bin/python bench/reputation_bench.py [--messages 3000] [--redis redis://127.0.0.1:6379/0]
+                                               [--all-plugins]
 """
 from __future__ import annotations
 
@@ -39,17 +40,30 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-async def make_pipe(backend: str, redis_url: str, tmp: str, prefix: str) -> Pipeline:
+SET = ("reputation", "greylist", "ratelimit", "rules")
+ALL_PLUGINS = False  # --all-plugins: every default plugin runs beside the set
+
+
+def disabled_plugins() -> str:
+    from filterd.pipeline import load_config_and_plugins
+
+    if ALL_PLUGINS:
+        others = ["dnsbl", "spam_headers"]
+    else:  # only the set under test (and the rules engine, which needs no store)
+        _, infos = load_config_and_plugins(None, [], use_default_path=False)
+        others = sorted(i.name for i in infos if i.name not in SET)
+    return "plugins.disabled=[" + ",".join(f'"{n}"' for n in others) + "]"
+
+
+async def make_pipe(backend: str, redis_url: str, tmp: str, prefix: str, *extra: str) -> Pipeline:
     ov = [f"server.state_dir={tmp}/{backend}", "greylist.enabled=true", "greylist.delay=0s",
-          "ratelimit.ip.limit=1000000", "ratelimit.sender.limit=1000000",
-          # only the set under test (and the rules engine, which needs no store)
-          "plugins.disabled=[\"dnsbl\", \"spam_headers\"]"]
+          "ratelimit.ip.limit=1000000", "ratelimit.sender.limit=1000000", disabled_plugins()]
     if backend.startswith("redis"):
         ov += ["store.backend=redis", f"store.url={redis_url}", f"store.prefix={prefix}"]
     if backend == "redis-cold":
         # every message asks Redis: no node-local cache of standings or passed triplets
         ov += ["reputation.cache=0s", "greylist.local_cache=0s"]
-    return await Pipeline.create(None, ov, use_default_path=False)
+    return await Pipeline.create(None, [*ov, *extra], use_default_path=False)
 
 
 async def run(messages: int, redis_url: str, clients: int) -> list[dict]:
@@ -120,7 +134,12 @@ def main() -> int:
     ap.add_argument("--redis", default="own",
                     help='Redis URL, or "own" (default): start a private redis-server on a free '
                          'loopback port, so other users of a shared server do not skew the figure')
+    ap.add_argument("--all-plugins", action="store_true",
+                    help="run every default plugin beside the set (their background work — "
+                         "trace writes, Bayes reads — then shares the loop and the CPU)")
     args = ap.parse_args()
+    global ALL_PLUGINS
+    ALL_PLUGINS = args.all_plugins
     own = None
     if args.redis == "own":
         own = start_own_redis()
@@ -158,9 +177,16 @@ def start_own_redis():
 
 
 def report(args) -> int:
+    # the process setting `filterd serve` and `filterd milter` make at start ([server]
+    # switch_interval): background threads (trace writer) hand the interpreter back quickly
+    from filterd.pipeline import load_config_and_plugins
+
+    cfg, _ = load_config_and_plugins(None, [], use_default_path=False)
+    sys.setswitchinterval(cfg.duration("server.switch_interval"))
     rows = asyncio.run(run(args.messages, args.redis, args.clients))
     print(f"lookups added per message by reputation + greylist + rate limit "
-          f"({args.messages} messages, {args.clients} clients)")
+          f"({args.messages} messages, {args.clients} clients; "
+          f"{'every default plugin running' if ALL_PLUGINS else 'the set and the rules only'})")
     print(f"{'backend':<22}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'whole scan p50 ms':>20}")
     names = {"redis": "redis (loopback)", "sqlite": "sqlite (embedded, ref)",
              "redis-cold": "redis, no node cache"}
