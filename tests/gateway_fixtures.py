@@ -49,7 +49,7 @@ def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
 class Sink:
     """Postfix's smtp-sink writing every message to a file in ``dir``."""
 
-    def __init__(self, base: Path | None = None, extra: tuple = ()):
+    def __init__(self, base: Path | None = None, extra: tuple = (), port: int | None = None):
         # smtp-sink drops privileges to nobody: its directory must be reachable by nobody, so it
         # lives in its own world-traversable temp dir (pytest's tmp dirs are 0700)
         self.top = Path(tempfile.mkdtemp(prefix="filterd-sink-"))
@@ -57,7 +57,7 @@ class Sink:
         self.dir = self.top / "msgs"
         self.dir.mkdir()
         os.chmod(self.dir, 0o777)
-        self.port = free_port()
+        self.port = port or free_port()
         cmd = ["smtp-sink"]
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]

@@ -511,6 +511,28 @@ def test_worker_processes_share_the_listener_and_deliver(tmp_path, sink):
     assert left.stdout.strip() == ""
 
 
+def test_workers_make_first_attempts_and_the_main_process_retries(tmp_path):
+    from gateway_fixtures import Sink, free_port
+
+    port = free_port()  # nothing listens there yet: the first attempt fails
+    g = Gateway(tmp_path, "--relayhost", f"127.0.0.1:{port}", "--workers", "2",
+                "--set", "delivery.retry_initial=1s", "--set", "delivery.retry_max=1s")
+    sink = None
+    try:
+        token = uuid.uuid4().hex
+        assert send(g.port, ["b@example.org"], message(token))[0] == 250
+        active = g.state / "spool" / "active"
+        # the accepting worker tried, failed and recorded the next attempt for the main process
+        wait_for(lambda: list(active.glob("*.state")), what="the deferred message's state")
+        sink = Sink(port=port)
+        wait_for(lambda: at_sink(sink, token), what="the retried message at the sink")
+        assert len(at_sink(sink, token)) == 1
+    finally:
+        assert g.stop() == 0
+        if sink is not None:
+            sink.stop()
+
+
 def test_empty_message_ends_at_the_first_dot_line(gw):
     r = start_session(gw.port)
     r.cmd("MAIL FROM:<a@example.com>")

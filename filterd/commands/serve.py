@@ -217,7 +217,13 @@ async def _main(args, overrides, specs, is_worker: bool, worker: int | None = No
     mode = cfg.get("smtp.mode")
     spool = _open_spool(cfg)
     delivery = None
-    if is_worker:
+    if is_worker and mode == "gateway" and cfg.get("queue.worker_delivery"):
+        from ..delivery.core import DeliveryCore
+
+        # first attempts for what this worker accepted; retries and scans: the main process
+        delivery = DeliveryCore(cfg, spool, pipe.services, pipe, first_attempts_only=True)
+        await delivery.start()
+    elif is_worker:
         from ..delivery.core import RemoteNotify
 
         delivery = RemoteNotify(spool.dir)

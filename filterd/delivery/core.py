@@ -72,7 +72,16 @@ def _status(kind: str, enhanced: str) -> str:
 
 
 class DeliveryCore:
-    def __init__(self, config, spool: Spool, services, pipeline=None):
+    """Delivers what is in the spool. ``first_attempts_only``: the delivery core of a worker
+    process of ``filterd serve``: it makes the first attempt for the messages its own process
+    accepted (no re-reading by another process, no hand-over) and leaves everything else —
+    retries, recovery, `filterd queue` actions — to the main process, which finds a deferred
+    message in the spool by its once-a-second scan. The spool's per-message lock makes sure
+    only one process attempts a message at a time."""
+
+    def __init__(self, config, spool: Spool, services, pipeline=None,
+                 first_attempts_only: bool = False):
+        self.first_attempts_only = first_attempts_only
         self.config = config
         self.spool = spool
         self.services = services
@@ -121,8 +130,9 @@ class DeliveryCore:
         """Recover the spool, start the scheduler and the cross-process nudge socket."""
         self._wake = asyncio.Event()
         self._last_flush = self.spool.flush_mtime()
-        await self._rescan()
-        self._open_nudge_socket()
+        if not self.first_attempts_only:
+            await self._rescan()
+            self._open_nudge_socket()
         self._runner = asyncio.create_task(self._run(), name="filterd-delivery")
 
     def _open_nudge_socket(self) -> None:
@@ -191,6 +201,8 @@ class DeliveryCore:
 
     # -- scheduling -------------------------------------------------------------------------
     def _schedule(self, qid: str, when: float) -> None:
+        if self.first_attempts_only and when > time.time() + 0.5:
+            return  # a retry: the main process's spool scan takes it over
         old = self._scheduled.get(qid)
         if old is not None and old <= when:
             return
@@ -245,6 +257,8 @@ class DeliveryCore:
             if mono - last_reap >= 1.0:
                 last_reap = mono
                 await self.pool.reap()
+                if self.first_attempts_only:
+                    continue  # scans and `filterd queue` actions are the main process's
                 flush = self.spool.flush_mtime()
                 if flush != self._last_flush:  # `filterd queue flush|release|requeue`
                     self._last_flush = flush
