@@ -152,8 +152,21 @@ smtputf8_enable = no
 
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], capture_output=True)
-        time.sleep(0.5)
+        # its processes exit on their own time: wait for them, so they do not run into the
+        # next target's measurement
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and subprocess.run(
+                ["pgrep", "-f", str(self.conf)], capture_output=True).stdout.strip():
+            time.sleep(0.2)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def settle() -> None:
+    """Between targets: write back what the previous one left dirty (its queue files, the
+    deleted ones' journal records) and let the machine go quiet, so no target pays for the
+    previous one's disk work."""
+    os.sync()
+    time.sleep(2)
 
 
 class Filterd:
@@ -289,6 +302,7 @@ def main() -> int:
         accept: dict[str, float] = {}
 
         if not args.skip_postfix:
+            settle()
             pf_port = free_port()
             pf = Postfix(pf_port, sink_port)
             try:
@@ -301,6 +315,7 @@ def main() -> int:
             finally:
                 pf.stop()
 
+        settle()
         fport = free_port()
         extra = [x for o in args.overrides for x in ("--set", o)]
         fd = Filterd(fport, sink_port, args.workers, extra)
