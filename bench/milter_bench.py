@@ -11,6 +11,7 @@ here asserts a time. Needs root (rspamd, dnsmasq, smtp-sink -u nobody).
 
     .venv/bin/python bench/milter_bench.py                      # defaults
     .venv/bin/python bench/milter_bench.py --messages 5000 --workers 1,2,4 --sessions 20,60
+    .venv/bin/python bench/milter_bench.py --pymilter-floor   # + a null pymilter milter
 """
 from __future__ import annotations
 
@@ -58,7 +59,64 @@ def wait_drained(pf: Postfix, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+NULL_MILTER = """
+import os, socket, sys
+import Milter, milter
+
+class Null(Milter.Base):
+    def eom(self):
+        self.addheader("X-Null", "1")
+        return Milter.CONTINUE
+
+port = int(sys.argv[1])
+_open = milter.opensocket
+
+def opensocket(rm):  # TCP_NODELAY on the listener, as filterd sets it
+    r = _open(rm)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_INET and s.getsockname()[1] == port:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return r
+
+milter.opensocket = opensocket
+Milter.factory = Null
+Milter.set_flags(Milter.ADDHDRS)
+Milter.runmilter("null", f"inet:{port}@127.0.0.1", 60)
+"""
+
+
+class NullMilter:
+    """The floor of any pymilter milter: one that only adds a header (TCP_NODELAY set)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-c", NULL_MILTER, str(self.port)])
+        wait_port(self.port, 10)
+        self.spec = f"inet:127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+def settle() -> None:
+    """Between targets: write back what the previous one left dirty (queue files and their
+    deletions) and let the machine go quiet, so no target pays for the previous one's disk work."""
+    os.sync()
+    time.sleep(2)
+
+
 def measure(label: str, sink: Sink, milter_spec: str | None, args) -> dict:
+    settle()
     pf = Postfix(sink.port, milter=milter_spec)
     out = {}
     try:
@@ -148,6 +206,9 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2", help="filterd milter worker counts to measure")
     ap.add_argument("--skip-rspamd", action="store_true")
     ap.add_argument("--skip-postfix-alone", action="store_true")
+    ap.add_argument("--pymilter-floor", action="store_true",
+                    help="also measure a pymilter milter that only adds one header: what any "
+                         "milter built on pymilter can reach at best on this machine")
     ap.add_argument("--core-variant", action="store_true",
                     help="also measure filterd with only the foundation's plugins (rules, "
                          "spam_headers), every other plugin disabled")
@@ -172,6 +233,13 @@ def main() -> int:
                                             "inet:127.0.0.1:11332", args)
             finally:
                 rs.stop()
+        if args.pymilter_floor:
+            nm = NullMilter()
+            try:
+                results["pymilter-null"] = measure("Postfix + null pymilter milter", sink,
+                                                   nm.spec, args)
+            finally:
+                nm.stop()
         for w in workers:
             m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
                                   *args.filterd_set, workers=w, log_level="warning")
@@ -209,7 +277,7 @@ def main() -> int:
         for s in args.sessions:
             base = results["rspamd"][s]
             for n in names:
-                if n.startswith("filterd"):
+                if n.startswith(("filterd", "pymilter")):
                     print(f"  ratio {n}/rspamd at {s} sessions: {results[n][s] / base:.2f}x")
     return 0
 
