@@ -279,7 +279,7 @@ class Scanner:
         name = part.filename or ""
         declared = (part.content_type or "").lower()
         data = part.payload
-        if not part.is_attachment and not data[:2] in (b"MZ", b"\x7fE", b"PK"):
+        if not part.is_attachment and data[:2] not in (b"MZ", b"\x7fE", b"PK"):
             return  # ordinary text body
         self.check_name(f, name)
         label = name or f"part {part.path}"

@@ -115,7 +115,7 @@ async def evaluate(resolver, from_domain: str, spf_result, dkim_results, pct_rol
         record, err = await fetch_record(resolver, od)
         policy_domain = od
     if err:
-        res.result, res.reason = "temperror", f"DNS lookup of the DMARC record failed"
+        res.result, res.reason = "temperror", "DNS lookup of the DMARC record failed"
         return res
     if record is None:
         res.reason = "no DMARC record"

@@ -304,7 +304,7 @@ def test_nested_zip_bomb_is_stopped():
 def test_deeply_nested_mime_gives_a_symbol():
     depth = 60
     head = "From: a@example.com\r\nTo: b@example.org\r\nSubject: deep\r\nMIME-Version: 1.0\r\n"
-    body = f"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    body = "Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
     for i in range(1, depth):
         body += f"--b{i-1}\r\nContent-Type: multipart/mixed; boundary=b{i}\r\n\r\n"
     body += f"--b{depth-1}\r\nContent-Type: text/plain\r\n\r\nhi\r\n"

@@ -13,12 +13,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from gateway_fixtures import Sink, free_port, wait_for, wait_port
+from gateway_fixtures import Sink, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED = ("dpkg-buildpackage", "dh_virtualenv", "lintian", "apt-get", "swaks", "git")

@@ -9,7 +9,6 @@ import os
 import poplib
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys

@@ -144,7 +144,7 @@ def test_fake_end_of_data_stays_in_the_body_when_normalizing(lenient_gw, sink, n
     m = msgs[0]
     # the smuggled commands are body text of the one message, addressed to the real recipient
     assert f"SMUGGLED-{token}".encode() in m
-    assert f"MAIL FROM:<evil@example.net>".encode() in m
+    assert "MAIL FROM:<evil@example.net>".encode() in m
     assert f"b-{token}@example.org".encode() in m
 
 

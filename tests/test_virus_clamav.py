@@ -278,7 +278,7 @@ def test_clamd_stream_limit_reply_is_treated_as_oversize(tmp_path):
     try:
         msg = message(("big.bin", os.urandom(400_000), "application/octet-stream"))
         # filterd believes 25M; clamd says "INSTREAM size limit exceeded"
-        rc, out = check_json(msg, *RCPT, f"--set", f"clamav.socket={small.sock}",
+        rc, out = check_json(msg, *RCPT, "--set", f"clamav.socket={small.sock}",
                              "--set", "clamav.oversize=reject")
         assert symbol(out, "CLAMAV_OVERSIZE"), out["symbols"]
         assert not symbol(out, "CLAMAV_FAIL")

@@ -241,7 +241,7 @@ def received_header(session: Session, hostname: str, proto: str, qid: str,
     tls = ""
     if session.tls:
         tls = f"\r\n\t(using {session.tls_version} with cipher {session.tls_cipher})"
-    auth = f"\r\n\t(authenticated sender)" if session.auth_user else ""
+    auth = "\r\n\t(authenticated sender)" if session.auth_user else ""
     rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     h = (f"Received: from {_clean(helo)} ({_clean(rdns)} [{ipl}]){tls}{auth}\r\n"
          f"\tby {hostname} (filterd) with {proto} id {qid}{rcpt};\r\n"
