@@ -274,6 +274,8 @@ class ReputationModel:
             self.buffer.add(store, items, ttl=self.max_age + self.bucket)
             return
         await store.mhincr(items, ttl=self.max_age + self.bucket)
+        if self.rows is not None:
+            self.rows.add_counts(items)  # this node's cached standings include it at once
 
     def judge(self, standing: Standing) -> str | None:
         """"bad", "good" or None (too little history or in between)."""

@@ -119,6 +119,27 @@ async def test_learnt_counts_reach_the_store_after_the_flush_interval(rep_pipe):
     assert await store.keys("rep:ip:198.51.100.18") == ["rep:ip:198.51.100.18"]
 
 
+async def test_a_node_uses_its_cached_standings_and_sees_other_nodes_after_the_ttl(
+        pipeline_factory, store_overrides):
+    import asyncio
+
+    common = (*store_overrides, "reputation.domain_good_requires=[]", "reputation.cache=500ms")
+    a = await pipeline_factory(*common, "reputation.learn_flush=0s")
+    b = await pipeline_factory(*common, "reputation.learn=false")  # b only reads
+    r = await b.scan(HAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.31"))
+    assert not any(n.startswith("REP_") for n in names(r))  # b has now cached "no history"
+    for _ in range(5):
+        await a.scan(SPAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.31"))
+    # the learning node judges from its own counts at once (its cached rows include them)
+    r = await a.scan(HAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.31"))
+    assert "REP_IP_BAD" in names(r)
+    r = await b.scan(HAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.31"))
+    assert "REP_IP_BAD" not in names(r)  # still its cached standing
+    await asyncio.sleep(0.6)
+    r = await b.scan(HAM, "bulk@spammer.test", ["u@example.org"], smtp("198.51.100.31"))
+    assert "REP_IP_BAD" in names(r)  # read again after the TTL
+
+
 async def test_counts_decay_with_age(store):
     model = ReputationModel({"half_life": "7d", "min_messages": 5})
     now = time.time()
