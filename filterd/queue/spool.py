@@ -336,29 +336,6 @@ class Spool:
                 else:
                     fut.set_result(qid)
 
-    def _write_one(self, item: tuple[str, str, bytes]) -> Exception | None:
-        qid, area, blob = item
-        tmp = self.dir / "tmp" / qid
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(blob)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.dir / area / qid)
-            return None
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            return exc
-
     def _write_files(self, batch: list[tuple[str, str, bytes]]
                      ) -> tuple[list[tuple[str, str, int]], dict[str, Exception]]:
         """Create and write each message's temporary file (no fsync yet): the open
@@ -394,7 +371,12 @@ class Spool:
                 return exc
 
         fds = [fd for _, _, fd in written]
-        results = [sync(fds[0])] if len(fds) == 1 else list(self._file_pool.map(sync, fds))
+        if not self.fsync:
+            results: list[Exception | None] = [None] * len(fds)
+        elif len(fds) == 1:
+            results = [sync(fds[0])]
+        else:
+            results = list(self._file_pool.map(sync, fds))
         errors: dict[str, Exception] = {}
         areas = set()
         for (qid, area, fd), exc in zip(written, results):
@@ -413,15 +395,10 @@ class Spool:
         return errors
 
     def _write_batch(self, batch: list[tuple[str, str, bytes]]) -> dict[str, Exception]:
-        """Write, fsync and rename every file of the batch (in parallel: the file system
-        merges concurrent fsyncs into few journal commits), then fsync each directory once."""
-        if len(batch) == 1 or not self.fsync:
-            results = [self._write_one(item) for item in batch]
-        else:
-            results = list(self._file_pool.map(self._write_one, batch))
-        errors = {item[0]: exc for item, exc in zip(batch, results) if exc is not None}
-        for area in {item[1] for item, exc in zip(batch, results) if exc is None}:
-            self._fsync_dir(self.dir / area)
+        """Write, fsync and rename every file of the batch, then fsync each directory once
+        (all in the calling thread: for batches too big to write from the event loop)."""
+        written, errors = self._write_files(batch)
+        errors.update(self._sync_batch(written))
         return errors
 
     def _fsync_dir(self, d: Path) -> None:
