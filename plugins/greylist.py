@@ -137,19 +137,21 @@ class Plugin:
             subj = self.model.subjects(ip, sender)
             keys = list(subj.values())
             rows = self.model.cached_rows(keys)
-            if rows is not None and o["skip_good_reputation"] and self._good(subj, rows):
+            cached = rows is not None
+            if cached and o["skip_good_reputation"] and self._good(subj, rows):
                 ctx.data.setdefault("rep_rows", {}).update(zip(keys, rows))
                 return "reputation"  # known good from this node's cache: no store lookup
-            if rows is None:
+            if cached:
+                (rec_raw, auto_raw), _ = await store.fetch([key, net_key])
+            else:
                 (rec_raw, auto_raw), rows = await store.fetch([key, net_key], keys)
                 self.model.cache_rows(keys, rows)
-            else:
-                (rec_raw, auto_raw), _ = await store.fetch([key, net_key])
             ctx.data.setdefault("rep_rows", {}).update(zip(keys, rows))
             auto = int(o["auto_allow_after"])
             if auto and int(auto_raw or 0) >= auto:
                 return "auto"
-            if o["skip_good_reputation"] and self._good(subj, rows):
+            # (cached rows were judged above already)
+            if not cached and o["skip_good_reputation"] and self._good(subj, rows):
                 return "reputation"
             now = time.time()
             rec = json.loads(rec_raw) if rec_raw else None

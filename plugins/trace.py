@@ -51,9 +51,9 @@ class Plugin:
     async def record(self, events) -> None:
         """Queue ``events`` for the trace; the message does not wait for the disk. One writer
         at a time writes what has queued up (in a worker thread: the index's write lock is
-        shared by the gateway's worker processes and must never stall the event loop), so under
-        load many messages' events share one append and one index transaction, and when idle
-        an event is written at once."""
+        shared by the gateway's worker processes and must never stall the event loop) after
+        waiting ``write_delay`` for more, so many messages' events share one append and one
+        index transaction."""
         self.pending.extend(events)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._drain())

@@ -174,7 +174,7 @@ class MilterServer:
             self.stats[key] += 1
 
     # -- the end-of-message coroutine (runs on the loop) -------------------------------------
-    async def end_of_message(self, pipe, live: dict, tx: "TxState", session: Session, raw: bytes,
+    async def end_of_message(self, pipe, tx: "TxState", session: Session, raw: bytes,
                              headers: list[tuple[str, str]], truncated: bool):
         s = self.settings
         early = await owed_phases(pipe, tx, session)
@@ -489,7 +489,7 @@ class FilterdMilter(Milter.Base):
             self.session.auth_user = self._macro("{auth_authen}") or self.session.auth_user
             raw, headers = self._message()
             p, result = srv.loop.run(
-                srv.end_of_message(self.pipeline, self.live, tx, self.session, raw, headers,
+                srv.end_of_message(self.pipeline, tx, self.session, raw, headers,
                                    self.truncated), s.timeout)
             rc = self._apply(p, tx)
             srv.count("messages")
