@@ -184,6 +184,25 @@ def message_files(path: str) -> list[Path]:
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
+class MessageFiles:
+    """``(file, messages)`` for each FILE argument of a command; a file that cannot be read is
+    reported on stderr, skipped, and remembered in ``failed`` (the command then exits 1)."""
+
+    def __init__(self, files, cmd: str):
+        self.files, self.cmd, self.failed = files, cmd, False
+
+    def __iter__(self):
+        for f in self.files:
+            try:
+                msgs = read_messages(f)
+            except OSError as exc:
+                print(f"filterd bayes {self.cmd}: cannot read {f}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                self.failed = True
+                continue
+            yield f, msgs
+
+
 def read_messages(path: Path | str) -> list[bytes]:
     """The messages in one file (an mbox gives several) or on stdin ("-")."""
     data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
@@ -298,44 +317,30 @@ async def cmd_learn(args) -> int:
     db = open_db(args, "learn")
     if db is None:
         return 1
-    rc = 0
+    files = MessageFiles(args.files, "learn")
     try:
-        for f in args.files:
-            try:
-                msgs = read_messages(f)
-            except OSError as exc:
-                print(f"filterd bayes learn: cannot read {f}: {exc.strerror or exc}",
-                      file=sys.stderr)
-                rc = 1
-                continue
+        for f, msgs in files:
             stats = await db.bayes.learn(msgs, args.kind == "spam")
             print(f"{f}: {stats.outcome} as {args.kind}"
                   + (f" ({len(msgs)} messages)" if len(msgs) > 1 else ""))
     finally:
         await db.close()
-    return rc
+    return 1 if files.failed else 0
 
 
 async def cmd_forget(args) -> int:
     db = open_db(args, "forget")
     if db is None:
         return 1
-    rc = 0
+    files = MessageFiles(args.files, "forget")
     try:
-        for f in args.files:
-            try:
-                msgs = read_messages(f)
-            except OSError as exc:
-                print(f"filterd bayes forget: cannot read {f}: {exc.strerror or exc}",
-                      file=sys.stderr)
-                rc = 1
-                continue
+        for f, msgs in files:
             for m in msgs:
                 ok = await db.bayes.forget(m)
                 print(f"{f}: {'forgotten' if ok else 'was not learned'}")
     finally:
         await db.close()
-    return rc
+    return 1 if files.failed else 0
 
 
 async def cmd_classify(args) -> int:
@@ -344,7 +349,7 @@ async def cmd_classify(args) -> int:
         return 1
     ham_cut = float(db.options.get("ham_cutoff", 0.2))
     spam_cut = float(db.options.get("spam_cutoff", 0.9))
-    rc = 0
+    files = MessageFiles(args.files, "classify")
     try:
         state = await db.bayes.tokens.state()
         totals = state[:2]
@@ -354,14 +359,7 @@ async def cmd_classify(args) -> int:
         old = db.bayes.tokens.outdated(*totals)
         if old:
             print(f"warning: {outdated_note(old, sum(totals))}", file=sys.stderr)
-        for f in args.files:
-            try:
-                msgs = read_messages(f)
-            except OSError as exc:
-                print(f"filterd bayes classify: cannot read {f}: {exc.strerror or exc}",
-                      file=sys.stderr)
-                rc = 1
-                continue
+        for f, msgs in files:
             for i, m in enumerate(msgs):
                 res = await db.bayes.classify(m, explain=args.explain, state=state)
                 sym = band(res.probability, ham_cut, spam_cut)
@@ -380,7 +378,7 @@ async def cmd_classify(args) -> int:
                         print(f"    {p:.4f} {t}")
     finally:
         await db.close()
-    return rc
+    return 1 if files.failed else 0
 
 
 async def cmd_stats(args) -> int:
