@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import os
 import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,41 +33,6 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-class SmtpSink:
-    """Postfix's smtp-sink writing one file per received message into ``dir``."""
-
-    def __init__(self, base: Path | None = None, *extra: str, lmtp: bool = False):
-        # smtp-sink writes as "nobody", who cannot enter pytest's private tmp_path
-        self.dir = Path(tempfile.mkdtemp(prefix="filterd-sink-"))
-        os.chmod(self.dir, 0o777)
-        self.port = free_port()
-        args = ["smtp-sink", "-u", "nobody", "-d", f"{self.dir}/%H%M%S."]
-        if lmtp:
-            args.append("-L")
-        args += [*extra, f"127.0.0.1:{self.port}", "1000"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(self.port)
-
-    def messages(self) -> list[bytes]:
-        out = []
-        for p in sorted(self.dir.rglob("*")):
-            if p.is_file():
-                out.append(p.read_bytes())
-        return out
-
-    def count(self) -> int:
-        return sum(1 for p in self.dir.rglob("*") if p.is_file())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Capture:

@@ -47,9 +47,12 @@ def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
 
 
 class Sink:
-    """Postfix's smtp-sink writing every message to a file in ``dir``."""
+    """Postfix's smtp-sink on 127.0.0.1 (the one wrapper the tests and benchmarks share).
+    With ``capture`` (default) every message goes to a file in ``dir``; ``extra`` are more
+    smtp-sink options (``("-r", "rcpt")``: answer 4xx to every RCPT); ``lmtp``: speak LMTP."""
 
-    def __init__(self, base: Path | None = None, extra: tuple = (), port: int | None = None):
+    def __init__(self, base: Path | None = None, extra: tuple = (), port: int | None = None, *,
+                 lmtp: bool = False, capture: bool = True, backlog: int = 1000):
         # smtp-sink drops privileges to nobody: its directory must be reachable by nobody, so it
         # lives in its own world-traversable temp dir (pytest's tmp dirs are 0700)
         self.top = Path(tempfile.mkdtemp(prefix="filterd-sink-"))
@@ -61,21 +64,26 @@ class Sink:
         cmd = ["smtp-sink"]
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]
-        cmd += ["-d", f"{self.dir}/%M.", *extra, f"127.0.0.1:{self.port}", "1000"]
+        if capture:
+            cmd += ["-d", f"{self.dir}/%M."]
+        if lmtp:
+            cmd.append("-L")
+        cmd += [*extra, f"127.0.0.1:{self.port}", str(backlog)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(self.port)
 
     def messages(self) -> list[bytes]:
         out = []
-        for f in sorted(self.dir.iterdir()):
+        for f in sorted(self.dir.rglob("*")):
             try:
-                out.append(f.read_bytes())
+                if f.is_file():
+                    out.append(f.read_bytes())
             except OSError:
                 pass
         return out
 
     def count(self) -> int:
-        return len(list(self.dir.iterdir()))
+        return sum(1 for f in self.dir.rglob("*") if f.is_file())
 
     def wait_count(self, n: int, timeout: float = 20.0) -> list[bytes]:
         wait_for(lambda: self.count() >= n, timeout, f"{n} message(s) at the sink")

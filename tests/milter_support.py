@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway_fixtures import Sink  # noqa: F401 - the shared smtp-sink wrapper
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,52 +48,6 @@ def _tmpdir(prefix: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix))
     d.chmod(0o755)
     return d
-
-
-class Sink:
-    """smtp-sink on a free port; with ``capture`` each message goes to a file in ``dir``."""
-
-    def __init__(self, capture: bool = True, backlog: int = 1000):
-        self.port = free_port()
-        self.dir = _tmpdir("filterd-sink-")
-        self.dir.chmod(0o777)  # smtp-sink writes as nobody
-        cmd = ["smtp-sink", "-u", "nobody"]
-        if capture:
-            cmd += ["-d", str(self.dir) + "/%M."]
-        cmd += ["-c", f"127.0.0.1:{self.port}", str(backlog)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(self.port, proc=self.proc)
-
-    def messages(self) -> list[bytes]:
-        out = []
-        for f in sorted(self.dir.iterdir()):
-            if f.is_file():
-                out.append(f.read_bytes())
-        return out
-
-    def wait_messages(self, n: int, timeout: float = 30.0) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msgs = self.messages()
-            if len(msgs) >= n:
-                time.sleep(0.2)
-                return self.messages()
-            time.sleep(0.1)
-        return self.messages()
-
-    def clear(self) -> None:
-        for f in self.dir.iterdir():
-            f.unlink()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Postfix:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from delivery_peers import SmtpSink, free_port, have_smtp_sink
+from delivery_peers import free_port, have_smtp_sink
+from gateway_fixtures import Sink
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = int(os.environ.get("FILTERD_CRASH_MESSAGES", "2000"))
@@ -106,7 +107,7 @@ def _body(token: int) -> bytes:
 ], ids=["main", "two-workers"])
 def test_every_acknowledged_message_survives_repeated_kill_9(tmp_path, workers, messages, kills):
     MESSAGES, KILLS = messages, kills  # noqa: N806 - the module defaults, per run
-    sink = SmtpSink()
+    sink = Sink()
     state = tmp_path / "state"
     state.mkdir()
     serve = Serve(state, free_port(), sink.port, workers)

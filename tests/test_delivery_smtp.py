@@ -7,8 +7,9 @@ import ssl
 
 import pytest
 
-from delivery_peers import (CaptureServer, MiniLMTP, SmtpSink, have_smtp_sink, make_cert,
+from delivery_peers import (CaptureServer, MiniLMTP, have_smtp_sink, make_cert,
                             make_core, parse, wait_for)
+from gateway_fixtures import Sink
 from filterd.dns import FixtureResolver
 from filterd.queue import Envelope
 
@@ -23,7 +24,7 @@ def msg(n: int = 0, subject: str = "hello", extra: str = "") -> bytes:
 
 @pytest.fixture
 def sink(tmp_path):
-    s = SmtpSink(tmp_path)
+    s = Sink(tmp_path)
     yield s
     s.stop()
 
@@ -126,7 +127,7 @@ async def test_permanent_5xx_produces_exactly_one_correct_dsn_to_the_sender(stat
 async def test_permanent_failure_from_smtp_sink_bounces_once(state, tmp_path, capture):
     """The real smtp-sink refusing RCPT with a hard error; the bounce goes to the sender's
     domain, routed to the capturing server."""
-    hard = SmtpSink(tmp_path, "-f", "RCPT")
+    hard = Sink(tmp_path, ("-f", "RCPT"))
     core = await make_core(state, f"delivery.transports.\"dest.test\"=smtp:[127.0.0.1]:{hard.port}",
                            f"delivery.transports.\"sender.test\"=smtp:[127.0.0.1]:{capture.port}")
     try:
