@@ -35,6 +35,13 @@ robx = 0.52
 min_dev = 0.2
 max_tokens = 10000
 n_eff = 50
+# Token probabilities are kept in memory between messages. They are worked out again once the
+# learned spam or ham count has moved by more than cache_drift (a fraction: 0.01 = 1 %) or
+# after cache_age seconds, so learning on this or another node (autolearn learns most clean
+# mail) does not make every message look all its tokens up again. cache_drift = 0: any change
+# to the database empties the cache.
+cache_drift = 0.01
+cache_age = 300
 # Autolearn after delivery/quarantine (never for mail rejected or deferred at SMTP time).
 # Spam: total score WITHOUT the Bayes symbols at least autolearn_spam_score.
 # Ham: score without Bayes at most autolearn_ham_score AND a Bayes probability at most

@@ -116,6 +116,44 @@ async def test_a_change_by_another_node_empties_the_token_cache(redis_store):
         await other.close()
 
 
+
+async def test_one_more_learned_message_keeps_the_token_cache_a_large_change_empties_it(
+        redis_store):
+    """Autolearn learns most clean mail: one more message must not make every node look all of
+    a message's tokens up again; a change beyond cache_drift (or an old cache) must."""
+    from filterd.store.redis import RedisStore
+
+    other = RedisStore("redis://127.0.0.1:6379/0", prefix=redis_store.prefix)
+    try:
+        node_a, node_b = Bayes(redis_store, cache_drift=0.01), Bayes(other)
+        await node_b.learn([synth("spam", i) for i in range(150)], spam=True, batch=50)
+        await node_b.learn([synth("ham", i) for i in range(150)], spam=False, batch=50)
+        lookups = []
+        packed = node_a.tokens.packed
+
+        async def counting(tokens):
+            lookups.append(len(tokens))
+            return await packed(tokens)
+
+        node_a.tokens.packed = counting
+        probe = synth("ham", 7, seed=5)
+        await node_a.classify(probe)
+        assert lookups, "the first classification looks the tokens up"
+        lookups.clear()
+        await node_b.learn([synth("ham", 1, seed=77)], spam=False)  # +1 ham: 0.7 % drift
+        await node_a.classify(probe)
+        assert lookups == []  # served from the cache
+        await node_b.learn([synth("ham", i, seed=78) for i in range(5)], spam=False)  # > 1 %
+        await node_a.classify(probe)
+        assert lookups and lookups[0] > 10  # the whole message was looked up again
+        lookups.clear()
+        node_a.cache_age = 0.0  # an old cache is started again whatever the drift
+        await node_b.learn([synth("spam", 1, seed=79)], spam=True)
+        await node_a.classify(probe)
+        assert lookups and lookups[0] > 10
+    finally:
+        await other.close()
+
 def test_evidence_counts_as_at_most_n_eff_tokens():
     # the tokens of one message are not independent: beyond n_eff tokens the mean evidence
     # decides, not the length (plain Fisher, n_eff=0, grows more certain with length alone)

@@ -21,6 +21,13 @@ log = logging.getLogger("filterd.bayes")
 
 ONE = {SPAM: 1 << SHIFT, HAM: 1}
 CACHE_MAX = 500_000  # token probabilities kept in memory (some 50 MB at most)
+# The cached probabilities outlive small changes to the database: one more learned message
+# (autolearn learns most clean mail) moves a token's f(w) by a fraction of a percent, and
+# emptying the cache for it would make every message look all its tokens up again. The cache is
+# emptied when the spam or ham count has moved by more than CACHE_DRIFT of what it was when the
+# cache was started, when it is older than CACHE_AGE seconds, or when it outgrows CACHE_MAX.
+CACHE_DRIFT = 0.01
+CACHE_AGE = 300.0
 
 
 @dataclass
@@ -47,13 +54,17 @@ class LearnStats:
 
 
 class Bayes:
-    def __init__(self, store, namespace: str = "bayes:", params: Params | None = None):
+    def __init__(self, store, namespace: str = "bayes:", params: Params | None = None,
+                 cache_drift: float = CACHE_DRIFT, cache_age: float = CACHE_AGE):
         self.tokens = TokenStore(store, namespace)
         self.params = params or Params()
         # token -> (f(w), ln f, ln(1 - f)), or None (never learned or too weak to count);
-        # valid while the store's state is unchanged
+        # valid while the store's counts stay within cache_drift of _fstate's (see CACHE_DRIFT)
         self._fcache: dict[str, tuple[float, float, float] | None] = {}
         self._fstate: tuple | None = None
+        self._fborn = 0.0  # when the cache was started (monotonic)
+        self.cache_drift = cache_drift
+        self.cache_age = cache_age
         self._warned_at = 0.0  # when the outdated-database warning was last logged
 
     @classmethod
@@ -63,7 +74,9 @@ class Bayes:
                    min_dev=float(options.get("min_dev", d.min_dev)),
                    max_tokens=int(options.get("max_tokens", d.max_tokens)),
                    n_eff=int(options.get("n_eff", d.n_eff)))
-        return cls(store, options.get("namespace", "bayes:"), p)
+        return cls(store, options.get("namespace", "bayes:"), p,
+                   cache_drift=float(options.get("cache_drift", CACHE_DRIFT)),
+                   cache_age=float(options.get("cache_age", CACHE_AGE)))
 
     async def classify(self, message: Message | bytes, explain: int = 0,
                        state: tuple[int, int, int] | None = None) -> Result:
@@ -77,9 +90,10 @@ class Bayes:
         if nspam <= 0 or nham <= 0:
             return Result(0.5, 0.0, 0.0, 0)
         fc = self._fcache
-        if state != self._fstate or len(fc) > CACHE_MAX:
+        if state != self._fstate and not self._cache_holds(state) or len(fc) > CACHE_MAX:
             fc.clear()
             self._fstate = state
+            self._fborn = time.monotonic()
             self._check_format(nspam, nham)
         missing = toks.difference(fc)
         if missing:
@@ -101,6 +115,16 @@ class Bayes:
             return combine_logs(0.0, 0.0, 0)
         _, log_f, log_1f = zip(*hits)
         return combine_logs(math.fsum(log_f), math.fsum(log_1f), len(hits), self.params.n_eff)
+
+    def _cache_holds(self, state: tuple) -> bool:
+        """Whether the cached probabilities still serve the database as ``state`` finds it:
+        its spam and ham counts are each within ``cache_drift`` of those the cache was
+        started with, and the cache is younger than ``cache_age`` (see :data:`CACHE_DRIFT`)."""
+        if self._fstate is None or time.monotonic() - self._fborn > self.cache_age:
+            return False
+        s0, h0 = self._fstate[0], self._fstate[1]
+        drift = self.cache_drift
+        return abs(state[0] - s0) <= drift * s0 and abs(state[1] - h0) <= drift * h0
 
     def _probabilities(self, packed: dict[str, int], nspam: int, nham: int) -> dict:
         """token -> (f(w), ln f, ln(1 - f)) for the tokens of ``packed`` that carry evidence
