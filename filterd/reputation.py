@@ -26,7 +26,7 @@ CATEGORIES = ("ham", "spam", "virus", "rejected")
 # Parsing addresses and networks with ipaddress is slow next to a Redis round trip; every message
 # asks the same few questions (its client, the configured networks), so the answers are cached.
 @functools.lru_cache(maxsize=16384)
-def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address (an IPv4-mapped IPv6 address as IPv4), or None when unparsable."""
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])
@@ -49,7 +49,7 @@ def _parse_net(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | No
 def client_network(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
     """``192.0.2.0/24`` for ``192.0.2.7``; ``2001:db8:1:2::/64`` for an IPv6 address. An
     IPv4-mapped IPv6 address counts as IPv4. Unparsable input is returned unchanged."""
-    addr = _parse_ip(ip)
+    addr = parse_ip(ip)
     if addr is None:
         return ip
     prefix = v4_prefix if addr.version == 4 else v6_prefix
@@ -59,7 +59,7 @@ def client_network(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
 def ip_in(ip: str, entries: list[str]) -> str | None:
     if not entries:
         return None
-    addr = _parse_ip(ip)
+    addr = parse_ip(ip)
     if addr is None:
         return None
     for e in entries:

@@ -20,7 +20,7 @@ import logging
 
 from filterd.dns import DNSError
 from filterd.hookspecs import hookimpl
-from filterd.reputation import ip_in, active, guarded, sender_domain
+from filterd.reputation import active, guarded, ip_in, parse_ip, sender_domain
 
 log = logging.getLogger("filterd.plugins.dnsbl")
 
@@ -67,12 +67,9 @@ LOCAL_NETWORKS = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8"
 
 
 def reversed_ip(ip: str) -> str | None:
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
+    addr = parse_ip(ip)
+    if addr is None:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
     if addr.version == 4:
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))
