@@ -75,7 +75,8 @@ def msg_time(p: Path) -> float:
     m = _DATE_RE.search(head)
     if m:
         try:
-            return email.utils.parsedate_to_datetime(m.group(1).decode("latin-1").strip()).timestamp()
+            return email.utils.parsedate_to_datetime(
+                m.group(1).decode("latin-1").strip()).timestamp()
         except Exception:  # noqa: BLE001
             pass
     return 0.0
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bogofilter", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                    help="classifier parameter (robs, robx, min_dev, max_tokens, n_eff), for tuning")
+                    help="classifier parameter (robs, robx, min_dev, max_tokens, n_eff), "
+                         "for tuning")
     args = ap.parse_args(argv)
     corpus = Path(args.corpus)
     if not corpus.is_dir():
@@ -253,7 +255,8 @@ def main(argv=None) -> int:
         test = teh + tes
         with tempfile.TemporaryDirectory(prefix="bayes-bench-") as tmp:
             tmp = Path(tmp)
-            runs = [("filterd", lambda: asyncio.run(run_filterd(trh, trs, test, args.store, tmp, params)))]
+            runs = [("filterd",
+                     lambda: asyncio.run(run_filterd(trh, trs, test, args.store, tmp, params)))]
             if bogo:
                 runs.append(("bogofilter", lambda: run_bogofilter(trh, trs, test, tmp)))
             for name, fn in runs:

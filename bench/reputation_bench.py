@@ -195,7 +195,8 @@ def report(args) -> int:
         print(f"{name:<22}{r['p50']:>9.3f}{r['p99']:>9.3f}{r['max']:>9.3f}{r['total_p50']:>20.3f}")
     sq, rd, cold = rows
     fl = asyncio.run(floor(args.redis))
-    print(f"environment floor: Redis PING p50 {fl['ping_p50']:.3f} ms, p99 {fl['ping_p99']:.3f} ms; "
+    print(f"environment floor: Redis PING p50 {fl['ping_p50']:.3f} ms, "
+          f"p99 {fl['ping_p99']:.3f} ms; "
           f"event-loop turn p99 {fl['turn_p99']:.3f} ms; load average "
           f"{' '.join(f'{x:.2f}' for x in __import__('os').getloadavg())} on "
           f"{__import__('os').cpu_count()} CPUs")

@@ -190,7 +190,8 @@ def load_alias_map(options: dict) -> AliasMap:
             raise AliasError(f"[aliases] toml_file {path}: {exc}") from exc
         merge({k: ([v] if isinstance(v, str) else list(v))
                for k, v in (data.get("aliases", data)).items()})
-    merge({k: ([v] if isinstance(v, str) else list(v)) for k, v in (options.get("map") or {}).items()})
+    merge({k: ([v] if isinstance(v, str) else list(v))
+           for k, v in (options.get("map") or {}).items()})
     for name, spec in (options.get("lists") or {}).items():
         members = list(spec.get("members") or [])
         if spec.get("members_file"):

@@ -400,8 +400,9 @@ def _strip_wildcards(d: dict) -> None:
 # The effective configuration
 # --------------------------------------------------------------------------------------------
 class Config:
-    """The checked, effective configuration. ``cfg["dns"]["timeout"]`` or ``cfg.get("dns.timeout")``;
-    ``cfg.duration("dns.timeout")`` and ``cfg.size("smtp.max_message_size")`` parse units."""
+    """The checked, effective configuration. ``cfg["dns"]["timeout"]`` or
+    ``cfg.get("dns.timeout")``; ``cfg.duration("dns.timeout")`` and
+    ``cfg.size("smtp.max_message_size")`` parse units."""
 
     def __init__(self, data: dict, schema: Schema, raw: RawConfig):
         self.data = data

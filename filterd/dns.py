@@ -242,5 +242,6 @@ def from_config(cfg) -> BaseResolver:
         return FixtureResolver.from_file(section["fixtures"])
     from .config import parse_duration
 
-    return Resolver(section.get("nameservers") or None, parse_duration(section.get("timeout", "5s")),
+    return Resolver(section.get("nameservers") or None,
+                    parse_duration(section.get("timeout", "5s")),
                     int(section.get("cache_size", 10000)))

@@ -240,7 +240,8 @@ class ParsedMessage:
         while stack:
             node, depth, path = stack.pop()
             if len(parts) >= MAX_PARTS:
-                self._defects.append(f"too many MIME parts (more than {MAX_PARTS}); rest not scanned")
+                self._defects.append(
+                    f"too many MIME parts (more than {MAX_PARTS}); rest not scanned")
                 break
             if depth > MAX_DEPTH:
                 self._defects.append(f"MIME nesting deeper than {MAX_DEPTH} at part {path}")

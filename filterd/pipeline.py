@@ -64,7 +64,8 @@ class ScanContext:
         """Report a finding. ``score`` is the suggested weight; ``[scores]`` config overrides it.
         With ``recipient`` the symbol counts for that recipient only."""
         if recipient:
-            target = self.rcpt_symbols.setdefault(recipient.lower(), SymbolSet(self.pipeline.scores))
+            target = self.rcpt_symbols.setdefault(recipient.lower(),
+                                                  SymbolSet(self.pipeline.scores))
         else:
             target = self.symbols
         return target.add(name, score, list(options or ()), description, source)
@@ -150,7 +151,8 @@ class ScanResult:
         return [a for a, o in self.outcomes.items() if o.action in actions]
 
     def to_dict(self) -> dict:
-        rcpt_syms = {a: [s.to_dict() for s in ss] for a, ss in self.ctx.rcpt_symbols.items() if len(ss)}
+        rcpt_syms = {a: [s.to_dict() for s in ss]
+                     for a, ss in self.ctx.rcpt_symbols.items() if len(ss)}
         d = {
             "action": self.action.value,
             "score": self.score,

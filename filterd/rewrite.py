@@ -105,7 +105,8 @@ def apply_modifications(raw: bytes, mods: list[Modification]) -> bytes:
             fields = _change(fields, m.name, m.value, nl)
         elif m.kind == "rewrite_subject":
             old = next((field_value(f) for f in fields if field_name(f) == "subject"), "")
-            new = m.value.replace("{subject}", old) if "{subject}" in m.value else f"{m.value} {old}"
+            new = (m.value.replace("{subject}", old) if "{subject}" in m.value
+                   else f"{m.value} {old}")
             fields = _change(fields, "Subject", new.strip(), nl)
         elif m.kind == "replace_body" and m.body is not None:
             body = m.body

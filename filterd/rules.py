@@ -108,7 +108,8 @@ def _flags(text: str) -> int:
     return f
 
 
-def _compile_rule(entry: Any, origin: str, index: int, problems: list[ConfigProblem]) -> Rule | None:
+def _compile_rule(entry: Any, origin: str, index: int,
+                  problems: list[ConfigProblem]) -> Rule | None:
     where = f"rule #{index}"
     if not isinstance(entry, dict):
         problems.append(ConfigProblem(origin, None, where, "each [[rule]] must be a table"))

@@ -68,7 +68,8 @@ class Modification:
     - ``remove_header``: remove every ``name`` header (``value`` empty) or those equal to ``value``
     - ``change_header``: replace the first ``name`` header's value with ``value``
     - ``rewrite_subject``: ``value`` is a template; ``{subject}`` stands for the old subject
-    - ``replace_body``: ``body`` holds the new body bytes (headers kept), e.g. after stripping a part
+    - ``replace_body``: ``body`` holds the new body bytes (headers kept), e.g. after stripping a
+      part
     """
 
     kind: str
@@ -80,7 +81,8 @@ class Modification:
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
-            raise ValueError(f"unknown modification kind {self.kind!r}; expected one of {self.KINDS}")
+            raise ValueError(f"unknown modification kind {self.kind!r}; "
+                             f"expected one of {self.KINDS}")
 
     @classmethod
     def add_header(cls, name: str, value: str) -> "Modification":
@@ -132,7 +134,8 @@ class Verdict:
         return cls(Action.REJECT, reason, code, enhanced, **kw)
 
     @classmethod
-    def tempfail(cls, reason: str = "", code: int = 451, enhanced: str = "4.7.1", **kw) -> "Verdict":
+    def tempfail(cls, reason: str = "", code: int = 451, enhanced: str = "4.7.1",
+                 **kw) -> "Verdict":
         return cls(Action.TEMPFAIL, reason, code, enhanced, **kw)
 
     @classmethod

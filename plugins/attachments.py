@@ -51,11 +51,20 @@ def vba_parser():
 
 CONFIG = """
 # File name extensions refused wherever they appear: as an attachment, or inside an archive.
-banned_extensions = ["exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh", "wsc", "hta", "cpl", "msi", "msp", "mst", "msc", "jar", "ps1", "psm1", "psd1", "lnk", "reg", "dll", "scf", "inf", "sct", "shs", "chm", "gadget", "application", "appx", "msix", "iso", "img", "vhd", "vhdx", "xll", "ws", "cab"]
+banned_extensions = ["exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", \
+"wsh", "wsc", "hta", "cpl", "msi", "msp", "mst", "msc", "jar", "ps1", "psm1", "psd1", "lnk", \
+"reg", "dll", "scf", "inf", "sct", "shs", "chm", "gadget", "application", "appx", "msix", "iso", \
+"img", "vhd", "vhdx", "xll", "ws", "cab"]
 # MIME types refused, as declared by the sender or as detected from the content.
-banned_mime_types = ["application/x-msdownload", "application/x-dosexec", "application/x-ms-dos-executable", "application/vnd.microsoft.portable-executable", "application/x-executable", "application/x-mach-binary", "application/x-msi", "application/x-ms-installer", "application/x-ms-shortcut", "application/hta", "application/x-bat", "application/x-javascript", "text/javascript", "application/javascript", "application/x-sh", "text/x-shellscript"]
+banned_mime_types = ["application/x-msdownload", "application/x-dosexec", \
+"application/x-ms-dos-executable", "application/vnd.microsoft.portable-executable", \
+"application/x-executable", "application/x-mach-binary", "application/x-msi", \
+"application/x-ms-installer", "application/x-ms-shortcut", "application/hta", "application/x-bat", \
+"application/x-javascript", "text/javascript", "application/javascript", "application/x-sh", \
+"text/x-shellscript"]
 # Extensions that make "name.pdf.exe" a double extension when followed by a banned one.
-decoy_extensions = ["pdf", "doc", "docx", "xls", "xlsx", "ppt", "pptx", "txt", "rtf", "jpg", "jpeg", "png", "gif", "bmp", "zip", "rar", "htm", "html", "mp3", "mp4", "avi", "csv", "odt", "xml"]
+decoy_extensions = ["pdf", "doc", "docx", "xls", "xlsx", "ppt", "pptx", "txt", "rtf", "jpg", \
+"jpeg", "png", "gif", "bmp", "zip", "rar", "htm", "html", "mp3", "mp4", "avi", "csv", "odt", "xml"]
 # What a banned attachment (extension, type, double extension, disguised executable, banned name
 # inside an archive) does: reject or quarantine the message, or only score its symbol.
 banned_action = "reject"  # one of: reject, quarantine, score

@@ -47,7 +47,8 @@ action = "reject"  # one of: reject, quarantine, strip, tag
 # SMTP reply text for a rejected virus; {virus} is the name clamd reported.
 reject_message = "Message contains a virus ({virus})"
 # Text put in place of a stripped part; {virus} and {filename} are filled in.
-strip_notice = "This attachment ({filename}) was removed by the mail gateway: it contained the virus {virus}."
+strip_notice = "This attachment ({filename}) was removed by the mail gateway: it contained the \
+virus {virus}."
 # A message larger than stream_max_length: CLAMAV_OVERSIZE is always added, then
 # "scan_parts" scans each decoded MIME part that fits (parts that do not fit stay unscanned),
 # "accept" lets it pass unscanned, "tempfail"/"reject" refuse it.

@@ -282,7 +282,8 @@ class Plugin:
         desc = f"{info.description} " if info.description else ""
         mods += [Modification.add_header("List-Id", f"{desc}<{info.list_id}>"),
                  Modification.add_header("List-Post", f"<mailto:{info.address}>"),
-                 Modification.add_header("List-Help", f"<mailto:{info.cmd('request')}?subject=help>"),
+                 Modification.add_header("List-Help",
+                                         f"<mailto:{info.cmd('request')}?subject=help>"),
                  Modification.add_header("List-Subscribe", f"<mailto:{info.cmd('subscribe')}>"),
                  Modification.add_header("Precedence", "list")]
         prefix = (self.options.get("subject_prefix") or "").replace("{list}", info.local)
@@ -293,7 +294,8 @@ class Plugin:
             mods += [Modification.change_header(
                 "From", email.utils.formataddr((f"{name or addr} via {info.local}", info.address)))]
             if not msg.parsed.header("Reply-To"):
-                mods.append(Modification.add_header("Reply-To", email.utils.formataddr((name, addr))))
+                mods.append(Modification.add_header("Reply-To",
+                                                    email.utils.formataddr((name, addr))))
         return apply_modifications(raw, mods)
 
     async def strict_dmarc(self, msg: Message) -> bool:

@@ -50,7 +50,8 @@ def modify(ctx, message, options):
     if options.get("status_header"):
         mods.append(Modification.add_header(
             options["status_header"],
-            f"{'Yes' if tagged else 'No'}, score={score:.1f} required={required:.1f} tests={tests}"))
+            f"{'Yes' if tagged else 'No'}, score={score:.1f} required={required:.1f} "
+            f"tests={tests}"))
     if options.get("score_header"):
         mods.append(Modification.add_header(options["score_header"], f"{score:.1f}"))
     if options.get("report_header") and syms:

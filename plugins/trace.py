@@ -97,8 +97,10 @@ class Plugin:
                                     "helo": s.helo, "client_name": s.peer_name,
                                     "auth": s.auth_user, "front_door": s.front_door,
                                     "size": ctx.message.size if ctx.message else 0,
-                                    "message_id": ctx.message.parsed.message_id if ctx.message else "",
-                                    "subject": ctx.message.parsed.subject[:200] if ctx.message else "",
+                                    "message_id": (ctx.message.parsed.message_id
+                                                   if ctx.message else ""),
+                                    "subject": (ctx.message.parsed.subject[:200]
+                                                if ctx.message else ""),
                                     "symbols": symbols,
                                     "reason": o.verdict.reason,
                                 }))

@@ -11,7 +11,8 @@ DATA = Path(__file__).resolve().parent / "data"
 def spf_zones(zonedata: dict) -> dict:
     """The OpenSPF suite's ``zonedata`` as FixtureResolver zones. Follows the suite driver's
     conventions: ``TIMEOUT`` alone times out every type not listed before it, ``NONE`` lists nothing
-    (but stops SPF-to-TXT copying), and SPF (type 99) records are copied to TXT when the name has no TXT."""
+    (but stops SPF-to-TXT copying), and SPF (type 99) records are copied to TXT when the name has
+    no TXT."""
     zones: dict = {}
     for name, items in (zonedata or {}).items():
         entry: dict = {}

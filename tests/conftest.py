@@ -33,7 +33,8 @@ def make_message(body: str = "Hello,\r\n\r\nA plain message.\r\n", subject: str 
                  sender: str = "alice@example.com", to: str = "bob@example.org",
                  extra_headers: str = "") -> bytes:
     head = (f"From: Alice <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
-            f"Date: Fri, 27 Nov 2026 08:00:00 +0000\r\nMessage-ID: <t{abs(hash(body))}@example.com>\r\n"
+            "Date: Fri, 27 Nov 2026 08:00:00 +0000\r\n"
+            f"Message-ID: <t{abs(hash(body))}@example.com>\r\n"
             f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n{extra_headers}")
     return (head + "\r\n" + body).encode()
 

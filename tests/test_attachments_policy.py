@@ -54,7 +54,8 @@ def make_zip(members: dict[str, bytes], encrypt_flag: bool = False) -> bytes:
     raw = b.getvalue()
     if encrypt_flag:  # set the "encrypted" general-purpose bit in local and central headers
         raw = raw.replace(b"PK\x03\x04\x14\x00\x00\x00", b"PK\x03\x04\x14\x00\x01\x00")
-        raw = raw.replace(b"PK\x01\x02\x14\x03\x14\x00\x00\x00", b"PK\x01\x02\x14\x03\x14\x00\x01\x00")
+        raw = raw.replace(b"PK\x01\x02\x14\x03\x14\x00\x00\x00",
+                          b"PK\x01\x02\x14\x03\x14\x00\x01\x00")
     return raw
 
 
@@ -337,7 +338,8 @@ def test_malformed_base64():
     msg = (b"From: a@example.com\r\nTo: b@example.org\r\nSubject: b64\r\nMIME-Version: 1.0\r\n"
            b"Content-Type: multipart/mixed; boundary=X\r\n\r\n--X\r\nContent-Type: text/plain\r\n"
            b"\r\nhi\r\n--X\r\nContent-Type: application/pdf; name=a.pdf\r\n"
-           b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0x!!!not*base64@@\r\nQUJD=\r\n--X--\r\n")
+           b"Content-Transfer-Encoding: base64\r\n\r\n"
+           b"JVBERi0x!!!not*base64@@\r\nQUJD=\r\n--X--\r\n")
     rc, out, s = scan(msg)
     assert "a.pdf" in s["MIME_BAD_BASE64"]["options"]
     good = message(("a.pdf", b"%PDF-1.4\n", "application/pdf"))

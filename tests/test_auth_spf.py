@@ -23,7 +23,8 @@ async def test_spf_suite(pipeline_factory, test, zones):
     spf = result.ctx.data["spf"]["mailfrom"]
     expected = test["result"]
     allowed = expected if isinstance(expected, list) else [expected]
-    assert spf.result in allowed, f"{test.get('description', '')} got {spf.result}: {spf.explanation}"
+    assert spf.result in allowed, (
+        f"{test.get('description', '')} got {spf.result}: {spf.explanation}")
     assert f"SPF_{spf.result.upper()}" in result.ctx.symbols
     if "explanation" in test and spf.result == "fail":
         assert spf.explanation == test["explanation"]

@@ -101,7 +101,8 @@ async def test_redirected_ham_is_learned_and_moves_a_wrongly_learned_message(pip
     out = result.outcomes["ham@gw.example"]
     assert out.action is Action.DISCARD and "relearned" in out.verdict.reason
     assert await bayes.tokens.totals() == (20, 21)
-    assert (await bayes.tokens.counts({"from:dom:work.example"}))["from:dom:work.example"] == (0, 21)
+    assert (await bayes.tokens.counts({"from:dom:work.example"}))[
+        "from:dom:work.example"] == (0, 21)
 
 
 async def test_learn_address_refuses_unauthenticated_senders(pipeline_factory):

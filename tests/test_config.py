@@ -36,12 +36,14 @@ def test_conf_d_files_merge_in_name_order_and_set_wins(tmp_path):
 
 def test_config_check_reports_every_problem_with_file_line_and_key(tmp_path):
     main = tmp_path / "filterd.toml"
-    main.write_text('[plugins]\ntimeout = "soon"\non_error = "explode"\n\n[dns]\ncache_size = "big"\n'
+    main.write_text('[plugins]\ntimeout = "soon"\non_error = "explode"\n\n'
+                    '[dns]\ncache_size = "big"\n'
                     'colour = "blue"\n')
     proc = run_filterd("config", "check", "--config", str(main))
     err = proc.stderr.decode()
     assert proc.returncode == 2
-    assert f'{main}:2: [plugins] timeout: expected a duration like "30s", "5m" or "5d", got \'soon\'' in err
+    assert (f'{main}:2: [plugins] timeout: expected a duration like "30s", "5m" or "5d", '
+            "got 'soon'") in err
     assert f"{main}:3: [plugins] on_error: expected one of tempfail, skip, got 'explode'" in err
     assert f"{main}:6: [dns] cache_size: expected an integer, got 'big'" in err
     assert f"{main}:7: [dns] colour: unknown setting" in err

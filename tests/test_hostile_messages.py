@@ -34,13 +34,17 @@ CASES = {
     "binary_garbage": os.urandom(20000),
     "nul_bytes": b"Subject: nul\x00here\r\n\r\nbody\x00\x00\r\n",
     "truncated_headers": b"From: a@example.com\r\nSubject: trunc",
-    "truncated_multipart": b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\nContent-Type: text/pl",
-    "eight_bit_headers": "Subject: Grüße aus Köln\r\nFrom: Jörg <j@exämple.de>\r\n\r\nÄÖÜ\r\n".encode("latin-1"),
+    "truncated_multipart": (b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\n"
+                            b"Content-Type: text/pl"),
+    "eight_bit_headers": ("Subject: Grüße aus Köln\r\nFrom: Jörg <j@exämple.de>\r\n"
+                          "\r\nÄÖÜ\r\n").encode("latin-1"),
     "bad_encoded_words": b"Subject: =?utf-8?B?!!!notbase64?= =?x-unknown?Q?abc?=\r\n\r\nhi\r\n",
     "bad_base64_attachment": (b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
                               b"Content-Type: application/octet-stream; name=\"x.bin\"\r\n"
-                              b"Content-Transfer-Encoding: base64\r\n\r\n@@@@not base64####\r\n--b--\r\n"),
-    "bad_charset": b"Content-Type: text/plain; charset=\"x-no-such-charset\"\r\n\r\nhello\xff\xfe\r\n",
+                              b"Content-Transfer-Encoding: base64\r\n\r\n"
+                              b"@@@@not base64####\r\n--b--\r\n"),
+    "bad_charset": (b"Content-Type: text/plain; charset=\"x-no-such-charset\"\r\n\r\n"
+                    b"hello\xff\xfe\r\n"),
     "lf_only": b"From: a@example.com\nSubject: lf\n\nbody\n",
     "huge_line": b"Subject: long\r\n\r\n" + b"A" * 2_000_000 + b"\r\n",
     "deep_nesting": nested_multipart(MAX_DEPTH * 4),
@@ -70,7 +74,8 @@ def test_parsed_view_decodes_headers_parts_and_urls():
     raw = (b"From: =?utf-8?Q?J=C3=B6rg?= <jorg@example.de>\r\nSubject: =?utf-8?B?R3LDvMOfZQ==?=\r\n"
            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n"
            b"Content-Type: text/html; charset=utf-8\r\n\r\n"
-           b"<p>Hi <a href=\"https://Evil.Example.net/x?y=1\">here</a> www.shop.example.org/page</p>\r\n"
+           b"<p>Hi <a href=\"https://Evil.Example.net/x?y=1\">here</a> "
+           b"www.shop.example.org/page</p>\r\n"
            b"--b\r\nContent-Type: application/pdf; name=\"inv.pdf\"\r\n"
            b"Content-Disposition: attachment; filename=\"inv.pdf\"\r\n"
            b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b--\r\n")

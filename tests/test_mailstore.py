@@ -35,7 +35,8 @@ def add_user(tmp: Path, user: str, password: str = PASSWORD, *extra: str) -> Pat
 
 def send(port: int, rcpt: str, subject: str, body: str = "Hello.\r\n", sender="bob@remote.test"):
     msg = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
-           f"Date: Fri, 27 Nov 2026 09:00:00 +0000\r\nMessage-ID: <{time.time_ns()}@remote.test>\r\n"
+           "Date: Fri, 27 Nov 2026 09:00:00 +0000\r\n"
+           f"Message-ID: <{time.time_ns()}@remote.test>\r\n"
            f"\r\n{body}")
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
         s.sendmail(sender, [rcpt], msg.encode())
@@ -163,7 +164,8 @@ def test_fetchmail_fetches_over_pop3(mailgw, tmp_path):
     rc.chmod(0o600)
     proc = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "-v", "--nosyslog",
                            "-i", str(tmp_path / "fetchids")],
-                          capture_output=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+                          capture_output=True, timeout=60,
+                          env={**os.environ, "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
     got = sorted(f.read_bytes() for f in out.iterdir())
     assert len(got) == 2 and all(b"Subject: fetch" in g for g in got)

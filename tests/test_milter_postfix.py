@@ -125,7 +125,8 @@ def test_quarantined_message_is_held_in_postfix_hold_queue(stack):
 
 def test_quarantine_store_mode_keeps_the_message_in_filterds_quarantine(tmp_path):
     """quarantine = "auto" picks filterd's quarantine service (registered by the quarantine
-    plugin, enabled here): the message is stored there and discarded at the MTA, not delivered, not held."""
+    plugin, enabled here): the message is stored there and discarded at the MTA, not delivered,
+    not held."""
     sink = Sink()
     cfg = tmp_path / "filterd.toml"
     cfg.write_text(f'[rules]\nsite_dir = "{DATA / "rules"}"\n[quarantine]\nenabled = true\n')

@@ -72,7 +72,8 @@ def decide(ctx):
                        "postmaster@example.org": Action.ACCEPT,
                        "other@example.org": Action.REJECT,
                        "gone@example.org": Action.REJECT}
-    assert res.outcomes["gone@example.org"].verdict.smtp_reply() == (550, "5.1.1", "No such user here")
+    assert res.outcomes["gone@example.org"].verdict.smtp_reply() == (
+        550, "5.1.1", "No such user here")
     assert res.outcomes["postmaster@example.org"].verdict.reason == "postmaster gets everything"
 
 

@@ -32,7 +32,8 @@ def declared_hooks() -> list[str]:
 
 def test_every_hookspec_is_documented_with_an_example():
     hooks = declared_hooks()
-    assert set(hookspecs.PHASE_HOOKS + hookspecs.EVENT_HOOKS + hookspecs.LIFECYCLE_HOOKS) == set(hooks)
+    assert set(hookspecs.PHASE_HOOKS + hookspecs.EVENT_HOOKS
+               + hookspecs.LIFECYCLE_HOOKS) == set(hooks)
     for name in hooks:
         assert (getattr(hookspecs, name).__doc__ or "").strip(), f"hookspec {name} has no docstring"
         m = re.search(rf"^### {name}\n(.*?)(?=^### |^## )", DOCS, re.M | re.S)

@@ -96,8 +96,8 @@ async def test_gateway_quarantine_digest_http_release_reaches_sink(gateway, sink
     log = gateway.log()
     assert f"quarantine release entry={entry['id']}" in log
     # two deliveries to bob by the core: the digest (queued by the CLI) and the released mail
-    assert len(re.findall(r"filterd\.delivery: (?:delivery: )?\S+ to=<bob@example\.org> .*status=sent",
-                          log)) == 2, log
+    assert len(re.findall(r"filterd\.delivery: (?:delivery: )?\S+ to=<bob@example\.org> "
+                          r".*status=sent", log)) == 2, log
     assert log.count("action=quarantine") == 1, log  # scanned (and held) once, not again
 
 

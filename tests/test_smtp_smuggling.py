@@ -35,7 +35,8 @@ SEQUENCES = _sequences()
 def test_every_sequence_of_the_data_file_is_covered():
     d = json.loads(DATA.read_text())
     allseq = (set(d["sec_consult_inbound_eod_sequences"]) |
-              set(d["sec_consult_outbound_eod_sequences"]) | set(d["hannob_smtpsmug_tests"].values()))
+              set(d["sec_consult_outbound_eod_sequences"]) |
+              set(d["hannob_smtpsmug_tests"].values()))
     assert {s for _, s in SEQUENCES} == allseq
     assert len(SEQUENCES) >= 12
 

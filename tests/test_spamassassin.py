@@ -24,7 +24,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def spamd(tmp_path_factory):
-    exe = shutil.which("spamd") or ("/usr/sbin/spamd" if os.path.exists("/usr/sbin/spamd") else None)
+    exe = shutil.which("spamd") or ("/usr/sbin/spamd" if os.path.exists("/usr/sbin/spamd")
+                                    else None)
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("spamd is not installed (Debian package spamd; .ci/packages.d/spam.txt)")

@@ -317,7 +317,8 @@ async def test_redis_over_tls_with_a_private_ca(own_redis, tmp_path):
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make the test certificate (Debian package openssl)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    await asyncio.to_thread(subprocess.run, ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+    await asyncio.to_thread(subprocess.run, ["openssl", "req", "-x509", "-newkey", "rsa:2048",
+                    "-nodes", "-keyout",
                     str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)

@@ -39,7 +39,8 @@ async def test_track_shows_arrival_verdicts_and_later_events(tmp_path, pipeline_
     assert ids == [msg_id, spam.ctx.transaction.id]
     proc = run_filterd("track", "--id", spam.ctx.transaction.id, *base)
     [s] = [json.loads(line) for line in proc.stdout.decode().splitlines()]
-    assert s["events"][0]["action"] == "reject" and "GTUBE(1000)" in s["events"][0]["detail"]["symbols"]
+    assert s["events"][0]["action"] == "reject"
+    assert "GTUBE(1000)" in s["events"][0]["detail"]["symbols"]
     # domain search and the human format
     proc = run_filterd("track", "--from", "@example.net", "--set", f"server.state_dir={state}")
     assert b"spammer@example.net" in proc.stdout and b"reject" in proc.stdout

@@ -284,7 +284,8 @@ def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]
 
 
 # -- a small MIME walker: only what the tokenizer needs, straight from the bytes -----------------
-_PARAM_RE = re.compile(r"""(?i)(?:^|;)\s*(charset|boundary|name|filename)(\*)?\s*=\s*(?:"([^"]*)"|([^;\s]*))""")
+_PARAM_RE = re.compile(r"""(?i)(?:^|;)\s*(charset|boundary|name|filename)(\*)?\s*=\s*"""
+                       r"""(?:"([^"]*)"|([^;\s]*))""")
 _B64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
 MAX_DEPTH = 12
 

@@ -127,7 +127,8 @@ def open_db(args, cmd: str) -> "Opened | None":
 
 def describe_store(config) -> str:
     if config.get("store.backend") == "redis":
-        return f"Redis {str(config.get('store.url')).split('@')[-1]} prefix {config.get('store.prefix')}"
+        return (f"Redis {str(config.get('store.url')).split('@')[-1]} "
+                f"prefix {config.get('store.prefix')}")
     return f"SQLite file {config.path('store.path', 'store.sqlite')}"
 
 

@@ -46,7 +46,8 @@ class JunkWatcher:
         with open(self.md / (STATE + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                state = json.loads(self.state_path.read_text()) if self.state_path.exists() else None
+                state = (json.loads(self.state_path.read_text())
+                         if self.state_path.exists() else None)
             except (OSError, ValueError):
                 state = None
             box = {"state": state}

@@ -149,7 +149,8 @@ class QuarantineService:
     def login_url(self, recipient: str) -> str:
         from urllib.parse import quote
 
-        return f"{self.base_url}/q/login?u={quote(recipient.lower())}&t={self.login_token(recipient)}"
+        return (f"{self.base_url}/q/login?u={quote(recipient.lower())}"
+                f"&t={self.login_token(recipient)}")
 
     def mailto(self, action: str, entry: Entry) -> str:
         cmd = self.options.get("command_address") or ""
@@ -204,7 +205,8 @@ class QuarantineService:
         if action == "release":
             await self.release(entry)
             log.info("quarantine release entry=%s to=<%s>%s", entry.id, entry.recipient, who)
-            return f"The message “{entry.subject}” was released and is on its way to {entry.recipient}."
+            return (f"The message “{entry.subject}” was released and is on its way to "
+                    f"{entry.recipient}.")
         if action == "delete":
             await self.delete(entry)
             log.info("quarantine delete entry=%s to=<%s>%s", entry.id, entry.recipient, who)
@@ -221,7 +223,8 @@ class QuarantineService:
                     f"this message was released.")
         if entry.status == "held":
             await self.delete(entry)
-        return f"Mail from {sender} to {entry.recipient} will always be refused; this message was deleted."
+        return (f"Mail from {sender} to {entry.recipient} will always be refused; "
+                f"this message was deleted.")
 
     async def release(self, entry: Entry) -> None:
         data = await self.qstore.read_message(entry)

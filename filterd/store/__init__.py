@@ -161,8 +161,8 @@ class Store:
 # Every data method of the interface; ResilientStore delegates exactly these.
 DATA_METHODS = ("get", "set", "delete", "exists", "expire", "incr", "get_int", "hincr",
                 "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "sadd", "srem", "smembers",
-                "sismember", "window_hit", "window_count", "window_check", "window_check_many", "fetch", "get_json",
-                "set_json", "keys")
+                "sismember", "window_hit", "window_count", "window_check", "window_check_many",
+                "fetch", "get_json", "set_json", "keys")
 
 
 class ResilientStore(Store):

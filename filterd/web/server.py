@@ -175,7 +175,8 @@ class QuarantineWeb:
             user = _unb64(user_b)
         except ValueError:
             return None
-        if int(exp, 36) < time.time() or not self.service.signer.check_mac(sig, "session", user, exp):
+        if int(exp, 36) < time.time() or \
+                not self.service.signer.check_mac(sig, "session", user, exp):
             return None
         return user, raw
 
