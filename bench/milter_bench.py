@@ -12,6 +12,8 @@ here asserts a time. Needs root (rspamd, dnsmasq, smtp-sink -u nobody).
     .venv/bin/python bench/milter_bench.py                      # defaults
     .venv/bin/python bench/milter_bench.py --messages 5000 --workers 1,2,4 --sessions 20,60
     .venv/bin/python bench/milter_bench.py --pymilter-floor   # + a null pymilter milter
+    .venv/bin/python bench/milter_bench.py --pymilter-floor --floor-workers 1,2 --floor-content
+        # the null milter in 1 and 2 processes, also taking headers and body as filterd must
 """
 from __future__ import annotations
 
@@ -62,13 +64,30 @@ NULL_MILTER = """
 import os, socket, sys
 import Milter, milter
 
+port, workers, content = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "content"
+sys.setswitchinterval(0.0005)  # as filterd's [server] switch_interval
+
+
 class Null(Milter.Base):
     def eom(self):
         self.addheader("X-Null", "1")
         return Milter.CONTINUE
 
-port = int(sys.argv[1])
-_open = milter.opensocket
+
+class Content(Null):
+    # takes the headers and body (no reply to each, as filterd negotiates), as any milter that
+    # reads the message must
+    @Milter.noreply
+    def header(self, name, value):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk):
+        return Milter.CONTINUE
+
+
+_open, _main = milter.opensocket, milter.main
+
 
 def opensocket(rm):  # TCP_NODELAY on the listener, as filterd sets it
     r = _open(rm)
@@ -86,24 +105,40 @@ def opensocket(rm):  # TCP_NODELAY on the listener, as filterd sets it
             s.close()
     return r
 
-milter.opensocket = opensocket
-Milter.factory = Null
+
+def main():  # several processes on one listening socket, as filterd's [milter] workers
+    opensocket(True)
+    for _ in range(workers - 1):
+        if os.fork() == 0:
+            break
+    return _main()
+
+
+milter.opensocket, milter.main = opensocket, main
+Milter.factory = Content if content else Null
 Milter.set_flags(Milter.ADDHDRS)
 Milter.runmilter("null", f"inet:{port}@127.0.0.1", 60)
 """
 
 
 class NullMilter:
-    """The floor of any pymilter milter: one that only adds a header (TCP_NODELAY set)."""
+    """The floor of any pymilter milter: one that only adds a header (TCP_NODELAY and
+    filterd's switch interval set), in ``workers`` processes; ``content``: it also takes the
+    headers and body callbacks, as a milter that looks at the message must."""
 
-    def __init__(self):
+    def __init__(self, workers: int = 1, content: bool = False):
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-c", NULL_MILTER, str(self.port)])
+        self.proc = subprocess.Popen([sys.executable, "-c", NULL_MILTER, str(self.port),
+                                      str(workers), "content" if content else "eom"],
+                                     start_new_session=True)
         wait_port(self.port, 10)
         self.spec = f"inet:127.0.0.1:{self.port}"
 
     def stop(self):
-        self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the forked workers too
+        except ProcessLookupError:
+            pass
         self.proc.wait(5)
 
 
@@ -114,7 +149,29 @@ def settle() -> None:
     time.sleep(2)
 
 
-def measure(label: str, sink: Sink, milter_spec: str | None, args) -> dict:
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants
+    (the milter and its forked workers); 0 without a pid."""
+    if not pid:
+        return 0.0
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d)] = (int(f[1]), int(f[11]) + int(f[12]))  # ppid, utime + stime
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0))[1]
+        todo += [c for c, (pp, _) in stats.items() if pp == p]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(label: str, sink: Sink, milter_spec: str | None, args,
+            milter_pid: int | None = None) -> dict:
     settle()
     pf = Postfix(sink.port, milter=milter_spec)
     out = {}
@@ -124,13 +181,16 @@ def measure(label: str, sink: Sink, milter_spec: str | None, args) -> dict:
         wait_drained(pf)
         for s in args.sessions:
             before = len(pf.log().splitlines())
+            cpu0 = tree_cpu(milter_pid)
             dt = smtp_source(pf.port, s, args.messages, args.size)
+            cpu = tree_cpu(milter_pid) - cpu0
             time.sleep(0.5)
             queued, refused = count_accepted(pf, before)
             rate = args.messages / dt
             out[s] = rate
+            mcpu = f", milter CPU {cpu / args.messages * 1000:.2f} ms/msg" if milter_pid else ""
             print(f"  {label:<34} sessions={s:<3} {args.messages} msgs in {dt:6.2f}s "
-                  f"= {rate:7.1f} msg/s  (queued {queued}, milter-refused {refused})",
+                  f"= {rate:7.1f} msg/s  (queued {queued}, milter-refused {refused}{mcpu})",
                   flush=True)
             wait_drained(pf)
     finally:
@@ -178,6 +238,12 @@ class Rspamd:
         wait_port(11333, 60)
         time.sleep(1)
 
+    def pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def stop(self):
         try:
             pid = int(self.pidfile.read_text().strip())
@@ -208,6 +274,10 @@ def main() -> int:
     ap.add_argument("--pymilter-floor", action="store_true",
                     help="also measure a pymilter milter that only adds one header: what any "
                          "milter built on pymilter can reach at best on this machine")
+    ap.add_argument("--floor-workers", default="1",
+                    help="process counts for --pymilter-floor (comma-separated)")
+    ap.add_argument("--floor-content", action="store_true",
+                    help="--pymilter-floor also with a null milter that takes headers and body")
     ap.add_argument("--core-variant", action="store_true",
                     help="also measure filterd with only the foundation's plugins (rules, "
                          "spam_headers), every other plugin disabled")
@@ -229,22 +299,26 @@ def main() -> int:
             rs = Rspamd(dns.port)
             try:
                 results["rspamd"] = measure("Postfix + rspamd milter", sink,
-                                            "inet:127.0.0.1:11332", args)
+                                            "inet:127.0.0.1:11332", args, rs.pid())
             finally:
                 rs.stop()
         if args.pymilter_floor:
-            nm = NullMilter()
-            try:
-                results["pymilter-null"] = measure("Postfix + null pymilter milter", sink,
-                                                   nm.spec, args)
-            finally:
-                nm.stop()
+            for fw in (int(x) for x in args.floor_workers.split(",")):
+                for content in (False, True) if args.floor_content else (False,):
+                    nm = NullMilter(fw, content)
+                    name = f"pymilter-null{'-content' if content else ''}-{fw}"
+                    try:
+                        results[name] = measure(
+                            f"Postfix + null pymilter ({'hdr+body' if content else 'eom'}, "
+                            f"{fw} proc)", sink, nm.spec, args, nm.proc.pid)
+                    finally:
+                        nm.stop()
         for w in workers:
             m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
                                   *args.filterd_set, workers=w, log_level="warning")
             try:
                 results[f"filterd-{w}"] = measure(f"Postfix + filterd milter ({w} proc)",
-                                                  sink, m.spec, args)
+                                                  sink, m.spec, args, m.proc.pid)
                 if not m.alive():
                     print("  filterd milter died:\n" + m.log()[-2000:])
             finally:
@@ -259,7 +333,7 @@ def main() -> int:
                                   *args.filterd_set, workers=1, log_level="warning")
             try:
                 results["filterd-core"] = measure("Postfix + filterd, core plugins", sink,
-                                                  m.spec, args)
+                                                  m.spec, args, m.proc.pid)
             finally:
                 m.stop()
             print(f"  (core variant: disabled {', '.join(others)})")
