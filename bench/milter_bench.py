@@ -11,6 +11,7 @@ here asserts a time. Needs root (rspamd, dnsmasq, smtp-sink -u nobody).
 
     .venv/bin/python bench/milter_bench.py                      # defaults
     .venv/bin/python bench/milter_bench.py --messages 5000 --workers 1,2,4 --sessions 20,60
+    .venv/bin/python bench/milter_bench.py --rounds 3           # median of 3 turns each
     .venv/bin/python bench/milter_bench.py --pymilter-floor   # + a null pymilter milter
     .venv/bin/python bench/milter_bench.py --pymilter-floor --floor-workers 1,2 --floor-content
         # the null milter in 1 and 2 processes, also taking headers and body as filterd must
@@ -21,6 +22,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -262,6 +264,68 @@ class Rspamd:
             RSPAMD_OPTIONS.write_bytes(self.saved)
 
 
+class Target:
+    """One configuration to measure: ``start()`` returns (milter spec or None, pid or None)."""
+
+    def __init__(self, key: str, label: str, start, stop=lambda: None, after=lambda: None):
+        self.key, self.label, self.start, self.stop, self.after = key, label, start, stop, after
+
+
+def targets(args, dns: Dnsmasq) -> list[Target]:
+    out: list[Target] = []
+    if not args.skip_postfix_alone:
+        out.append(Target("postfix", "Postfix alone", lambda: (None, None)))
+    if not args.skip_rspamd:
+        box = {}
+
+        def start_rspamd():
+            box["r"] = Rspamd(dns.port)
+            return "inet:127.0.0.1:11332", box["r"].pid()
+
+        out.append(Target("rspamd", "Postfix + rspamd milter", start_rspamd,
+                          lambda: box.pop("r").stop()))
+    if args.pymilter_floor:
+        for fw in (int(x) for x in args.floor_workers.split(",")):
+            for content in (False, True) if args.floor_content else (False,):
+                box = {}
+
+                def start_null(fw=fw, content=content, box=box):
+                    box["m"] = NullMilter(fw, content)
+                    return box["m"].spec, box["m"].proc.pid
+
+                out.append(Target(f"pymilter-null{'-content' if content else ''}-{fw}",
+                                  f"Postfix + null pymilter ({'hdr+body' if content else 'eom'}, "
+                                  f"{fw} proc)", start_null, lambda box=box: box.pop("m").stop()))
+
+    def filterd_target(key, label, *overrides, workers):
+        box = {}
+
+        def start():
+            box["m"] = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
+                                         *overrides, *args.filterd_set, workers=workers,
+                                         log_level="warning")
+            return box["m"].spec, box["m"].proc.pid
+
+        def after():
+            if not box["m"].alive():
+                print("  filterd milter died:\n" + box["m"].log()[-2000:])
+
+        return Target(key, label, start, lambda: box.pop("m").stop(), after)
+
+    for w in (int(x) for x in args.workers.split(",")):
+        out.append(filterd_target(f"filterd-{w}", f"Postfix + filterd milter ({w} proc)",
+                                  workers=w))
+    if args.core_variant:
+        from filterd.pipeline import load_config_and_plugins
+
+        _, infos = load_config_and_plugins(None, [], use_default_path=False)
+        others = sorted(i.name for i in infos if i.name not in ("rules", "spam_headers"))
+        print(f"(core variant: disabled {', '.join(others)})")
+        out.append(filterd_target("filterd-core", "Postfix + filterd, core plugins",
+                                  f"plugins.disabled={others!r}".replace("'", '"'), workers=1))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,6 +333,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=5120)
     ap.add_argument("--sessions", default="20,60")
     ap.add_argument("--workers", default="1,2", help="filterd milter worker counts to measure")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every target this many times, taking turns (rspamd, filterd, "
+                         "rspamd, ...), and report the median: a busy machine's noise shows")
     ap.add_argument("--skip-rspamd", action="store_true")
     ap.add_argument("--skip-postfix-alone", action="store_true")
     ap.add_argument("--pymilter-floor", action="store_true",
@@ -285,67 +352,34 @@ def main() -> int:
                     help="extra --set for the filterd milter (e.g. to see what a plugin costs)")
     args = ap.parse_args()
     args.sessions = [int(x) for x in args.sessions.split(",")]
-    workers = [int(x) for x in args.workers.split(",")]
     print(f"milter benchmark: {args.messages} messages of {args.size} bytes per run, "
-          f"sessions {args.sessions}, {os.cpu_count()} CPUs", flush=True)
+          f"sessions {args.sessions}, {os.cpu_count()} CPUs, {args.rounds} round(s)", flush=True)
 
     sink = Sink(capture=False)
     dns = Dnsmasq()
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     try:
-        if not args.skip_postfix_alone:
-            results["postfix"] = measure("Postfix alone", sink, None, args)
-        if not args.skip_rspamd:
-            rs = Rspamd(dns.port)
-            try:
-                results["rspamd"] = measure("Postfix + rspamd milter", sink,
-                                            "inet:127.0.0.1:11332", args, rs.pid())
-            finally:
-                rs.stop()
-        if args.pymilter_floor:
-            for fw in (int(x) for x in args.floor_workers.split(",")):
-                for content in (False, True) if args.floor_content else (False,):
-                    nm = NullMilter(fw, content)
-                    name = f"pymilter-null{'-content' if content else ''}-{fw}"
-                    try:
-                        results[name] = measure(
-                            f"Postfix + null pymilter ({'hdr+body' if content else 'eom'}, "
-                            f"{fw} proc)", sink, nm.spec, args, nm.proc.pid)
-                    finally:
-                        nm.stop()
-        for w in workers:
-            m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
-                                  *args.filterd_set, workers=w, log_level="warning")
-            try:
-                results[f"filterd-{w}"] = measure(f"Postfix + filterd milter ({w} proc)",
-                                                  sink, m.spec, args, m.proc.pid)
-                if not m.alive():
-                    print("  filterd milter died:\n" + m.log()[-2000:])
-            finally:
-                m.stop()
-        if args.core_variant:
-            from filterd.pipeline import load_config_and_plugins
-
-            _, infos = load_config_and_plugins(None, [], use_default_path=False)
-            others = sorted(i.name for i in infos if i.name not in ("rules", "spam_headers"))
-            m = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
-                                  f"plugins.disabled={others!r}".replace("'", '"'),
-                                  *args.filterd_set, workers=1, log_level="warning")
-            try:
-                results["filterd-core"] = measure("Postfix + filterd, core plugins", sink,
-                                                  m.spec, args, m.proc.pid)
-            finally:
-                m.stop()
-            print(f"  (core variant: disabled {', '.join(others)})")
+        for rnd in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {rnd + 1} of {args.rounds}", flush=True)
+            for t in targets(args, dns):
+                spec, pid = t.start()
+                try:
+                    runs.setdefault(t.key, []).append(measure(t.label, sink, spec, args, pid))
+                    t.after()
+                finally:
+                    t.stop()
     finally:
         dns.stop()
         sink.stop()
 
-    print("\nsummary (msg/s)")
+    results = {k: {s: statistics.median(r[s] for r in rs) for s in args.sessions}
+               for k, rs in runs.items()}
+    print(f"\nsummary (msg/s{', median of %d rounds' % args.rounds if args.rounds > 1 else ''})")
     names = list(results)
-    print(f"  {'sessions':<10}" + "".join(f"{n:>14}" for n in names))
+    print(f"  {'sessions':<10}" + "".join(f"{n:>16}" for n in names))
     for s in args.sessions:
-        print(f"  {s:<10}" + "".join(f"{results[n].get(s, 0):>14.1f}" for n in names))
+        print(f"  {s:<10}" + "".join(f"{results[n].get(s, 0):>16.1f}" for n in names))
     if "rspamd" in results:
         for s in args.sessions:
             base = results["rspamd"][s]
