@@ -151,6 +151,12 @@ async def test_one_more_learned_message_keeps_the_token_cache_a_large_change_emp
         await node_b.learn([synth("spam", 1, seed=79)], spam=True)
         await node_a.classify(probe)
         assert lookups and lookups[0] > 10
+        lookups.clear()
+        node_a.cache_age, node_a.cache_drift = 300.0, 0.0  # drift 0: any change empties it,
+        assert await node_b.forget(synth("ham", 1, seed=77))  # even one that leaves the counts
+        await node_b.learn([synth("ham", 2, seed=77)], spam=False)  # as they were
+        await node_a.classify(probe)
+        assert lookups and lookups[0] > 10
     finally:
         await other.close()
 

@@ -120,8 +120,9 @@ class Bayes:
         """Whether the cached probabilities still serve the database as ``state`` finds it:
         its spam and ham counts are each within ``cache_drift`` of those the cache was
         started with, and the cache is younger than ``cache_age`` (see :data:`CACHE_DRIFT`)."""
-        if self._fstate is None or time.monotonic() - self._fborn > self.cache_age:
-            return False
+        if (self.cache_drift <= 0 or self._fstate is None
+                or time.monotonic() - self._fborn > self.cache_age):
+            return False  # (drift 0: any change, even one that leaves the counts, empties it)
         s0, h0 = self._fstate[0], self._fstate[1]
         drift = self.cache_drift
         return abs(state[0] - s0) <= drift * s0 and abs(state[1] - h0) <= drift * h0
