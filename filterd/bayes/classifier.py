@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 
 @dataclass
@@ -97,14 +98,27 @@ def _chi2q_log(log_sum: float, n: int) -> float:
     return min(total, 1.0)
 
 
-def fw(spam: int, ham: int, nspam: int, nham: int, params: Params) -> float:
-    if nspam <= 0 or nham <= 0 or (spam == 0 and ham == 0):
-        return params.robx
-    sr = spam / nspam
-    hr = ham / nham
-    p = sr / (sr + hr)
-    n = spam + ham
-    return (params.robs * params.robx + n * p) / (params.robs + n)
+def probabilities(counts: Iterable[tuple[str, int, int]], nspam: int, nham: int,
+                  params: Params) -> dict[str, tuple[float, float, float]]:
+    """token -> (f(w), ln f, ln(1 - f)) for the ``(token, spam, ham)`` counts that say something:
+    seen at least ``min_count`` times and at least ``min_dev`` from 0.5 (f clamped to
+    [1e-9, 1 - 1e-9]). The one place f(w) is computed; the classify path runs it for every
+    learned token not yet in its cache."""
+    robs, prior, min_dev, min_count = params.robs, params.robs * params.robx, params.min_dev, \
+        params.min_count
+    log = math.log
+    out = {}
+    for t, s, h in counts:
+        n = s + h
+        if n <= 0 or n < min_count:
+            continue
+        sr = s / nspam
+        f = (prior + n * (sr / (sr + h / nham))) / (robs + n)
+        if abs(f - 0.5) < min_dev:
+            continue
+        f = min(max(f, 1e-9), 1 - 1e-9)
+        out[t] = (f, log(f), log(1.0 - f))
+    return out
 
 
 def classify(counts: dict[str, tuple[int, int]], nspam: int, nham: int,
@@ -114,45 +128,18 @@ def classify(counts: dict[str, tuple[int, int]], nspam: int, nham: int,
     params = params or Params()
     if nspam <= 0 or nham <= 0:
         return Result(0.5, 0.0, 0.0, 0)
-    robs, robx, min_dev, min_count = params.robs, params.robx, params.min_dev, params.min_count
-    inv_s, inv_h = 1.0 / nspam, 1.0 / nham
-    scored = []
-    for tok, (s, h) in counts.items():
-        n = s + h
-        if n <= 0 or n < min_count:
-            continue
-        sr = s * inv_s
-        p = sr / (sr + h * inv_h)
-        f = (robs * robx + n * p) / (robs + n)
-        d = abs(f - 0.5)
-        if d >= min_dev:
-            scored.append((d, f, tok))
+    probs = probabilities(((t, s, h) for t, (s, h) in counts.items()), nspam, nham, params)
     # sorted always: the sums below then do not depend on the order the store returned
     # the counts in, so every backend gives bit-identical results
-    scored.sort(reverse=True)
+    scored = sorted(((abs(f - 0.5), f, tok) for tok, (f, _, _) in probs.items()), reverse=True)
     if len(scored) > params.max_tokens:
         scored = scored[:params.max_tokens]
     if not scored:
         return Result(0.5, 0.0, 0.0, 0)
-    res = combine([min(max(f, 1e-9), 1 - 1e-9) for _, f, _ in scored], 0, params.n_eff)
+    res = combine([f for _, f, _ in scored], 0, params.n_eff)
     if explain:
         res.clues = [(tok, f) for _, f, tok in scored[:explain]]
     return res
-
-
-def token_probability(packed: int, nspam: int, nham: int, params: Params) -> float | None:
-    """f(w) of a token from its packed counts, or None when it says too little (closer than
-    ``min_dev`` to 0.5, or seen fewer than ``min_count`` times)."""
-    s, h = packed >> 32, packed & 0xFFFFFFFF
-    n = s + h
-    if n <= 0 or n < params.min_count:
-        return None
-    sr = s / nspam
-    p = sr / (sr + h / nham)
-    f = (params.robs * params.robx + n * p) / (params.robs + n)
-    if abs(f - 0.5) < params.min_dev:
-        return None
-    return min(max(f, 1e-9), 1 - 1e-9)
 
 
 def combine(fs: list[float], max_tokens: int = 0, n_eff: int = 0) -> Result:

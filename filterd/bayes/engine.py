@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import Message
-from .classifier import Params, Result, combine, combine_logs
+from .classifier import Params, Result, combine, combine_logs, probabilities
 from .store import HAM, MASK, SHIFT, SPAM, TokenStore, digest
 from .tokenizer import TOKEN_FORMAT, tokenize
 
@@ -102,7 +102,8 @@ class Bayes:
             # all first (most looked-up tokens were never learned), then the ones found
             fc.update(dict.fromkeys(missing))
             if packed:
-                fc.update(self._probabilities(packed, nspam, nham))
+                fc.update(probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
+                                        nspam, nham, self.params))
         hits = list(filter(None, map(fc.__getitem__, toks)))  # (C speed: no Python loop)
         max_tokens = self.params.max_tokens
         if explain or (max_tokens and len(hits) > max_tokens):
@@ -126,27 +127,6 @@ class Bayes:
         s0, h0 = self._fstate[0], self._fstate[1]
         drift = self.cache_drift
         return abs(state[0] - s0) <= drift * s0 and abs(state[1] - h0) <= drift * h0
-
-    def _probabilities(self, packed: dict[str, int], nspam: int, nham: int) -> dict:
-        """token -> (f(w), ln f, ln(1 - f)) for the tokens of ``packed`` that carry evidence
-        (:func:`~.classifier.token_probability` inlined: this runs for every token learned
-        but not yet in the cache)."""
-        p = self.params
-        robs, prior, min_dev, min_count = p.robs, p.robs * p.robx, p.min_dev, p.min_count
-        log = math.log
-        out = {}
-        for t, v in packed.items():
-            s, h = v >> SHIFT, v & MASK
-            n = s + h
-            if n <= 0 or n < min_count:
-                continue
-            sr = s / nspam
-            f = (prior + n * (sr / (sr + h / nham))) / (robs + n)
-            if abs(f - 0.5) < min_dev:
-                continue
-            f = min(max(f, 1e-9), 1 - 1e-9)
-            out[t] = (f, log(f), log(1.0 - f))
-        return out
 
     def _check_format(self, nspam: int, nham: int) -> None:
         """Log (at most hourly) when the database holds messages learned with an older token

@@ -10,10 +10,10 @@ Layout under a namespace (default ``bayes:``):
 - ``<ns>meta`` — hash with ``nspam`` and ``nham``, the numbers of messages learned, ``fmt<N>``,
   how many of them were learned with token format N (:data:`~.tokenizer.TOKEN_FORMAT`; messages
   learned before the marker existed have none: format 1), and ``gen``,
-  bumped by every change: a node keeps the token probabilities it computed in memory for as
-  long as the ``(nspam, nham, gen)`` it reads before each message is unchanged (see
-  :class:`filterd.bayes.engine.Bayes`), so common tokens cost no lookup, and a change made by
-  any node (learn, forget) empties every node's cache.
+  bumped by every change. A node keeps the token probabilities it computed in memory while
+  the ``(nspam, nham, gen)`` it reads before each message is unchanged, or has drifted by no more
+  than ``[bayes] cache_drift`` (see :class:`filterd.bayes.engine.Bayes`), so common tokens cost
+  no lookup; a bigger change made by any node (learn, forget) empties every node's cache.
 - ``<ns>seen`` — hash, field = message digest, value 1 (learned as spam) or 2 (as ham), so a
   message is never counted twice and learning it as the other class moves it (SpamAssassin's
   behaviour).
@@ -101,7 +101,7 @@ class TokenStore:
         meta = {k: v for k, v in (("nspam", nspam), ("nham", nham), (FORMAT_FIELD, learned))
                 if v}
         if deltas or meta or seen_deltas:
-            meta["gen"] = 1  # every change invalidates every node's token cache
+            meta["gen"] = 1  # every change is seen by every node's token cache (cache_drift)
             items[self.k_meta] = meta
         seen = {k: v for k, v in seen_deltas.items() if v}
         if seen:
