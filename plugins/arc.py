@@ -17,7 +17,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from filterd.auth import (ARCResult, TXTPrefetch, authserv_id, build_authres,
                           forged_ar_removals)
 from filterd.hookspecs import hookimpl
-from filterd.rewrite import apply_modifications
+from filterd.rewrite import apply_modifications, split_message
 from filterd.verdict import Modification
 
 log = logging.getLogger("filterd.arc")
@@ -42,6 +42,7 @@ sign_headers = ["from", "to", "cc", "subject", "date", "message-id", "reply-to",
 
 SUGGESTED = {"pass": -0.3, "fail": 0.5, "none": 0.0}
 _ARC_NAMES = (b"arc-seal", b"arc-message-signature")
+_ARC_FIELD = re.compile(rb"(?im)^arc-(seal|message-signature|authentication-results)[ \t]*:")
 
 
 def _text(b) -> str:
@@ -73,8 +74,7 @@ def _verify(d: dkimpy.ARC, prefetch: TXTPrefetch) -> tuple:
 
 async def validate(resolver, raw: bytes, min_key_bits: int = 1024) -> ARCResult:
     """The chain validation status of ``raw`` (RFC 8617 5.2): pass, fail or none."""
-    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    if not re.search(rb"(?im)^arc-(seal|message-signature|authentication-results)[ \t]*:", head):
+    if not _ARC_FIELD.search(split_message(raw)[0]):
         return ARCResult("none", "no ARC sets")  # without parsing the message for dkimpy
     try:
         d = dkimpy.ARC(raw, minkey=min_key_bits, logger=log)

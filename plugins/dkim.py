@@ -15,7 +15,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from filterd.auth import DKIMResult, TXTPrefetch, is_outbound
 from filterd.hookspecs import hookimpl
-from filterd.rewrite import apply_modifications
+from filterd.rewrite import apply_modifications, split_message
 from filterd.verdict import Modification
 
 log = logging.getLogger("filterd.dkim")
@@ -103,8 +103,7 @@ async def verify_message(resolver, raw: bytes, min_key_bits: int = 1024,
                          accept_rsa_sha1: bool = False) -> list[DKIMResult]:
     """Verify every DKIM-Signature of ``raw`` (top to bottom). Never raises: each signature
     ends in pass, fail, neutral, temperror or permerror."""
-    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    if not _SIGNATURE_FIELD.search(head):
+    if not _SIGNATURE_FIELD.search(split_message(raw)[0]):
         return []  # unsigned: nothing to verify (dkimpy's parse of the message is not needed)
     try:
         d = dkimpy.DKIM(raw, minkey=min_key_bits, logger=log)
