@@ -288,6 +288,31 @@ class ReputationModel:
         return None
 
 
+class ExpiringMap:
+    """key -> value, each kept for its own time (monotonic clock), at most ``limit`` keys: when
+    full, the expired entries go, and everything when that is not enough (it is a cache: it may
+    forget). Shared by the node-local caches (reputation rows, greylist passes)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data: dict[str, tuple[float, object]] = {}  # key -> (expires, value)
+
+    def get(self, key: str, now: float | None = None):
+        """The value, or None when absent or expired."""
+        got = self.data.get(key)
+        if got is None or got[0] < (time.monotonic() if now is None else now):
+            return None
+        return got[1]
+
+    def put(self, key: str, value, ttl: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if len(self.data) >= self.limit:
+            self.data = {k: v for k, v in self.data.items() if v[0] >= now}
+            if len(self.data) >= self.limit:
+                self.data.clear()
+        self.data[key] = (now + ttl, value)
+
+
 class RowCache:
     """Standings rows read from the store, kept on this node for ``ttl`` seconds: a sender
     that sends again within the TTL costs no read. Reputation is statistics over days: a
@@ -299,31 +324,26 @@ class RowCache:
 
     def __init__(self, ttl: float):
         self.ttl = ttl
-        self.rows: dict[str, tuple[float, dict[str, int]]] = {}
+        self.rows = ExpiringMap(self.MAX_ENTRIES)
 
     def get_many(self, keys: list[str]) -> list[dict[str, int]] | None:
         now = time.monotonic()
         out = []
         for k in keys:
-            got = self.rows.get(k)
-            if got is None or got[0] < now:
+            row = self.rows.get(k, now)
+            if row is None:
                 return None
-            out.append(got[1])
+            out.append(row)
         return out
 
     def put_many(self, keys: list[str], rows: list[dict[str, int]]) -> None:
-        if len(self.rows) >= self.MAX_ENTRIES:
-            now = time.monotonic()
-            self.rows = {k: v for k, v in self.rows.items() if v[0] >= now}
-            if len(self.rows) >= self.MAX_ENTRIES:
-                self.rows.clear()
-        expires = time.monotonic() + self.ttl
+        now = time.monotonic()
         for k, row in zip(keys, rows):
-            self.rows[k] = (expires, dict(row))
+            self.rows.put(k, dict(row), self.ttl, now)
 
     def add_counts(self, items: dict[str, dict[str, int]]) -> None:
         for k, counts in items.items():
-            got = self.rows.get(k)
+            got = self.rows.data.get(k)
             if got is not None:
                 row = got[1]
                 for f, n in counts.items():

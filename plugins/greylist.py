@@ -22,7 +22,8 @@ import re
 import time
 
 from filterd.hookspecs import hookimpl
-from filterd.reputation import ListPolicy, ReputationModel, ip_in, active, client_network, guarded
+from filterd.reputation import (ExpiringMap, ListPolicy, ReputationModel, active,
+                                client_network, guarded, ip_in)
 from filterd.verdict import Verdict
 
 CONFIG = """
@@ -83,21 +84,15 @@ class Plugin:
         self.lists = ListPolicy(rep)
         self.model = ReputationModel(rep, services)
         self.local_ttl = _d(options.get("local_cache") or "0s")
-        self.passed: dict[str, float] = {}  # triplet key -> until (monotonic), this node only
+        self.passed = ExpiringMap(200_000)  # triplet keys that passed, this node only
 
     def _good(self, subj: dict, rows: list) -> bool:
         st = self.model.standings(subj, rows, time.time())
         return any(self.model.judge(st[k]) == "good" for k in ("ip", "net") if k in st)
 
     def _remember_pass(self, key: str) -> None:
-        if self.local_ttl <= 0:
-            return
-        if len(self.passed) >= 200_000:
-            now = time.monotonic()
-            self.passed = {k: t for k, t in self.passed.items() if t > now}
-            if len(self.passed) >= 200_000:
-                self.passed.clear()
-        self.passed[key] = time.monotonic() + self.local_ttl
+        if self.local_ttl > 0:
+            self.passed.put(key, True, self.local_ttl)
 
     def triplet_key(self, ip: str, sender: str, rcpt: str) -> tuple[str, str]:
         net = client_network(ip, int(self.options["ipv4_prefix"]),
@@ -127,7 +122,7 @@ class Plugin:
         o = self.options
         key, net_key = self.triplet_key(ip, sender, recipient.address)
 
-        if self.passed.get(key, 0.0) > time.monotonic():
+        if self.passed.get(key):
             return None  # passed before, remembered on this node: no store lookup
 
         async def check(store):
