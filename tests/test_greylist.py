@@ -122,3 +122,27 @@ async def test_greylisting_is_off_by_default_and_in_filterd_check(pipeline_facto
     pipe = await pipeline_factory(*store_overrides, "greylist.enabled=true")
     r = await pipe.scan(MSG, "a@s.test", ["u@example.org"], Session(peer_ip="198.51.100.13"))
     assert r.action is Action.ACCEPT  # front door "check": dry run
+
+
+async def test_a_passed_triplet_is_remembered_on_the_node_for_local_cache(grey):
+    """After a pass the node answers from its own memory for ``local_cache``: a triplet deleted
+    from the store meanwhile still passes there (a node without the cache defers it at once),
+    and is greylisted again once the memory has expired."""
+    a = await grey("greylist.local_cache=500ms")
+    b = await grey("greylist.local_cache=0s")
+    triplet = ("198.51.100.77", "c@sender.test", "u@example.org")
+    _, v = await rcpt(a, *triplet)
+    assert v.action is Action.TEMPFAIL
+    await asyncio.sleep(1.1)
+    _, v = await rcpt(a, *triplet)
+    assert v.action is not Action.TEMPFAIL  # passed: remembered on node a
+    store = a.services.store
+    await store.delete(*await store.keys("grey:t:"))  # an operator clears the triplets
+    _, v = await rcpt(b, *triplet)
+    assert v.action is Action.TEMPFAIL  # the store has forgotten it
+    _, v = await rcpt(a, *triplet)
+    assert v.action is not Action.TEMPFAIL  # node a still remembers the pass
+    await asyncio.sleep(0.6)
+    await store.delete(*await store.keys("grey:t:"))  # (b's new first attempt too)
+    _, v = await rcpt(a, *triplet)
+    assert v.action is Action.TEMPFAIL  # its memory expired: asks the store again
