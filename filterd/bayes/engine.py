@@ -15,7 +15,7 @@ from typing import Iterable
 from ..model import Message
 from .classifier import Params, Result, combine, combine_logs, probabilities
 from .store import HAM, MASK, SHIFT, SPAM, TokenStore, digest
-from .tokenizer import TOKEN_FORMAT, tokenize
+from .tokenizer import tokenize
 
 log = logging.getLogger("filterd.bayes")
 
@@ -135,10 +135,7 @@ class Bayes:
         now = time.monotonic()
         if old and (not self._warned_at or now - self._warned_at > 3600):
             self._warned_at = now
-            log.warning("bayes: %d of the %d messages in the token database (%s) were learned "
-                        "with an older tokenizer (token format < %d): classification is less "
-                        "accurate until it is retrained: filterd bayes train --reset --spam DIR "
-                        "--ham DIR", old, nspam + nham, self.tokens.ns, TOKEN_FORMAT)
+            log.warning("bayes: %s", self.tokens.outdated_note(old, nspam + nham))
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,
                     batch: int = 500, progress=None) -> LearnStats:

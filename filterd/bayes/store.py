@@ -74,6 +74,13 @@ class TokenStore:
         learned with an older one: after such forgets the figure is a little high.)"""
         return max(0, nspam + nham - self.format_messages)
 
+    def outdated_note(self, old: int, total: int) -> str:
+        """What to tell an operator when :meth:`outdated` is not 0 (the log, the commands)."""
+        return (f"{old} of the {total} messages in the token database ({self.ns}) were learned "
+                f"with an older tokenizer (token format before {TOKEN_FORMAT}); classification "
+                "is less accurate until the database is retrained: filterd bayes train --reset "
+                "--spam DIR --ham DIR")
+
     async def totals(self) -> tuple[int, int]:
         nspam, nham, _ = await self.state()
         return nspam, nham

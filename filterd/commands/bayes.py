@@ -247,12 +247,6 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def outdated_note(old: int, total: int) -> str:
-    return (f"{old} of the {total} messages in the token database were learned with an older "
-            f"tokenizer (token format before {TOKEN_FORMAT}); classification is less accurate "
-            "until the database is retrained: filterd bayes train --reset --spam DIR --ham DIR")
-
-
 # -- subcommands -----------------------------------------------------------------------------
 async def cmd_train(args) -> int:
     if not args.spam and not args.ham:
@@ -308,7 +302,7 @@ async def cmd_train(args) -> int:
         await db.close()
     dt = time.monotonic() - t0
     if old:
-        print(f"warning: {outdated_note(old, nspam + nham)}", file=sys.stderr)
+        print(f"warning: {db.bayes.tokens.outdated_note(old, nspam + nham)}", file=sys.stderr)
     print(f"database ({db.where}): {nspam} spam, {nham} ham; "
           f"{n} messages in {dt:.1f}s ({n / max(dt, 1e-6):.0f} msg/s)")
     return 1 if total.failed and not (total.learned or total.relearned or total.already) else 0
@@ -359,7 +353,8 @@ async def cmd_classify(args) -> int:
                   "train it first (filterd bayes train)", file=sys.stderr)
         old = db.bayes.tokens.outdated(*totals)
         if old:
-            print(f"warning: {outdated_note(old, sum(totals))}", file=sys.stderr)
+            print(f"warning: {db.bayes.tokens.outdated_note(old, sum(totals))}",
+                  file=sys.stderr)
         for f, msgs in files:
             for i, m in enumerate(msgs):
                 res = await db.bayes.classify(m, explain=args.explain, state=state)
@@ -414,7 +409,7 @@ async def cmd_stats(args) -> int:
     print(f"tokens:        {len(toks)} ({only_spam} only in spam, {only_ham} only in ham)")
     print(f"trained:       {'yes' if d['trained'] else 'no (below [bayes] min_spam/min_ham)'}")
     if old:
-        print(f"tokenizer:     OUTDATED: {outdated_note(old, nspam + nham)}")
+        print(f"tokenizer:     OUTDATED: {db.bayes.tokens.outdated_note(old, nspam + nham)}")
     else:
         print(f"tokenizer:     token format {TOKEN_FORMAT} (current)")
     for key, label in (("top_spam", "spam"), ("top_ham", "ham")):
