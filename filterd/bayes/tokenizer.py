@@ -101,7 +101,7 @@ def registrable_domain(host: str) -> str:
     return ".".join(labels[-2:])
 
 
-def _words(text: str, prefix: str, out: set, lowered: bool = False, cased: bool = False) -> None:
+def _words(text: str, prefix: str, out: set, cased: bool = False) -> None:
     """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries.
 
     A word starts with a letter or digit, ends with one (or ``$ % € £``) and may hold
@@ -113,7 +113,7 @@ def _words(text: str, prefix: str, out: set, lowered: bool = False, cased: bool 
     ``cased``: words that are not all lower case also count as they were written, as
     ``<prefix>cs:<Word>`` ("FREE" and "Free" say more than "free"; bogofilter is case
     sensitive throughout)."""
-    if not (lowered or cased):
+    if not cased:
         text = text.lower()
     chunks = set(text.encode("utf-8", "replace").translate(_NONWORD).decode("utf-8", "replace")
                  .split())
@@ -517,6 +517,7 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
         out.add("mid:none")
     if not seen_date:
         out.add("date:none")
+
 
 def _decode(value: str) -> str:
     return decode_header_value(value) if "=?" in value else value
