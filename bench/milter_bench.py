@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from gateway_bench import settle  # noqa: E402
 from milter_support import FilterdMilterProc, Postfix, Sink, free_port, wait_port  # noqa: E402
 
 RSPAMD_OPTIONS = Path("/etc/rspamd/local.d/options.inc")
@@ -63,7 +64,7 @@ def wait_drained(pf: Postfix, timeout: float = 120) -> None:
 
 
 NULL_MILTER = """
-import os, socket, sys
+import os, sys
 import Milter, milter
 
 port, workers, content = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "content"
@@ -88,23 +89,14 @@ class Content(Null):
         return Milter.CONTINUE
 
 
+from filterd.milter.server import set_nodelay
+
 _open, _main = milter.opensocket, milter.main
 
 
 def opensocket(rm):  # TCP_NODELAY on the listener, as filterd sets it
     r = _open(rm)
-    for fd in map(int, os.listdir("/proc/self/fd")):
-        try:
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        try:
-            if s.family == socket.AF_INET and s.getsockname()[1] == port:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        finally:
-            s.close()
+    set_nodelay(f"inet:{port}@127.0.0.1")
     return r
 
 
@@ -142,13 +134,6 @@ class NullMilter:
         except ProcessLookupError:
             pass
         self.proc.wait(5)
-
-
-def settle() -> None:
-    """Between targets: write back what the previous one left dirty (queue files and their
-    deletions) and let the machine go quiet, so no target pays for the previous one's disk work."""
-    os.sync()
-    time.sleep(2)
 
 
 def tree_cpu(pid: int | None) -> float:

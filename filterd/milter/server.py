@@ -680,15 +680,16 @@ def open_socket(settings: MilterSettings) -> None:
         except OSError as exc:
             log.warning("milter: cannot chmod %s: %s", path, exc)
     else:
-        _no_delay(settings.listen)
+        set_nodelay(settings.listen)
 
 
-def _no_delay(spec: str) -> None:
+def set_nodelay(spec: str) -> None:
     """TCP_NODELAY on libmilter's listening socket (Linux hands it on to every accepted
     connection). libmilter never sets it, and at end of message a milter writes several small
     packets in a row (header changes, then the reply): with Nagle's algorithm each one after the
     first waits for the MTA's delayed ACK, up to 40 ms per message. libmilter does not expose the
-    socket, so it is found among our descriptors by its listening port."""
+    socket, so it is found among our descriptors by its listening port (``spec`` is
+    ``inet:PORT@HOST``; bench/milter_bench.py's null milter uses it too)."""
     import socket as so
 
     port = int(spec.split(":", 1)[1].split("@", 1)[0])
