@@ -110,6 +110,10 @@ class MilterClient:
         self.mail(sender)
         for r in rcpts:
             self.rcpt(r)
+        return self.content(headers, body)
+
+    def content(self, headers: list[tuple[str, str]], body: bytes) -> list[tuple[bytes, bytes]]:
+        """Headers, end of headers, one body chunk and end of message: the replies to EOM."""
         for n, v in headers:
             self.header(n, v)
         self.eoh()

@@ -41,6 +41,14 @@ def clean_session(port: int) -> list:
         c.quit()
 
 
+def plugin_milter(tmp_path, name: str, source: str) -> FilterdMilterProc:
+    """A filterd milter with one extra site plugin (``source`` as ``plugins/<name>.py``)."""
+    plugdir = tmp_path / "plugins"
+    plugdir.mkdir()
+    (plugdir / f"{name}.py").write_text(source)
+    return FilterdMilterProc(f"plugins.site_dir={plugdir}")
+
+
 def final(replies) -> bytes:
     return replies[-1][0]
 
@@ -103,11 +111,7 @@ def test_client_disconnecting_mid_message_leaves_other_sessions_working(milter_p
             c.send(b"B", b"partial body with no end")
         c.sock.shutdown(socket.SHUT_RDWR)
         c.close()
-    for n, v in CLEAN_HEADERS:
-        other.header(n, v)
-    other.eoh()
-    other.body(b"Still here.\r\n")
-    replies = other.eom()
+    replies = other.content(CLEAN_HEADERS, b"Still here.\r\n")
     other.quit()
     assert final(replies) in (b"c", b"a"), replies
     assert_healthy(milter_proc)
@@ -176,11 +180,7 @@ def test_garbage_packets_drop_only_that_connection(milter_proc, garbage):
     mid.connect()
     mid.sock.sendall(garbage)
     mid.close()
-    for n, v in CLEAN_HEADERS:
-        other.header(n, v)
-    other.eoh()
-    other.body(b"fine\r\n")
-    replies = other.eom()
+    replies = other.content(CLEAN_HEADERS, b"fine\r\n")
     other.quit()
     assert final(replies) in (b"c", b"a"), replies
     assert_healthy(milter_proc)
@@ -269,10 +269,7 @@ def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
     """When a plugin implements mail_from/rcpt_to, those steps wait for the pipeline and a
     reject happens at MAIL/RCPT with filterd's reply, like on the SMTP gateway."""
     import milter as M
-    plugdir = tmp_path / "plugins"
-    plugdir.mkdir()
-    (plugdir / "early.py").write_text(LIVE_PLUGIN)
-    m = FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    m = plugin_milter(tmp_path, "early", LIVE_PLUGIN)
     try:
         c = MilterClient(m.port)
         c.negotiate()
@@ -284,11 +281,7 @@ def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
         cmd, data = c.rcpt("nobody@example.org")
         assert cmd == b"y" and data.startswith(b"550 5.1.1 No such user here")
         assert c.rcpt("bob@example.org") == (b"c", b"")
-        for n, v in CLEAN_HEADERS:
-            c.header(n, v)
-        c.eoh()
-        c.body(b"fine\r\n")
-        assert c.eom()[-1][0] in (b"c", b"a")
+        assert c.content(CLEAN_HEADERS, b"fine\r\n")[-1][0] in (b"c", b"a")
         c.send(b"A")  # abort, then a second transaction on the same connection
         cmd, data = c.mail("blocked@example.com")
         assert cmd == b"y" and data.startswith(b"550 5.7.1 Sender blocked")
@@ -333,10 +326,7 @@ def test_phases_no_plugin_wants_now_are_answered_at_once_and_run_at_end_of_messa
     """``wants`` lets a plugin say an early hook has nothing to answer for this client or
     address: the milter replies at once and runs the hook at end of message; a recipient it does
     want is answered live, after the deferred phases before it ran in order."""
-    plugdir = tmp_path / "plugins"
-    plugdir.mkdir()
-    (plugdir / "picky.py").write_text(WANTS_PLUGIN)
-    m = FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    m = plugin_milter(tmp_path, "picky", WANTS_PLUGIN)
     try:
         c = MilterClient(m.port)
         c.negotiate()
@@ -348,11 +338,7 @@ def test_phases_no_plugin_wants_now_are_answered_at_once_and_run_at_end_of_messa
         cmd, data = c.rcpt("special-no@example.org")  # wanted: refused at its step
         assert cmd == b"y" and data.startswith(b"550 5.1.1 Refused by test policy")
         assert c.rcpt("carol@example.org") == (b"c", b"")
-        for n, v in CLEAN_HEADERS:
-            c.header(n, v)
-        c.eoh()
-        c.body(b"fine\r\n")
-        replies = c.eom()
+        replies = c.content(CLEAN_HEADERS, b"fine\r\n")
         c.quit()
         # the late refusal removes that recipient at end of message, the others go on
         assert (b"-", b"<late-no@example.org>\0") in replies or \
@@ -384,10 +370,7 @@ def modify(ctx, message):
 
 
 def test_tls_and_auth_macros_reach_the_pipeline_session(tmp_path):
-    plugdir = tmp_path / "plugins"
-    plugdir.mkdir()
-    (plugdir / "session_probe.py").write_text(SESSION_PLUGIN)
-    m = FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    m = plugin_milter(tmp_path, "session_probe", SESSION_PLUGIN)
     try:
         c = MilterClient(m.port)
         c.negotiate()
@@ -398,11 +381,7 @@ def test_tls_and_auth_macros_reach_the_pipeline_session(tmp_path):
         c.macros(b"M", **{"i": "4XyZ1", "{auth_type}": "PLAIN", "{auth_authen}": "alice"})
         c.mail("alice@example.com")
         c.rcpt("bob@example.org")
-        for n, v in CLEAN_HEADERS:
-            c.header(n, v)
-        c.eoh()
-        c.body(b"hi\r\n")
-        replies = c.eom()
+        replies = c.content(CLEAN_HEADERS, b"hi\r\n")
         c.quit()
         added = [d for cmd, d in replies if cmd in (b"h", b"i") and b"X-Test-Session" in d]
         assert added, replies
