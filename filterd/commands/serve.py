@@ -154,8 +154,9 @@ def run(args) -> int:
     if workers == 0:
         workers = os.cpu_count() or 1
     _bind(specs, reuseport=False)
-    if cfg.duration("server.switch_interval") > 0:
-        sys.setswitchinterval(cfg.duration("server.switch_interval"))
+    switch = cfg.duration("server.switch_interval")
+    if switch > 0:
+        sys.setswitchinterval(switch)
     for s in specs:
         print(f"filterd: ready: {s.kind} on {s.host}:{s.port}", file=sys.stderr, flush=True)
     if workers <= 1:
