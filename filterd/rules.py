@@ -83,7 +83,7 @@ class RuleError(ConfigError):
     pass
 
 
-def _text_scanner(pattern: str, flags_text: str, flags: int):
+def _text_scanner(pattern: str, flags: int):
     """A compiled pattern for scanning whole message texts (``body``, ``rawbody``): RE2 (linear
     time, about 5x faster than Python's re on these texts, and immune to catastrophic
     backtracking in a site's own rules) when RE2 accepts the pattern, else Python's re (RE2 has
@@ -92,7 +92,7 @@ def _text_scanner(pattern: str, flags_text: str, flags: int):
         import re2
     except ImportError:  # pragma: no cover - google-re2 is a dependency; keep working without
         return re.compile(pattern, flags)
-    inline = "".join(ch for ch in "ims" if ch in (flags_text or ""))
+    inline = "".join(ch for ch, f in (("i", re.I), ("m", re.M), ("s", re.S)) if flags & f)
     opts = re2.Options()
     opts.log_errors = False  # a pattern RE2 refuses falls back quietly
     try:
@@ -148,7 +148,7 @@ def _compile_rule(entry: Any, origin: str, index: int,
             try:
                 rule.conds[key] = re.compile(pattern, flags)  # Python's re validates the syntax
                 if key in ("body", "rawbody"):
-                    rule.conds[key] = _text_scanner(pattern, str(entry.get("flags", "")), flags)
+                    rule.conds[key] = _text_scanner(pattern, flags)
             except re.error as exc:
                 bad(key, f"bad regular expression {pattern!r}: {exc}")
     if "match" in entry and "header" not in entry:
