@@ -89,7 +89,7 @@ class Content(Null):
         return Milter.CONTINUE
 
 
-from filterd.milter.server import set_nodelay
+from filterd.milter.libmilter import set_nodelay
 
 _open, _main = milter.opensocket, milter.main
 
@@ -115,16 +115,70 @@ Milter.runmilter("null", f"inet:{port}@127.0.0.1", 60)
 """
 
 
+NATIVE_NULL_MILTER = """
+import asyncio, os, socket, sys
+from filterd.milter import protocol as P
+
+port, workers = int(sys.argv[1]), int(sys.argv[2])
+NR = P.P_NR_CONN | P.P_NR_HELO | P.P_NR_MAIL | P.P_NR_RCPT | P.P_NR_HDR | P.P_NR_BODY
+WANT = NR | P.P_NOEOH | P.P_NODATA | P.P_NOUNKNOWN | P.P_HDR_LEADSPC
+EOM = (P.header_packet(P.R_INSHEADER, "X-Null", " 1", 0) + P.packet(P.R_CONTINUE))
+
+
+class Null(P.MilterConnection):
+    # takes the headers and body without replying (as filterd negotiates) and adds one header
+    def on_optneg(self, data):
+        self.headers, self.chunks = [], []
+        v, actions, proto = P.OPTNEG.unpack_from(data)
+        self.send(P.optneg_reply(actions & P.F_ADDHDRS, proto & WANT))
+
+    def on_connect(self, data):
+        pass
+
+    on_helo = on_mail = on_rcpt = on_connect
+
+    def on_header(self, data):
+        self.headers.append(data)
+
+    def on_body(self, data):
+        self.chunks.append(data)
+
+    def on_eom(self, data):
+        self.headers, self.chunks = [], []
+        self.send(EOM)
+
+
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", port))
+sock.listen(128)
+for _ in range(workers - 1):
+    if os.fork() == 0:
+        break
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(Null, sock=sock)
+    for s in srv.sockets:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
 class NullMilter:
     """The floor of any pymilter milter: one that only adds a header (TCP_NODELAY and
     filterd's switch interval set), in ``workers`` processes; ``content``: it also takes the
     headers and body callbacks, as a milter that looks at the message must."""
 
-    def __init__(self, workers: int = 1, content: bool = False):
+    def __init__(self, workers: int = 1, content: bool = False, native: bool = False):
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-c", NULL_MILTER, str(self.port),
-                                      str(workers), "content" if content else "eom"],
-                                     start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-c",
+                                      NATIVE_NULL_MILTER if native else NULL_MILTER,
+                                      str(self.port), str(workers),
+                                      "content" if content else "eom"],
+                                     start_new_session=True, cwd=ROOT)
         wait_port(self.port, 10)
         self.spec = f"inet:127.0.0.1:{self.port}"
 
@@ -282,6 +336,16 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
                                   f"Postfix + null pymilter ({'hdr+body' if content else 'eom'}, "
                                   f"{fw} proc)", start_null, lambda box=box: box.pop("m").stop()))
 
+    if args.native_floor:
+        box = {}
+
+        def start_native(box=box):
+            box["m"] = NullMilter(1, True, native=True)
+            return box["m"].spec, box["m"].proc.pid
+
+        out.append(Target("native-null-1", "Postfix + null asyncio milter (hdr+body, 1 proc)",
+                          start_native, lambda box=box: box.pop("m").stop()))
+
     def filterd_target(key, label, *overrides, workers):
         box = {}
 
@@ -297,9 +361,12 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
 
         return Target(key, label, start, lambda: box.pop("m").stop(), after)
 
-    for w in (int(x) for x in args.workers.split(",")):
-        out.append(filterd_target(f"filterd-{w}", f"Postfix + filterd milter ({w} proc)",
-                                  workers=w))
+    for engine in args.engines.split(","):
+        tag = "" if engine == "native" else f"-{engine}"
+        for w in (int(x) for x in args.workers.split(",")):
+            out.append(filterd_target(f"filterd{tag}-{w}",
+                                      f"Postfix + filterd milter ({engine}, {w} proc)",
+                                      f"milter.engine={engine}", workers=w))
     if args.core_variant:
         from filterd.pipeline import load_config_and_plugins
 
@@ -318,6 +385,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=5120)
     ap.add_argument("--sessions", default="20,60")
     ap.add_argument("--workers", default="1,2", help="filterd milter worker counts to measure")
+    ap.add_argument("--engines", default="native",
+                    help="filterd milter engines to measure: native (the default engine), "
+                         "pymilter (libmilter), or both: native,pymilter")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every target this many times, taking turns (rspamd, filterd, "
                          "rspamd, ...), and report the median: a busy machine's noise shows")
@@ -330,6 +400,9 @@ def main() -> int:
                     help="process counts for --pymilter-floor (comma-separated)")
     ap.add_argument("--floor-content", action="store_true",
                     help="--pymilter-floor also with a null milter that takes headers and body")
+    ap.add_argument("--native-floor", action="store_true",
+                    help="also measure a null milter on filterd's own asyncio milter protocol "
+                         "(takes headers and body, adds one header): that engine's floor")
     ap.add_argument("--core-variant", action="store_true",
                     help="also measure filterd with only the foundation's plugins (rules, "
                          "spam_headers), every other plugin disabled")
@@ -369,7 +442,7 @@ def main() -> int:
         for s in args.sessions:
             base = results["rspamd"][s]
             for n in names:
-                if n.startswith(("filterd", "pymilter")):
+                if n.startswith(("filterd", "pymilter", "native")):
                     print(f"  ratio {n}/rspamd at {s} sessions: {results[n][s] / base:.2f}x")
     return 0
 

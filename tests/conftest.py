@@ -86,3 +86,14 @@ async def pipeline_factory(tmp_path):
     yield make
     for p in made:
         await p.close()
+
+
+@pytest.fixture(scope="module", params=["native", "pymilter"])
+def milter_engine(request):
+    """Run a milter test module once per milter engine: filterd's own protocol code and
+    libmilter through pymilter (tests/milter_support.py's FilterdMilterProc starts it)."""
+    import milter_support
+
+    old, milter_support.ENGINE = milter_support.ENGINE, request.param
+    yield request.param
+    milter_support.ENGINE = old

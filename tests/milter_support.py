@@ -18,6 +18,11 @@ from gateway_fixtures import Sink  # noqa: F401 - the shared smtp-sink wrapper
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The milter engine FilterdMilterProc starts (tests/conftest.py's milter_engine fixture runs the
+# milter tests once per engine).
+ENGINE = "native"
+
+
 def have_postfix() -> bool:
     return all(shutil.which(x) for x in ("postfix", "smtp-sink", "postconf")) or all(
         os.path.exists(f"/usr/sbin/{x}") for x in ("postfix", "smtp-sink", "postconf"))
@@ -142,7 +147,8 @@ class FilterdMilterProc:
     """`filterd milter` as a subprocess on a free loopback port."""
 
     def __init__(self, *overrides: str, workers: int = 1, state_dir: str | None = None,
-                 log_level: str = "info", env: dict | None = None, config: str | None = None):
+                 log_level: str = "info", env: dict | None = None, config: str | None = None,
+                 engine: str | None = None):
         self.port = free_port()
         self.own_state = not state_dir
         self.state = Path(state_dir) if state_dir else _tmpdir("filterd-milter-state-")
@@ -152,7 +158,8 @@ class FilterdMilterProc:
         e.update(env or {})
         cmd = [sys.executable, "-m", "filterd", "milter", "--log-level", log_level,
                "--listen", f"inet:{self.port}@127.0.0.1", "--workers", str(workers),
-               "--set", f"server.state_dir={self.state}"]
+               "--set", f"server.state_dir={self.state}",
+               "--set", f"milter.engine={engine or ENGINE}"]
         if not config:  # never pick up /etc/filterd of the machine the tests run on
             config = self.state / "empty.toml"
             config.write_text("")

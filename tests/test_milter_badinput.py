@@ -23,8 +23,11 @@ CLEAN_HEADERS = [("From", "Alice <alice@example.com>"), ("To", "bob@example.org"
                  ("Message-ID", "<bad-input@example.com>")]
 
 
+pytestmark = pytest.mark.usefixtures("milter_engine")
+
+
 @pytest.fixture(scope="module")
-def milter_proc():
+def milter_proc(milter_engine):
     m = FilterdMilterProc("milter.max_size=100KB", "milter.oversize=reject",
                           "spam_headers.add=always")
     yield m
@@ -88,6 +91,27 @@ def test_gtube_over_the_raw_protocol_gets_filterds_reply(milter_proc):
     cmd, data = replies[-1]
     assert cmd == b"y"
     assert data.startswith(b"550 5.7.1 Message rejected as spam")
+
+
+def test_changes_the_mta_did_not_allow_follow_the_error_policy(milter_proc):
+    """An MTA that does not let the milter add headers (it offers only body replacement):
+    filterd cannot add its headers, and says so with the error policy (451 4.3.0) instead of
+    passing the message unmarked."""
+    import struct
+
+    from milter_client import ALL_PROTO
+
+    c = MilterClient(milter_proc.port)
+    c.send(b"O", struct.pack("!III", 6, 0x02, ALL_PROTO))  # SMFIF_CHGBODY only
+    cmd, data = c.read()
+    _, c.actions, c.protocol = struct.unpack("!III", data[:12])
+    assert c.actions == 0x02
+    replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                        b"A clean body.\r\n")
+    c.quit()
+    assert replies[-1][0] == b"y" and replies[-1][1].startswith(b"451 4.3.0"), replies
+    assert "milter internal error" in milter_proc.log()
+    assert_healthy(milter_proc)
 
 
 def test_client_disconnecting_mid_message_leaves_other_sessions_working(milter_proc):
@@ -208,8 +232,9 @@ import asyncio, sys
 from filterd.pipeline import Pipeline
 from filterd.milter import run_milter_from_config
 
-async def main(port, state):
-    pipe = await Pipeline.create(None, [f"server.state_dir={state}"], use_default_path=False)
+async def main(port, state, engine):
+    pipe = await Pipeline.create(None, [f"server.state_dir={state}", f"milter.engine={engine}"],
+                                 use_default_path=False)
     try:
         await asyncio.wait_for(
             run_milter_from_config(pipe.config, pipe, f"inet:{port}@127.0.0.1"), 6)
@@ -218,18 +243,20 @@ async def main(port, state):
     finally:
         await pipe.close()
 
-asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
 '''
 
 
-def test_run_milter_from_config_serves_on_the_callers_loop_and_stops_on_cancel(tmp_path):
+def test_run_milter_from_config_serves_on_the_callers_loop_and_stops_on_cancel(tmp_path,
+                                                                              milter_engine):
     """The entry point `filterd serve` uses: the caller's loop and pipeline, stopped by
     cancelling the task."""
     import sys
 
     from milter_support import free_port, wait_port
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port), str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port), str(tmp_path),
+                             milter_engine],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_port(port, 20, proc=proc)
@@ -430,7 +457,7 @@ def test_workers_share_a_unix_socket_and_stop_cleanly_on_sigterm(tmp_path):
             proc.wait()
 
 
-def test_serve_with_milter_flag_runs_the_milter_front_door(tmp_path):
+def test_serve_with_milter_flag_runs_the_milter_front_door(tmp_path, milter_engine):
     """`filterd serve --milter inet:PORT@HOST` (no SMTP listener): the same pipeline answers
     milter sessions; GTUBE gets filterd's reject and a clean message passes."""
     from gateway_fixtures import free_port as free
@@ -441,7 +468,8 @@ def test_serve_with_milter_flag_runs_the_milter_front_door(tmp_path):
     log = state / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "filterd", "serve", "--milter",
-         f"inet:{port}@127.0.0.1", "--set", f"server.state_dir={state}"],
+         f"inet:{port}@127.0.0.1", "--set", f"server.state_dir={state}",
+         "--set", f"milter.engine={milter_engine}"],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30

@@ -13,13 +13,14 @@ import pytest
 from conftest import GTUBE, make_message
 from milter_support import FilterdMilterProc, Postfix, Sink, have_postfix
 
-pytestmark = pytest.mark.skipif(not have_postfix(), reason="postfix/smtp-sink not installed")
+pytestmark = [pytest.mark.skipif(not have_postfix(), reason="postfix/smtp-sink not installed"),
+              pytest.mark.usefixtures("milter_engine")]
 
 DATA = Path(__file__).parent / "data" / "milter"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, milter_engine):
     tmp = tmp_path_factory.mktemp("milter-e2e")
     cfg = tmp / "filterd.toml"
     cfg.write_text(f"""
@@ -140,6 +141,8 @@ def test_quarantine_store_mode_keeps_the_message_in_filterds_quarantine(tmp_path
             time.sleep(0.1)
         assert "stored=bob@example.org" in milter.log(), milter.log()[-3000:]
         assert "quarantined entry=" in milter.log()
+        while time.monotonic() < deadline and "milter-discard" not in pf.log():
+            time.sleep(0.1)  # Postfix writes its log through postlogd, a moment later
         assert "milter-discard" in pf.log()
         assert not pf.held()
         assert not arrived(sink, b"store-e2e", timeout=2)

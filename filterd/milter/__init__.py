@@ -1,4 +1,8 @@
-"""Milter mode: filterd's pipeline behind Postfix or Sendmail, through pymilter/libmilter.
+"""Milter mode: filterd's pipeline behind Postfix or Sendmail.
+
+Two engines speak the milter protocol (``[milter] engine``): ``native`` (default;
+:mod:`.native` on :mod:`.protocol`, in the pipeline's event loop) and ``pymilter``
+(:mod:`.libmilter`, Sendmail's libmilter). Both share :mod:`.server`'s callbacks and policy.
 
 - :func:`run_milter` — blocking, builds its own pipeline(s); ``filterd milter``.
 - :func:`run_milter_from_config` — ``await`` it inside a running program (``filterd serve``)

@@ -1,12 +1,20 @@
-"""The milter front door: libmilter (through pymilter) in front of the asynchronous pipeline.
+"""The milter front door: shared by both milter engines.
 
-Threads: libmilter runs one thread per MTA connection and calls our callbacks there. The pipeline
-is asynchronous and its services (DNS, Redis, SQLite) belong to one event loop, so each milter
-process runs exactly one asyncio loop in a background thread and the callbacks hand it whole
-coroutines with :func:`asyncio.run_coroutine_threadsafe`, blocking their own (GIL-free) wait.
+Two engines speak the milter protocol to the MTA (``[milter] engine``):
 
-Round trips cost more than work here, so per message there is normally ONE hand-over, at end of
-message. A phase whose hook no plugin implements (connect, helo, mail_from, rcpt_to) cannot
+- ``native`` (:mod:`filterd.milter.native`, the default): filterd's own asyncio implementation
+  of the protocol (:mod:`filterd.milter.protocol`); each MTA connection is a protocol object on
+  the event loop that runs the pipeline.
+- ``pymilter`` (:mod:`filterd.milter.libmilter`): Sendmail's libmilter through pymilter, one
+  thread per MTA connection, handing the pipeline work to the event loop in a thread.
+
+Everything else is here and shared: :class:`MilterSession` (the callbacks: what each SMTP step
+records, when a pipeline phase runs, how a plan becomes milter operations, the error policy),
+:class:`MilterServer` (per process: settings, pipeline, the end-of-message coroutine), and
+starting, forking and stopping.
+
+Round trips cost more than work here, so per message there is normally ONE pipeline call, at end
+of message. A phase whose hook no plugin implements (connect, helo, mail_from, rcpt_to) cannot
 change the outcome early, so it is negotiated as "no reply" with the MTA and its pipeline call
 runs at end of message, in order, before the content scan — the same Pipeline methods in the same
 order as the SMTP gateway. As soon as a plugin implements e.g. ``rcpt_to``, that callback waits for
@@ -27,34 +35,30 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-
-import Milter
-import milter
 
 from ..model import Session
 from ..verdict import Action, Verdict
 from . import actions as milter_actions
+from . import protocol as P
 
 log = logging.getLogger("filterd.milter")
 
 EARLY_HOOKS = ("connect", "helo", "mail_from", "rcpt_to")
+NR_OF = {"connect": P.P_NR_CONN, "helo": P.P_NR_HELO, "mail_from": P.P_NR_MAIL,
+         "rcpt_to": P.P_NR_RCPT}
+NR_ALL = P.P_NR_CONN | P.P_NR_HELO | P.P_NR_MAIL | P.P_NR_RCPT | P.P_NR_HDR | P.P_NR_BODY
 
 # Macros asked from the MTA during negotiation (libmilter allows 5 per stage). Postfix honours
 # the request; for Sendmail set the same lists with confMILTER_MACROS_* (README "Milter mode").
 REQUESTED_MACROS = {
-    milter.M_CONNECT: "j {daemon_name} {daemon_addr} {daemon_port} {client_ptr}",
-    milter.M_HELO: "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
-    milter.M_ENVFROM: "i {auth_type} {auth_authen} {auth_author} {mail_addr}",
-    milter.M_EOM: "i {auth_authen} {tls_version} {cipher}",
+    P.M_CONNECT: "j {daemon_name} {daemon_addr} {daemon_port} {client_ptr}",
+    P.M_HELO: "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
+    P.M_ENVFROM: "i {auth_type} {auth_authen} {auth_author} {mail_addr}",
+    P.M_EOM: "i {auth_authen} {tls_version} {cipher}",
 }
 
-WANTED_ACTIONS = (milter.ADDHDRS | milter.CHGHDRS | milter.DELRCPT | milter.CHGBODY
-                  | milter.QUARANTINE)
-
-SMFI_CODE = {"continue": milter.CONTINUE, "reject": milter.REJECT,
-             "tempfail": milter.TEMPFAIL, "discard": milter.DISCARD}
+WANTED_ACTIONS = P.F_ADDHDRS | P.F_CHGHDRS | P.F_DELRCPT | P.F_CHGBODY | P.F_QUARANTINE
 
 ERROR_VERDICT = {
     "tempfail": Verdict.tempfail("Temporary local problem (mail filter); please try again later",
@@ -64,46 +68,10 @@ ERROR_VERDICT = {
 }
 
 
-class LoopThread:
-    """One asyncio event loop in a daemon thread; ``run(coro, timeout)`` from any other thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
-        self.own = loop is None
-        self.loop = loop or asyncio.new_event_loop()
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> "LoopThread":
-        if self.own:
-            self.thread = threading.Thread(target=self._run, name="filterd-milter-loop",
-                                           daemon=True)
-            self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro, timeout: float | None = None):
-        fut = self.submit(coro)
-        try:
-            return fut.result(timeout)
-        except FutureTimeout:
-            fut.cancel()
-            raise
-
-    def stop(self) -> None:
-        if self.own and self.thread is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-
 @dataclass
 class MilterSettings:
     listen: str = ""
+    engine: str = "native"
     socket_mode: int = 0o660
     workers: int = 1
     backlog: int = 128
@@ -125,6 +93,7 @@ class MilterSettings:
         w = workers if workers is not None else int(g("workers"))
         return cls(
             listen=listen or g("listen") or "",
+            engine=g("engine") or "native",
             socket_mode=int(str(g("socket_mode")), 8),
             workers=w if w > 0 else (os.cpu_count() or 1),
             backlog=int(g("backlog")),
@@ -148,9 +117,10 @@ def live_hooks(pipeline) -> dict[str, bool]:
 
 
 class MilterServer:
-    """Shared state of one milter process: settings, pipeline, loop thread, counters."""
+    """Shared state of one milter process: settings, pipeline, counters (and for the pymilter
+    engine, the :class:`~filterd.milter.libmilter.LoopThread` that runs the pipeline)."""
 
-    def __init__(self, settings: MilterSettings, pipeline, loop: LoopThread):
+    def __init__(self, settings: MilterSettings, pipeline, loop=None):
         self.settings = settings
         self.pipeline = pipeline
         self.loop = loop
@@ -293,8 +263,8 @@ def _text(v) -> str:
 
 
 def _guard(nr_bit: int):
-    """Callbacks must never raise into libmilter: a failure is logged and remembered, the
-    callback answers as negotiated (NOREPLY when the MTA expects no answer, else the error
+    """Callbacks must never raise into the engine: a failure is logged and remembered, the
+    callback answers as negotiated (no answer when the MTA expects none, else the error
     policy), and end of message applies the error policy."""
     def wrap(fn):
         def inner(self, *args):
@@ -304,8 +274,8 @@ def _guard(nr_bit: int):
                 log.exception("milter callback %s failed", fn.__name__)
                 self.failure = self.failure or f"{fn.__name__}: {type(exc).__name__}: {exc}"
                 if self.nr & nr_bit:
-                    return milter.NOREPLY
-                return self._error(self.failure, self.tx)
+                    return self._noreply()
+                return self._error(self.failure)
         inner.__name__ = fn.__name__
         return inner
     return wrap
@@ -327,8 +297,11 @@ def _params(args) -> dict:
     return out
 
 
-class FilterdMilter(Milter.Base):
-    """One MTA connection. Callbacks run in that connection's libmilter thread."""
+class MilterSession:
+    """One MTA connection, whatever the engine. The engine turns the MTA's commands into the
+    calls below and provides the five methods marked "engine" (answers and macros); what a
+    callback returns is the engine's own answer (libmilter's return code, or for the native
+    engine None or a coroutine to wait for)."""
 
     def __init__(self, server: MilterServer):
         self.server = server
@@ -337,6 +310,7 @@ class FilterdMilter(Milter.Base):
         self.pipeline = server.pipeline
         self.live = dict(server.live)
         self.session = Session(front_door="milter")
+        self.actions = 0  # negotiated actions
         self.nr = 0  # negotiated no-reply bits
         self.leadspc = False
         self.connect_pending = False
@@ -346,54 +320,77 @@ class FilterdMilter(Milter.Base):
 
     def _reset(self) -> None:
         self.tx: TxState | None = None
-        self.headers: list[tuple[str, bytes]] = []
+        self.headers: list[tuple[str | bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.size = 0
         self.truncated = False
 
-    def _ok(self, nr_bit: int) -> int:
-        return milter.NOREPLY if self.nr & nr_bit else milter.CONTINUE
+    # -- engine ------------------------------------------------------------------------------
+    def _macro(self, name: str) -> str:
+        raise NotImplementedError
 
-    # -- negotiation -----------------------------------------------------------------------
-    def negotiate(self, opts):
-        s = self.server.settings
-        live = self.live
-        offered_actions, offered_proto = opts[0], opts[1]
-        actions = offered_actions & WANTED_ACTIONS
-        if s.request_macros and offered_actions & milter.SETSYMLIST:
-            actions |= milter.SETSYMLIST
-        self._actions = actions
-        want = (milter.P_NOEOH | milter.P_NODATA | milter.P_NOUNKNOWN | milter.P_HDR_LEADSPC
-                | milter.P_NR_HDR | milter.P_NR_BODY)
-        for hook, bit in (("connect", milter.P_NR_CONN), ("helo", milter.P_NR_HELO),
-                          ("mail_from", milter.P_NR_MAIL), ("rcpt_to", milter.P_NR_RCPT)):
-            if not live[hook]:
-                want |= bit
-        proto = offered_proto & want
-        self._protocol = proto
-        self.nr = proto & (milter.P_NR_CONN | milter.P_NR_HELO | milter.P_NR_MAIL
-                           | milter.P_NR_RCPT | milter.P_NR_HDR | milter.P_NR_BODY)
-        self.leadspc = bool(proto & milter.P_HDR_LEADSPC)
-        if actions & milter.SETSYMLIST:
-            for stage, macros in REQUESTED_MACROS.items():
-                try:
-                    self._ctx.setsymlist(stage, macros)
-                except Exception:  # noqa: BLE001 - an MTA that refuses keeps its own lists
-                    log.debug("MTA refused macro list for stage %s", stage)
-        opts[0], opts[1], opts[2], opts[3] = actions, proto, 0, 0
-        return milter.CONTINUE
+    def _noreply(self):
+        """The answer to a step the MTA expects no reply to."""
+        raise NotImplementedError
 
-    # -- callbacks -------------------------------------------------------------------------
-    @_guard(milter.P_NR_CONN)
-    def connect(self, hostname, family, hostaddr):
+    def _continue(self):
+        raise NotImplementedError
+
+    def _early(self, coro, store: bool):
+        """Run an early pipeline phase now; a reject/tempfail verdict becomes the reply (and
+        with ``store`` ends the transaction)."""
+        raise NotImplementedError
+
+    def _reply_error(self, policy: str, reply: tuple[int, str, str] | None):
+        """Answer with the error policy: ``accept``, or ``reject``/``tempfail`` with reply."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def _ok(self, nr_bit: int):
+        return self._noreply() if self.nr & nr_bit else self._continue()
+
+    def _error(self, what: str):
         srv = self.server
-        srv.count("connections")
+        srv.count("errors")
+        policy = srv.settings.on_error
+        log.error("milter internal error (%s); applying [milter] on_error = %s", what, policy)
+        if policy == "accept":
+            return self._reply_error(policy, None)
+        return self._reply_error(policy, milter_actions.reply_of(ERROR_VERDICT[policy]))
+
+    def choose(self, offered_actions: int, offered_proto: int) -> tuple[int, int, bool]:
+        """Negotiation: from what the MTA offers, the actions and protocol steps filterd takes
+        (and whether to send it the macro lists we want)."""
+        s = self.server.settings
+        actions = offered_actions & WANTED_ACTIONS
+        symlist = bool(s.request_macros and offered_actions & P.F_SETSYMLIST)
+        if symlist:
+            actions |= P.F_SETSYMLIST
+        want = (P.P_NOEOH | P.P_NODATA | P.P_NOUNKNOWN | P.P_HDR_LEADSPC | P.P_NR_HDR
+                | P.P_NR_BODY)
+        for hook in EARLY_HOOKS:
+            if not self.live[hook]:
+                want |= NR_OF[hook]
+        proto = offered_proto & want
+        self.actions, self.nr = actions, proto & NR_ALL
+        self.leadspc = bool(proto & P.P_HDR_LEADSPC)
+        return actions, proto, symlist
+
+    def _read_tls(self) -> None:
+        v = self._macro("{tls_version}")
+        if v:
+            self.session.tls = True
+            self.session.tls_version = v
+            self.session.tls_cipher = self._macro("{cipher}")
+
+    @_guard(P.P_NR_CONN)
+    def connect(self, hostname: str, ip: str | None, port: int):
+        """``ip`` None: the client came over a unix socket or is unknown."""
+        self.server.count("connections")
         sess = self.session
-        if isinstance(hostaddr, tuple) and hostaddr:
-            sess.peer_ip = str(hostaddr[0])
-            sess.peer_port = int(hostaddr[1]) if len(hostaddr) > 1 else 0
-        elif family == "unix" or isinstance(hostaddr, str):
-            sess.peer_ip = "127.0.0.1"
+        sess.peer_ip = ip or "127.0.0.1"
+        if ip:
+            sess.peer_port = port
         if hostname and hostname != "unknown" and not hostname.startswith("["):
             sess.peer_name = hostname
         sess.local_ip = self._macro("{daemon_addr}")
@@ -403,21 +400,21 @@ class FilterdMilter(Milter.Base):
             pass
         sess.data["mta"] = self._macro("j")
         if self.live["connect"]:
-            return self._early(self.pipeline.connect(sess), milter.P_NR_CONN, store=False)
+            return self._early(self.pipeline.connect(sess), store=False)
         self.connect_pending = True
-        return self._ok(milter.P_NR_CONN)
+        return self._ok(P.P_NR_CONN)
 
-    @_guard(milter.P_NR_HELO)
+    @_guard(P.P_NR_HELO)
     def hello(self, heloname):
         self.session.helo = _text(heloname or "")
         self._read_tls()
         if self.live["helo"]:
             return self._early(self.pipeline.helo(self.session, self.session.helo),
-                               milter.P_NR_HELO, store=False)
+                               store=False)
         self.helo_pending = True
-        return self._ok(milter.P_NR_HELO)
+        return self._ok(P.P_NR_HELO)
 
-    @_guard(milter.P_NR_MAIL)
+    @_guard(P.P_NR_MAIL)
     def envfrom(self, sender, *params):
         self._reset()
         self.failure = ""
@@ -428,11 +425,10 @@ class FilterdMilter(Milter.Base):
         self.connect_pending = self.helo_pending = False
         if self.live["mail_from"] and self.pipeline.host.wants("mail_from", self.session):
             # a plugin may answer MAIL FROM for this client: the phases owed so far run first
-            return self._early(owed_phases(self.pipeline, tx, self.session), milter.P_NR_MAIL,
-                               store=True)
-        return self._ok(milter.P_NR_MAIL)
+            return self._early(owed_phases(self.pipeline, tx, self.session), store=True)
+        return self._ok(P.P_NR_MAIL)
 
-    @_guard(milter.P_NR_RCPT)
+    @_guard(P.P_NR_RCPT)
     def envrcpt(self, rcpt, *params):
         tx = self.tx
         if tx is None:  # RCPT without MAIL: the MTA would not do that
@@ -447,13 +443,13 @@ class FilterdMilter(Milter.Base):
             async def run():
                 v = await owed_phases(pipe, tx, self.session)
                 return v if v is not None else await pipe.rcpt_to(tx.ctx, addr, p)
-            return self._early(run(), milter.P_NR_RCPT, store=False)
+            return self._early(run(), store=False)
         # nothing to answer now: the phase runs at end of message, in order
         tx.pending_rcpts.append((addr, p))
-        return self._ok(milter.P_NR_RCPT)
+        return self._ok(P.P_NR_RCPT)
 
-    @_guard(milter.P_NR_HDR)
-    def header_bytes(self, name, value):
+    @_guard(P.P_NR_HDR)
+    def header_bytes(self, name, value: bytes):
         if self.tx is not None and not self.truncated:
             n = len(name) + len(value) + 4
             if self.size + n > self.server.settings.max_size:
@@ -461,10 +457,10 @@ class FilterdMilter(Milter.Base):
             else:
                 self.size += n
                 self.headers.append((name, value))
-        return self._ok(milter.P_NR_HDR)
+        return self._ok(P.P_NR_HDR)
 
-    @_guard(milter.P_NR_BODY)
-    def body(self, chunk):
+    @_guard(P.P_NR_BODY)
+    def body(self, chunk: bytes):
         if self.tx is not None and not self.truncated:
             room = self.server.settings.max_size - self.size
             if len(chunk) > room:
@@ -472,112 +468,71 @@ class FilterdMilter(Milter.Base):
                 self.truncated = True
             self.chunks.append(chunk)
             self.size += len(chunk)
-        return self._ok(milter.P_NR_BODY)
-
-    def eom(self):
-        srv = self.server
-        s = srv.settings
-        tx = self.tx
-        t0 = time.monotonic()
-        try:
-            if self.failure:
-                return self._error(self.failure, tx)
-            if tx is None:
-                raise RuntimeError("end of message without MAIL FROM")
-            queue_id = self._macro("i")
-            self._read_tls()
-            self.session.auth_user = self._macro("{auth_authen}") or self.session.auth_user
-            raw, headers = self._message()
-            p, result = srv.loop.run(
-                srv.end_of_message(self.pipeline, tx, self.session, raw, headers,
-                                   self.truncated), s.timeout)
-            rc = self._apply(p, tx)
-            srv.count("messages")
-            ctx = tx.ctx
-            if ctx is not None:
-                ctx.transaction.data["queue_id"] = queue_id
-            if p.quarantined and ctx is not None:
-                reason = (result.outcomes[p.quarantined[0]].verdict.reason
-                          if result is not None else "")
-                srv.loop.submit(srv.after_message(self.pipeline, ctx, p, reason))
-            if log.isEnabledFor(logging.INFO):
-                log.info("milter qid=%s id=%s from=<%s> rcpts=%d size=%d %s (%.1f ms)",
-                         queue_id or "-", ctx.transaction.id if ctx is not None else "-",
-                         tx.sender, len(tx.rcpt_raw), self.size, p.summary(),
-                         (time.monotonic() - t0) * 1000)
-            return rc
-        except FutureTimeout:
-            return self._error(f"pipeline did not finish within [milter] timeout "
-                               f"{s.timeout:g}s", tx)
-        except Exception as exc:  # noqa: BLE001 - never crash the milter thread
-            log.exception("milter end of message failed")
-            return self._error(f"{type(exc).__name__}: {exc}", tx)
-        finally:
-            self._reset()
-            self.failure = ""
+        return self._ok(P.P_NR_BODY)
 
     def abort(self):
         self._reset()
-        return milter.CONTINUE
+        self.failure = ""
+        return self._continue()
 
-    def close(self):
-        self._reset()
-        return milter.CONTINUE
+    # -- end of message pieces -----------------------------------------------------------------
+    def eom_input(self) -> tuple[str, bytes, list[tuple[str, str]]]:
+        """(queue id, the message as received, its headers) at end of message; raises when
+        the message cannot be scanned (the caller applies the error policy)."""
+        if self.tx is None:
+            raise RuntimeError("end of message without MAIL FROM")
+        queue_id = self._macro("i")
+        self._read_tls()
+        self.session.auth_user = self._macro("{auth_authen}") or self.session.auth_user
+        raw, headers = self._message()
+        return queue_id, raw, headers
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _macro(self, name: str) -> str:
-        try:
-            v = self._ctx.getsymval(name)
-        except Exception:  # noqa: BLE001
-            return ""
-        return v or ""
-
-    def _read_tls(self) -> None:
-        v = self._macro("{tls_version}")
-        if v:
-            self.session.tls = True
-            self.session.tls_version = v
-            self.session.tls_cipher = self._macro("{cipher}")
+    def eom_done(self, p: milter_actions.MilterPlan, result, queue_id: str, t0: float):
+        """Bookkeeping after the plan was applied: counters, queue id, quarantine events (a
+        coroutine returned for the engine to run on the loop, or None), the log line."""
+        srv = self.server
+        tx = self.tx
+        srv.count("messages")
+        ctx = tx.ctx
+        after = None
+        if ctx is not None:
+            ctx.transaction.data["queue_id"] = queue_id
+            if p.quarantined:
+                reason = (result.outcomes[p.quarantined[0]].verdict.reason
+                          if result is not None else "")
+                after = srv.after_message(self.pipeline, ctx, p, reason)
+        if log.isEnabledFor(logging.INFO):
+            log.info("milter qid=%s id=%s from=<%s> rcpts=%d size=%d %s (%.1f ms)",
+                     queue_id or "-", ctx.transaction.id if ctx is not None else "-",
+                     tx.sender, len(tx.rcpt_raw), self.size, p.summary(),
+                     (time.monotonic() - t0) * 1000)
+        return after
 
     def _message(self) -> tuple[bytes, list[tuple[str, str]]]:
         nl = b"\r\n"
+        sep = b":" if self.leadspc else b": "
         parts = []
         hdrs = []
         for name, value in self.headers:
             name_b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
             v = value.replace(b"\r\n", b"\n").replace(b"\n", nl)
-            sep = b":" if self.leadspc else b": "
             parts.append(name_b + sep + v + nl)
             hdrs.append((name_b.decode("utf-8", "surrogateescape"),
                          v.decode("utf-8", "surrogateescape")))
         return b"".join(parts) + nl + b"".join(self.chunks), hdrs
 
-    def _early(self, coro, nr_bit: int, store: bool) -> int:
-        """Run an early pipeline phase now and map a final verdict to a milter reply."""
-        srv = self.server
-        try:
-            v = srv.loop.run(coro, srv.settings.timeout)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("milter early phase failed")
-            return self._error(f"{type(exc).__name__}: {exc}", self.tx)
-        if v is None or v.action not in (Action.REJECT, Action.TEMPFAIL):
-            return milter.CONTINUE
-        if store and self.tx is not None:
-            self.tx.early = v
-        code, enh, text = milter_actions.reply_of(v)
-        self._ctx.setreply(str(code), enh, text)
-        return milter.REJECT if v.action is Action.REJECT else milter.TEMPFAIL
-
-    def _apply(self, p: milter_actions.MilterPlan, tx: TxState) -> int:
-        ctx = self._ctx
-        if p.result in ("reject", "tempfail"):
-            if p.reply:
-                code, enh, text = p.reply
-                ctx.setreply(str(code), enh, text)
-            return SMFI_CODE[p.result]
-        if p.result == "discard":
-            return milter.DISCARD
+    def operations(self, p: milter_actions.MilterPlan, tx: TxState):
+        """A "continue" plan as the milter operations that carry it out, in order:
+        ("delrcpt", rcpt), ("chgheader", name, index, value), ("insheader", name, value) at the
+        top, ("addheader", name, value) at the bottom, ("replbody", chunk),
+        ("quarantine", reason). Raises when the MTA did not allow one of them."""
         lead = " " if self.leadspc else ""
+
+        def need(flag: int, what: str) -> None:
+            if not self.actions & flag:
+                raise RuntimeError(f"the MTA did not allow the milter to {what} (negotiated "
+                                   f"actions 0x{self.actions:x})")
+
         for addr in p.delete_rcpts:
             raw_rcpt = tx.rcpt_raw.get(addr.lower())
             if raw_rcpt is None:
@@ -585,131 +540,29 @@ class FilterdMilter(Milter.Base):
                 # have it, and the MTA does its own alias expansion
                 log.info("milter: outcome for <%s> not applied: not an envelope recipient", addr)
                 continue
-            ctx.delrcpt(raw_rcpt)
+            need(P.F_DELRCPT, "remove recipients")
+            yield ("delrcpt", raw_rcpt)
         for name, idx, value in p.change_headers:
-            ctx.chgheader(name, idx, (lead + value) if value else "")
+            need(P.F_CHGHDRS, "change headers")
+            yield ("chgheader", name, idx, (lead + value) if value else "")
+        if p.add_headers:
+            need(P.F_ADDHDRS, "add headers")
         if self.server.settings.header_position == "top":
             for name, value in reversed(p.add_headers):
-                ctx.addheader(name, lead + value, 0)
+                yield ("insheader", name, lead + value)
         else:
             for name, value in p.add_headers:
-                ctx.addheader(name, lead + value, -1)
+                yield ("addheader", name, lead + value)
         if p.replace_body is not None:
+            need(P.F_CHGBODY, "replace the body")
             body = p.replace_body
             for i in range(0, len(body), 65535):
-                ctx.replacebody(body[i:i + 65535])
+                yield ("replbody", body[i:i + 65535])
             if not body:
-                ctx.replacebody(b"")
+                yield ("replbody", b"")
         if p.hold_reason:
-            ctx.quarantine(p.hold_reason)
-        return milter.CONTINUE
-
-    def _error(self, what: str, tx) -> int:
-        srv = self.server
-        srv.count("errors")
-        policy = srv.settings.on_error
-        log.error("milter internal error (%s); applying [milter] on_error = %s", what, policy)
-        if policy == "accept":
-            return milter.ACCEPT
-        v = ERROR_VERDICT[policy]
-        code, enh, text = milter_actions.reply_of(v)
-        try:
-            self._ctx.setreply(str(code), enh, text)
-        except Exception:  # noqa: BLE001
-            pass
-        return milter.TEMPFAIL if policy == "tempfail" else milter.REJECT
-
-
-# -- registration with libmilter ----------------------------------------------------------------
-def _negotiate(ctx, opts):
-    m = FilterdMilter(_SERVER)
-    m._setctx(ctx)
-    return m.negotiate(opts)
-
-
-def _connect(ctx, hostname, family, hostaddr):
-    m = ctx.getpriv()
-    if m is None:  # MTA without negotiation (milter protocol 2)
-        m = FilterdMilter(_SERVER)
-        m._setctx(ctx)
-    return m.connect(hostname, family, hostaddr)
-
-
-def _close(ctx):
-    m = ctx.getpriv()
-    if m is None:
-        return milter.CONTINUE
-    try:
-        return m.close()
-    finally:
-        m._setctx(None)
-
-
-def register(s: MilterSettings) -> None:
-    """Install the callbacks with libmilter (before opening the socket and forking workers).
-    The per-process :class:`MilterServer` is set in ``_SERVER`` before ``milter.main()``."""
-    milter.set_connect_callback(_connect)
-    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom(*b))
-    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt(*b))
-    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-    milter.set_close_callback(_close)
-    policy = {"tempfail": milter.TEMPFAIL, "reject": milter.REJECT,
-              "accept": milter.CONTINUE}[s.on_error]
-    milter.set_exception_policy(policy)
-    milter.setconn(s.listen)
-    milter.settimeout(int(s.io_timeout))
-    milter.setbacklog(s.backlog)
-    milter.set_flags(WANTED_ACTIONS | milter.SETSYMLIST)
-    milter.register(s.name, negotiate=_negotiate)
-
-
-def open_socket(settings: MilterSettings) -> None:
-    try:
-        milter.opensocket(True)
-    except milter.error as exc:
-        raise OSError(f"milter: cannot listen on {settings.listen!r} ([milter] listen): {exc}; "
-                      "is another process using it?") from exc
-    if settings.listen.startswith(("unix:", "local:")):
-        path = settings.listen.split(":", 1)[1]
-        try:
-            os.chmod(path, settings.socket_mode)
-        except OSError as exc:
-            log.warning("milter: cannot chmod %s: %s", path, exc)
-    else:
-        set_nodelay(settings.listen)
-
-
-def set_nodelay(spec: str) -> None:
-    """TCP_NODELAY on libmilter's listening socket (Linux hands it on to every accepted
-    connection). libmilter never sets it, and at end of message a milter writes several small
-    packets in a row (header changes, then the reply): with Nagle's algorithm each one after the
-    first waits for the MTA's delayed ACK, up to 40 ms per message. libmilter does not expose the
-    socket, so it is found among our descriptors by its listening port (``spec`` is
-    ``inet:PORT@HOST``; bench/milter_bench.py's null milter uses it too)."""
-    import socket as so
-
-    port = int(spec.split(":", 1)[1].split("@", 1)[0])
-    for fd in sorted(int(x) for x in os.listdir("/proc/self/fd")) if os.path.isdir(
-            "/proc/self/fd") else range(3, 256):
-        try:
-            s = so.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        try:
-            if s.type == so.SOCK_STREAM and s.family in (so.AF_INET, so.AF_INET6) and \
-                    s.getsockname()[1] == port and s.getsockopt(so.SOL_SOCKET, so.SO_ACCEPTCONN):
-                s.setsockopt(so.IPPROTO_TCP, so.TCP_NODELAY, 1)
-                return
-        except OSError:
-            pass
-        finally:
-            s.close()
-    log.warning("milter: listening socket for %s not found; TCP_NODELAY not set (replies to the "
-                "MTA may wait for delayed ACKs)", spec)
+            need(P.F_QUARANTINE, "quarantine (hold) the message")
+            yield ("quarantine", p.hold_reason)
 
 
 def check_listen(spec: str) -> str:
@@ -731,35 +584,6 @@ def check_listen(spec: str) -> str:
     return spec
 
 
-# -- running ------------------------------------------------------------------------------------
-def _serve_one(settings: MilterSettings, config_path, overrides, use_default_path: bool) -> int:
-    """One milter process: own loop thread and pipeline, libmilter's main loop in this thread."""
-    from ..pipeline import Pipeline
-
-    if settings.switch_interval > 0:
-        sys.setswitchinterval(settings.switch_interval)
-    loop = LoopThread().start()
-    try:
-        pipeline = loop.run(Pipeline.create(config_path, overrides, use_default_path))
-    except Exception:
-        loop.stop()
-        raise
-    server = MilterServer(settings, pipeline, loop)
-    global _SERVER
-    _SERVER = server
-    log.info("milter pid %d ready on %s (early phases waiting for plugins: %s)", os.getpid(),
-             settings.listen, ",".join(h for h, v in server.live.items() if v) or "none")
-    try:
-        rc = milter.main()
-    finally:
-        try:
-            loop.run(pipeline.close(), 30)
-        except Exception:  # noqa: BLE001
-            log.exception("pipeline shutdown failed")
-        loop.stop()
-    return 0 if rc in (None, 0) else 1
-
-
 def run_milter(config, config_path=None, overrides=(), listen: str | None = None,
                workers: int | None = None, use_default_path: bool = True) -> int:
     """Blocking: run the milter (``filterd milter``). With several workers the listening socket
@@ -773,15 +597,28 @@ def run_milter(config, config_path=None, overrides=(), listen: str | None = None
                                          "no milter socket configured: set [milter] listen or "
                                          "pass --listen inet:PORT@HOST")])
     check_listen(settings.listen)
-    register(settings)
-    open_socket(settings)
+    if settings.engine == "native":
+        from . import native
+
+        sock = native.listen_socket(settings)
+
+        def serve() -> int:
+            return native.serve_one(settings, sock, config_path, overrides, use_default_path)
+    else:
+        from . import libmilter
+
+        libmilter.register(settings)
+        libmilter.open_socket(settings)
+
+        def serve() -> int:
+            return libmilter.serve_one(settings, config_path, overrides, use_default_path)
     print(f"filterd: ready: milter on {settings.listen}", file=sys.stderr, flush=True)
     if settings.workers <= 1:
         try:
-            return _serve_one(settings, config_path, overrides, use_default_path)
+            return serve()
         finally:
             _remove_socket(settings)
-    return _supervise(settings, config_path, overrides, use_default_path)
+    return _supervise(settings, serve)
 
 
 def _remove_socket(settings: MilterSettings) -> None:
@@ -792,7 +629,9 @@ def _remove_socket(settings: MilterSettings) -> None:
             pass
 
 
-def _supervise(settings, config_path, overrides, use_default_path) -> int:
+def _supervise(settings: MilterSettings, serve) -> int:
+    """Fork ``settings.workers`` processes that each run ``serve()`` on the socket opened
+    before; restart one that dies, forward SIGTERM/SIGINT/SIGHUP."""
     children: dict[int, int] = {}
     stopping = False
 
@@ -803,7 +642,7 @@ def _supervise(settings, config_path, overrides, use_default_path) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = _serve_one(settings, config_path, overrides, use_default_path)
+                code = serve()
             except BaseException:  # noqa: BLE001
                 log.exception("milter worker %d failed", os.getpid())
             finally:
@@ -860,26 +699,29 @@ def swap_pipeline(pipeline) -> None:
 
 async def run_milter_from_config(config, pipeline, listen: str | None = None) -> None:
     """Run the milter inside an already running asyncio program (``filterd serve``), on THIS
-    loop and with THIS pipeline, until cancelled or until libmilter stops. One process:
-    ``[milter] workers`` applies to ``filterd milter`` only; libmilter can run once per process.
+    loop and with THIS pipeline, until cancelled (or, with the pymilter engine, until libmilter
+    stops). One process: ``[milter] workers`` applies to ``filterd milter`` only.
     Returns at once when no milter socket is configured (``[milter] listen`` = "" and no
     ``listen`` argument). Prints ``filterd: ready: milter on SPEC`` to stderr when listening."""
+    global _SERVER
     settings = MilterSettings.from_config(config, listen, 1)
     if not settings.listen:
         return
     check_listen(settings.listen)
-    loop = LoopThread(asyncio.get_running_loop())
-    global _SERVER
-    _SERVER = MilterServer(settings, pipeline, loop)
-    register(settings)
-    open_socket(settings)
-    print(f"filterd: ready: milter on {settings.listen}", file=sys.stderr, flush=True)
-    done = asyncio.get_running_loop().run_in_executor(None, milter.main)
-    try:
-        await asyncio.shield(done)
-    except asyncio.CancelledError:
-        milter.stop()
-        await done
-        raise
-    finally:
-        _remove_socket(settings)
+    if settings.engine == "native":
+        from . import native
+
+        sock = native.listen_socket(settings)
+        _SERVER = MilterServer(settings, pipeline, None)
+        listener = await native.Listener(_SERVER, sock).start()
+        print(f"filterd: ready: milter on {settings.listen}", file=sys.stderr, flush=True)
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            listener.close()
+            _remove_socket(settings)
+        return
+    from . import libmilter
+
+    _SERVER = MilterServer(settings, pipeline, libmilter.LoopThread(asyncio.get_running_loop()))
+    await libmilter.serve_in_loop(_SERVER)

@@ -1,0 +1,185 @@
+"""filterd's own milter protocol code (filterd/milter/protocol.py) and the native engine's I/O.
+
+The behaviour both engines share (verdicts, actions, bad input, Postfix end to end) is tested
+once per engine in test_milter_badinput.py and test_milter_postfix.py; here is what only the
+native engine has: its framing, its ordering of commands that arrive while the pipeline works,
+and its idle timeout."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from conftest import GTUBE
+from milter_client import NR_FOR, SKIP_FOR, MilterClient
+from milter_support import FilterdMilterProc
+
+from filterd.milter import protocol as P
+
+CLEAN_HEADERS = [("From", "Alice <alice@example.com>"), ("To", "bob@example.org"),
+                 ("Subject", "hello"), ("Message-ID", "<native-1@example.com>")]
+FINAL = (b"a", b"c", b"r", b"t", b"d", b"y")
+
+
+# -- the codec --------------------------------------------------------------------------------
+def test_reply_code_is_libmilters_single_and_multi_line_reply():
+    assert P.reply_code(550, "5.7.1", "Message rejected as spam") == P.packet(
+        b"y", b"550 5.7.1 Message rejected as spam\0")
+    assert P.reply_code(451, "4.3.0", "first\nsecond") == P.packet(
+        b"y", b"451-4.3.0 first\r\n451 4.3.0 second\0")
+    assert P.reply_code(550, "", "no enhanced code") == P.packet(b"y", b"550 no enhanced code\0")
+
+
+def test_connect_and_macro_packets_are_parsed():
+    v4 = b"mx.example\0" + b"4" + struct.pack("!H", 2525) + b"192.0.2.1\0"
+    assert P.parse_connect(v4) == ("mx.example", "4", 2525, "192.0.2.1")
+    v6 = b"[2001:db8::1]\0" + b"6" + struct.pack("!H", 25) + b"2001:db8::1\0"
+    assert P.parse_connect(v6) == ("[2001:db8::1]", "6", 25, "2001:db8::1")
+    assert P.parse_connect(b"localhost\0U/run/sock\0")[1:] == ("U", 0, "/run/sock")
+    assert P.parse_connect(b"unknown\0")[1] == "U"
+    assert P.parse_macros(b"Mi\0ABC123\0{auth_authen}\0alice\0") == (
+        b"M", {"i": "ABC123", "auth_authen": "alice"})
+    assert P.optneg_reply(1, 2, {P.M_EOM: "i"}) == P.packet(
+        b"O", struct.pack("!IIII", 6, 1, 2, P.M_EOM) + b"i\0")
+
+
+class Recorder(P.MilterConnection):
+    """Records what the framing dispatches; a fake transport collects what it writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.out = b""
+        self.aborted = False
+
+        class T:
+            def write(t, data):
+                self.out += data
+
+            def close(t):
+                self.aborted = True
+
+            def get_extra_info(t, name):
+                return None
+
+        self.connection_made(T())
+
+    def on_header(self, data):
+        self.calls.append(("L", data))
+
+    def on_body(self, data):
+        self.calls.append(("B", data))
+
+
+def stream() -> bytes:
+    return (P.packet(b"L", b"Subject\0 hi\0") + P.packet(b"B", b"x" * 70000)
+            + P.packet(b"L", b"To\0 bob\0"))
+
+
+def test_packets_split_anywhere_are_dispatched_whole_and_in_order():
+    whole = Recorder()
+    whole.data_received(stream())
+    bytewise = Recorder()
+    for i in range(len(stream())):
+        bytewise.data_received(stream()[i:i + 1])
+    assert whole.calls == bytewise.calls == [("L", b"Subject\0 hi\0"), ("B", b"x" * 70000),
+                                             ("L", b"To\0 bob\0")]
+    assert not bytewise.buf and not bytewise.aborted
+
+
+@pytest.mark.parametrize("garbage", [b"\0\0\0\0", b"\xff\xff\xff\xffL", P.packet(b"Z", b"?")],
+                         ids=["zero-length", "huge-length", "unknown-command"])
+def test_a_packet_that_is_not_the_milter_protocol_closes_the_connection(garbage):
+    r = Recorder()
+    r.data_received(P.packet(b"L", b"Subject\0 ok\0") + garbage + P.packet(b"L", b"X\0 y\0"))
+    assert r.calls == [("L", b"Subject\0 ok\0")]
+    assert r.aborted and r.closed
+
+
+# -- the native engine end to end ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def native_milter():
+    m = FilterdMilterProc("spam_headers.add=always", engine="native")
+    yield m
+    m.stop()
+
+
+def encode(cmd: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("!I", len(data) + 1) + cmd + data
+
+
+def transaction(sender: str, body: bytes) -> list[tuple[bytes, bytes]]:
+    cmds = [(b"M", f"<{sender}>".encode() + b"\0"), (b"R", b"<bob@example.org>\0")]
+    cmds += [(b"L", n.encode() + b"\0 " + v.encode() + b"\0") for n, v in CLEAN_HEADERS]
+    return cmds + [(b"N", b""), (b"B", body), (b"E", b"")]
+
+
+def replies_in_order(c: MilterClient, cmds) -> list[list[tuple[bytes, bytes]]]:
+    """The replies to ``cmds`` (sent already), grouped per command that gets one."""
+    out = []
+    for cmd, _ in cmds:
+        if cmd in SKIP_FOR and c.protocol & SKIP_FOR[cmd] or cmd in NR_FOR and \
+                c.protocol & NR_FOR[cmd] or cmd in (b"D", b"Q"):
+            continue
+        group = [c.read()]
+        while cmd == b"E" and group[-1][0] not in FINAL:
+            group.append(c.read())
+        out.append(group)
+    return out
+
+
+def test_commands_sent_ahead_wait_for_the_message_before_them(native_milter):
+    """An MTA (or a hostile client) may write the next transaction before filterd answered the
+    previous end of message: it must be read only after that answer, in order, so each message
+    gets its own verdict."""
+    c = MilterClient(native_milter.port)
+    c.negotiate()
+    cmds = [(b"C", b"client.example\0" + b"4" + struct.pack("!H", 4321) + b"192.0.2.10\0"),
+            (b"H", b"client.example\0")]
+    cmds += transaction("spammer@example.com", f"{GTUBE}\r\n".encode())
+    cmds += transaction("alice@example.com", b"A clean body.\r\n")
+    c.sock.sendall(b"".join(encode(cmd, data) for cmd, data in cmds
+                            if not (cmd in SKIP_FOR and c.protocol & SKIP_FOR[cmd])))
+    groups = replies_in_order(c, cmds)
+    c.quit()
+    eoms = [g for g in groups if len(g) > 1 or g[0][0] not in (b"c",)]
+    assert eoms[0][-1][0] == b"y" and eoms[0][-1][1].startswith(b"550 5.7.1"), groups
+    assert eoms[1][-1][0] == b"c" and any(cmd == b"i" for cmd, _ in eoms[1]), groups
+
+
+class Trickle(MilterClient):
+    """Writes every packet one byte per segment, as a very slow network would deliver it."""
+
+    def send(self, cmd: bytes, data: bytes = b"") -> None:
+        for b in encode(cmd, data):
+            self.sock.sendall(bytes([b]))
+
+
+def test_a_session_written_one_byte_at_a_time_gets_the_same_answer(native_milter):
+    c = Trickle(native_milter.port)
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.negotiate()
+    replies = c.message("spammer@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                        f"{GTUBE}\r\n".encode())
+    c.quit()
+    assert replies[-1][0] == b"y" and replies[-1][1].startswith(b"550 5.7.1"), replies
+
+
+def test_a_silent_mta_connection_is_closed_after_io_timeout():
+    m = FilterdMilterProc("milter.io_timeout=1s", engine="native")
+    try:
+        c = MilterClient(m.port, timeout=20)
+        c.negotiate()
+        t0 = time.monotonic()
+        assert c.sock.recv(1) == b""  # closed by filterd, not by our own timeout
+        assert time.monotonic() - t0 < 19
+        assert "io_timeout" in m.log()
+        others = MilterClient(m.port)  # the milter itself goes on
+        others.negotiate()
+        replies = others.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                                 b"Still here.\r\n")
+        others.quit()
+        assert replies[-1][0] == b"c", replies
+    finally:
+        m.stop()
