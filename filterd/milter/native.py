@@ -133,7 +133,8 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
         # as libmilter: an MTA that names no actions or steps offers those of protocol 1
         actions, proto, symlist = self.choose(offered_actions or P.V1_ACTIONS,
                                               offered_proto or P.V1_PROTOCOL)
-        self.send(P.optneg_reply(actions, proto, REQUESTED_MACROS if symlist else None))
+        self.send(P.optneg_reply(actions, proto, REQUESTED_MACROS if symlist and version >= 6
+                                 else None, version))
 
     def on_macro(self, data: bytes) -> None:
         stage, values = P.parse_macros(data)

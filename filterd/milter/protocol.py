@@ -71,8 +71,11 @@ def cstrings(data: bytes) -> list[bytes]:
     return data.split(b"\0") if data else []
 
 
-def optneg_reply(actions: int, protocol: int, macros: dict[int, str] | None = None) -> bytes:
-    body = OPTNEG.pack(VERSION, actions, protocol)
+def optneg_reply(actions: int, protocol: int, macros: dict[int, str] | None = None,
+                 version: int = VERSION) -> bytes:
+    """The negotiation reply: our version (never above the MTA's), the actions and protocol
+    steps we take, and the macro lists we want per stage (protocol 6)."""
+    body = OPTNEG.pack(min(version, VERSION), actions, protocol)
     for stage, names in (macros or {}).items():
         body += _LEN.pack(stage) + names.encode() + b"\0"
     return packet(C_OPTNEG, body)
