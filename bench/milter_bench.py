@@ -120,7 +120,6 @@ import asyncio, os, socket, sys
 from filterd.milter import protocol as P
 
 port, workers = int(sys.argv[1]), int(sys.argv[2])
-QUICK = os.environ.get("QUICKACK", "1") == "1"  # as filterd's native engine does
 NR = P.P_NR_CONN | P.P_NR_HELO | P.P_NR_MAIL | P.P_NR_RCPT | P.P_NR_HDR | P.P_NR_BODY
 WANT = NR | P.P_NOEOH | P.P_NODATA | P.P_NOUNKNOWN | P.P_HDR_LEADSPC
 EOM = (P.header_packet(P.R_INSHEADER, "X-Null", " 1", 0) + P.packet(P.R_CONTINUE))
@@ -128,17 +127,7 @@ EOM = (P.header_packet(P.R_INSHEADER, "X-Null", " 1", 0) + P.packet(P.R_CONTINUE
 
 class Null(P.MilterConnection):
     # takes the headers and body without replying (as filterd negotiates) and adds one header;
-    # asks for immediate ACKs as filterd's native engine does (QUICKACK=0 in the environment:
-    # not, to see what they are worth)
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self.sock = transport.get_extra_info("socket")
-
-    def data_received(self, data):
-        if QUICK:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        super().data_received(data)
-
+    # ACKs what it does not answer at once, as filterd's native engine (protocol.MilterConnection)
     def on_optneg(self, data):
         self.headers, self.chunks = [], []
         v, actions, proto = P.OPTNEG.unpack_from(data)

@@ -240,8 +240,9 @@ class PluginHost:
 
         A plugin answers through an optional ``wants(hook, session, address)`` method (see
         docs/hooks.md, "Answering early only when needed"); a plugin without one always wants
-        its hooks. ``wants`` runs outside the event loop (in a milter thread): it may only read
-        its configuration and the session, never await or change state."""
+        its hooks. ``wants`` is called synchronously from the milter's protocol handling (on the
+        event loop, or in a libmilter thread with the pymilter engine): it may only read its
+        configuration and the session, never await, block or change state."""
         for impl in self.impls(hook):
             fn = getattr(impl.plugin, "wants", None)
             if fn is None:

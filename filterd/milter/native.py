@@ -31,7 +31,6 @@ log = logging.getLogger("filterd.milter")
 MACRO_STAGES = (P.C_BODYEOB, P.C_EOH, P.C_DATA, P.C_RCPT, P.C_MAIL, P.C_HELO, P.C_CONNECT)
 TX_STAGES = (P.C_RCPT, P.C_DATA, P.C_EOH, P.C_BODYEOB)  # forgotten at each new MAIL
 
-QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 CONTINUE = P.packet(P.R_CONTINUE)
 PLAIN = {"accept": P.packet(P.R_ACCEPT), "reject": P.packet(P.R_REJECT),
          "tempfail": P.packet(P.R_TEMPFAIL), "discard": P.packet(P.R_DISCARD)}
@@ -65,22 +64,12 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
     # -- asyncio.Protocol: the Listener's registry and idle time -----------------------------
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        # Postfix writes the commands it expects no reply to as separate small packets
-        # without TCP_NODELAY, so Nagle's algorithm holds each one until our kernel ACKs the
-        # one before, which it delays (up to 40 ms). Asking for an immediate ACK after every
-        # read (Linux resets the mode itself) took a null milter behind Postfix from 410 to
-        # 540 msg/s at 20 sessions here (bench/milter_bench.py --native-floor).
-        sock = transport.get_extra_info("socket")
-        self.quickack = sock if (QUICKACK and sock is not None
-                                 and sock.family != socket.AF_UNIX) else None
         self.last_seen = asyncio.get_running_loop().time()
         if self.registry is not None:
             self.registry.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = asyncio.get_running_loop().time()
-        if self.quickack is not None:
-            self.quickack.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         super().data_received(data)
 
     def connection_lost(self, exc) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 
 log = logging.getLogger("filterd.milter")
@@ -51,6 +52,8 @@ V1_PROTOCOL = P_NOCONNECT | P_NOHELO | P_NOMAIL | P_NORCPT | P_NOBODY | P_NOHDRS
 
 # macro stages for the symbol lists sent with the negotiation reply (SMFIM_*)
 M_CONNECT, M_HELO, M_ENVFROM, M_ENVRCPT, M_DATA, M_EOM, M_EOH = range(7)
+
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 _LEN = struct.Struct(">I")
 OPTNEG = struct.Struct(">III")
@@ -145,15 +148,30 @@ class MilterConnection(asyncio.Protocol):
         self.closed = False
         self.waiting: asyncio.Future | None = None  # a handler's coroutine still running
         self._handlers = {c: getattr(self, n) for c, n in self.HANDLERS.items()}
+        self._ack_sock = None
+        self._answered = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if QUICKACK is not None and sock is not None and sock.family != socket.AF_UNIX:
+            self._ack_sock = sock
 
     def data_received(self, data: bytes) -> None:
+        self._answered = False
         self.buf += data
         if self.waiting is None:
             self._drain()
+        if self._ack_sock is not None and not self._answered and self.waiting is None \
+                and not self.closed:
+            # The MTA writes the commands it expects no reply to (macros, headers, body ...)
+            # as separate small packets without TCP_NODELAY, so Nagle's algorithm holds each
+            # one until our kernel ACKs the one before, which it delays by up to 40 ms when no
+            # reply of ours carries the ACK. So when we answered nothing, ACK at once (Linux
+            # sends a pending ACK when TCP_QUICKACK is set). A null milter behind Postfix went
+            # from 410 to 540 msg/s at 20 sessions here (bench/milter_bench.py --native-floor).
+            self._ack_sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -203,6 +221,7 @@ class MilterConnection(asyncio.Protocol):
     # -- helpers --------------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
+            self._answered = True
             self.transport.write(data)
 
     def close(self) -> None:
