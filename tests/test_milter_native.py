@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import GTUBE
-from milter_client import NR_FOR, SKIP_FOR, MilterClient
+from milter_client import ALL_ACTIONS, ALL_PROTO, NR_FOR, SKIP_FOR, MilterClient
 from milter_support import FilterdMilterProc
 
 from filterd.milter import protocol as P
@@ -183,3 +183,31 @@ def test_a_silent_mta_connection_is_closed_after_io_timeout():
         assert replies[-1][0] == b"c", replies
     finally:
         m.stop()
+
+
+def test_a_body_chunk_riding_on_end_of_message_is_scanned_and_gets_one_answer(native_milter):
+    """The protocol allows the last body chunk inside SMFIC_BODYEOB; it is part of the message,
+    and the MTA gets exactly one answer (a second one would desynchronise the connection)."""
+    c = MilterClient(native_milter.port)
+    # an MTA without "no reply" for body chunks: a chunk in a B packet would be answered
+    c.send(b"O", struct.pack("!III", 6, ALL_ACTIONS, ALL_PROTO & ~P.P_NR_BODY))
+    _, data = c.read()
+    _, c.actions, c.protocol = struct.unpack("!III", data[:12])
+    assert not c.protocol & P.P_NR_BODY
+    c.connect()
+    c.helo()
+    c.mail("spammer@example.com")
+    c.rcpt("bob@example.org")
+    for n, v in CLEAN_HEADERS:
+        c.header(n, v)
+    c.eoh()
+    c.send(b"E", f"{GTUBE}\r\n".encode())
+    replies = [c.read()]
+    while replies[-1][0] not in FINAL:
+        replies.append(c.read())
+    assert replies[-1][0] == b"y" and replies[-1][1].startswith(b"550 5.7.1"), replies
+    c.send(b"A")  # abort: no answer; the connection must still be in step
+    replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS,
+                        b"A clean body.\r\n")
+    c.quit()
+    assert replies[-1][0] == b"c", replies

@@ -140,9 +140,12 @@ class FilterdMilter(MilterSession, Milter.Base):
                 srv.end_of_message(self.pipeline, self.tx, self.session, raw, headers,
                                    self.truncated), s.timeout)
             rc = self._apply(p)
-            after = self.eom_done(p, result, queue_id, t0)
-            if after is not None:
-                srv.loop.submit(after)
+            try:  # bookkeeping only: the answer is rc whatever happens here
+                after = self.eom_done(p, result, queue_id, t0)
+                if after is not None:
+                    srv.loop.submit(after)
+            except Exception:  # noqa: BLE001
+                log.exception("milter: bookkeeping after end of message failed")
             return rc
         except FutureTimeout:
             return self._error(f"pipeline did not finish within [milter] timeout "

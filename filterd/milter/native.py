@@ -163,8 +163,8 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
     on_data = on_unknown = on_eoh
 
     def on_eom(self, data: bytes):
-        if data:  # the last body chunk may ride on end of message
-            self.body(data)
+        if data:  # the last body chunk may ride on end of message (it gets no answer of its own)
+            self.keep_body(data)
         return self._end_of_message()
 
     def on_abort(self, data: bytes) -> None:
@@ -192,9 +192,6 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
                 srv.end_of_message(self.pipeline, self.tx, self.session, raw, headers,
                                    self.truncated), s.timeout)
             self.send(self._encode(p))
-            after = self.eom_done(p, result, queue_id, t0)
-            if after is not None:
-                asyncio.ensure_future(after)
         except asyncio.TimeoutError:
             self._error(f"pipeline did not finish within [milter] timeout {s.timeout:g}s")
         except asyncio.CancelledError:
@@ -202,6 +199,13 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
         except Exception as exc:  # noqa: BLE001 - never crash the connection
             log.exception("milter end of message failed")
             self._error(f"{type(exc).__name__}: {exc}")
+        else:  # answered: the bookkeeping must not answer a second time
+            try:
+                after = self.eom_done(p, result, queue_id, t0)
+                if after is not None:
+                    asyncio.ensure_future(after)
+            except Exception:  # noqa: BLE001
+                log.exception("milter: bookkeeping after end of message failed")
         finally:
             self._reset()
             self.failure = ""

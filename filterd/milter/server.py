@@ -461,6 +461,11 @@ class MilterSession:
 
     @_guard(P.P_NR_BODY)
     def body(self, chunk: bytes):
+        self.keep_body(chunk)
+        return self._ok(P.P_NR_BODY)
+
+    def keep_body(self, chunk: bytes) -> None:
+        """Store a body chunk, up to ``[milter] max_size`` (no answer: see :meth:`body`)."""
         if self.tx is not None and not self.truncated:
             room = self.server.settings.max_size - self.size
             if len(chunk) > room:
@@ -468,7 +473,6 @@ class MilterSession:
                 self.truncated = True
             self.chunks.append(chunk)
             self.size += len(chunk)
-        return self._ok(P.P_NR_BODY)
 
     def abort(self):
         self._reset()
