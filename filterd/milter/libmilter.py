@@ -93,11 +93,10 @@ class FilterdMilter(MilterSession, Milter.Base):
         except Exception as exc:  # noqa: BLE001
             log.exception("milter early phase failed")
             return self._error(f"{type(exc).__name__}: {exc}")
-        if v is None or v.action not in (Action.REJECT, Action.TEMPFAIL):
+        reply = self._early_refusal(v, store)
+        if reply is None:
             return milter.CONTINUE
-        if store and self.tx is not None:
-            self.tx.early = v
-        code, enh, text = milter_actions.reply_of(v)
+        code, enh, text = reply
         self._ctx.setreply(str(code), enh, text)
         return milter.REJECT if v.action is Action.REJECT else milter.TEMPFAIL
 
@@ -155,7 +154,6 @@ class FilterdMilter(MilterSession, Milter.Base):
             return self._error(f"{type(exc).__name__}: {exc}")
         finally:
             self._reset()
-            self.failure = ""
 
     def close(self):
         self._reset()

@@ -20,7 +20,6 @@ import sys
 import time
 
 from ..model import Session
-from ..verdict import Action
 from . import actions as milter_actions
 from . import protocol as P
 from .server import REQUESTED_MACROS, MilterServer, MilterSession, MilterSettings
@@ -92,22 +91,16 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
     def _continue(self) -> None:
         self.send(CONTINUE)
 
-    def _early(self, coro, store: bool):
-        return self._early_step(coro, store)
-
-    async def _early_step(self, coro, store: bool) -> None:
+    async def _early(self, coro, store: bool) -> None:
+        """A coroutine: the framing waits for it before reading the next command."""
         try:
             v = await asyncio.wait_for(coro, self.server.settings.timeout)
         except Exception as exc:  # noqa: BLE001
             log.exception("milter early phase failed")
             self._error(f"{type(exc).__name__}: {exc}")
             return
-        if v is None or v.action not in (Action.REJECT, Action.TEMPFAIL):
-            self.send(CONTINUE)
-            return
-        if store and self.tx is not None:
-            self.tx.early = v
-        self.send(P.reply_code(*milter_actions.reply_of(v)))
+        reply = self._early_refusal(v, store)
+        self.send(CONTINUE if reply is None else P.reply_code(*reply))
 
     def _reply_error(self, policy: str, reply) -> None:
         self.send(P.reply_code(*reply) if reply is not None else PLAIN[policy])
@@ -167,16 +160,14 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
             self.keep_body(data)
         return self._end_of_message()
 
-    def on_abort(self, data: bytes) -> None:
+    def on_abort(self, data: bytes) -> None:  # no answer (MilterSession.abort would give one)
         self._reset()
-        self.failure = ""
 
     def on_quit_nc(self, data: bytes) -> None:
         """The MTA reuses this connection for its next client: start afresh, negotiation kept."""
         self.session = Session(front_door="milter")
         self.macros = {}
         self.connect_pending = self.helo_pending = False
-        self.failure = ""
         self._reset()
 
     async def _end_of_message(self) -> None:
@@ -208,7 +199,6 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
                 log.exception("milter: bookkeeping after end of message failed")
         finally:
             self._reset()
-            self.failure = ""
             self.macros.pop(P.C_BODYEOB, None)
 
     def _encode(self, p: milter_actions.MilterPlan) -> bytes:

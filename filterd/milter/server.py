@@ -315,10 +315,11 @@ class MilterSession:
         self.leadspc = False
         self.connect_pending = False
         self.helo_pending = False
-        self.failure = ""
         self._reset()
 
     def _reset(self) -> None:
+        """Forget the transaction: envelope, message so far, and a callback failure in it."""
+        self.failure = ""
         self.tx: TxState | None = None
         self.headers: list[tuple[str | bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -348,6 +349,15 @@ class MilterSession:
     # -- shared ------------------------------------------------------------------------------
     def _ok(self, nr_bit: int):
         return self._noreply() if self.nr & nr_bit else self._continue()
+
+    def _early_refusal(self, v: Verdict | None, store: bool):
+        """The (code, enhanced, text) an early phase's verdict ``v`` refuses the step with, or
+        None when it lets the step go on; with ``store`` a refusal ends the transaction."""
+        if v is None or v.action not in (Action.REJECT, Action.TEMPFAIL):
+            return None
+        if store and self.tx is not None:
+            self.tx.early = v
+        return milter_actions.reply_of(v)
 
     def _error(self, what: str):
         srv = self.server
@@ -417,7 +427,6 @@ class MilterSession:
     @_guard(P.P_NR_MAIL)
     def envfrom(self, sender, *params):
         self._reset()
-        self.failure = ""
         self._read_tls()
         self.session.auth_user = self._macro("{auth_authen}") or self.session.auth_user
         tx = self.tx = TxState(sender=_strip_angle(sender), mail_params=_params(params))
@@ -476,7 +485,6 @@ class MilterSession:
 
     def abort(self):
         self._reset()
-        self.failure = ""
         return self._continue()
 
     # -- end of message pieces -----------------------------------------------------------------
