@@ -116,8 +116,10 @@ Milter.runmilter("null", f"inet:{port}@127.0.0.1", 60)
 
 
 NATIVE_NULL_MILTER = """
-import asyncio, os, socket, sys
+import asyncio, os, sys
 from filterd.milter import protocol as P
+from filterd.milter.native import listen_socket
+from filterd.milter.server import MilterSettings
 
 port, workers = int(sys.argv[1]), int(sys.argv[2])
 NR = P.P_NR_CONN | P.P_NR_HELO | P.P_NR_MAIL | P.P_NR_RCPT | P.P_NR_HDR | P.P_NR_BODY
@@ -149,20 +151,15 @@ class Null(P.MilterConnection):
         self.send(EOM)
 
 
-sock = socket.socket()
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind(("127.0.0.1", port))
-sock.listen(128)
+# the listening socket as filterd's native engine opens it (TCP_NODELAY included)
+sock = listen_socket(MilterSettings(listen=f"inet:{port}@127.0.0.1"))
 for _ in range(workers - 1):
     if os.fork() == 0:
         break
 
 
 async def main():
-    loop = asyncio.get_running_loop()
-    srv = await loop.create_server(Null, sock=sock)
-    for s in srv.sockets:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await asyncio.get_running_loop().create_server(Null, sock=sock)
     await asyncio.Event().wait()
 
 asyncio.run(main())

@@ -105,10 +105,6 @@ def native_milter():
     m.stop()
 
 
-def encode(cmd: bytes, data: bytes = b"") -> bytes:
-    return struct.pack("!I", len(data) + 1) + cmd + data
-
-
 def transaction(sender: str, body: bytes) -> list[tuple[bytes, bytes]]:
     cmds = [(b"M", f"<{sender}>".encode() + b"\0"), (b"R", b"<bob@example.org>\0")]
     cmds += [(b"L", n.encode() + b"\0 " + v.encode() + b"\0") for n, v in CLEAN_HEADERS]
@@ -139,7 +135,7 @@ def test_commands_sent_ahead_wait_for_the_message_before_them(native_milter):
             (b"H", b"client.example\0")]
     cmds += transaction("spammer@example.com", f"{GTUBE}\r\n".encode())
     cmds += transaction("alice@example.com", b"A clean body.\r\n")
-    c.sock.sendall(b"".join(encode(cmd, data) for cmd, data in cmds
+    c.sock.sendall(b"".join(P.packet(cmd, data) for cmd, data in cmds
                             if not (cmd in SKIP_FOR and c.protocol & SKIP_FOR[cmd])))
     groups = replies_in_order(c, cmds)
     c.quit()
@@ -152,7 +148,7 @@ class Trickle(MilterClient):
     """Writes every packet one byte per segment, as a very slow network would deliver it."""
 
     def send(self, cmd: bytes, data: bytes = b"") -> None:
-        for b in encode(cmd, data):
+        for b in P.packet(cmd, data):
             self.sock.sendall(bytes([b]))
 
 
