@@ -59,38 +59,83 @@ class Event:
             d["detail"] = self.detail
         return d
 
+    def json_line(self, detail_json: str | None) -> str:
+        """:meth:`to_dict` as one JSON line, the detail given already encoded (the index
+        stores the same text: it is encoded once)."""
+        d = self.to_dict()
+        if d.pop("detail", None) is None or detail_json is None:
+            return json.dumps(d, ensure_ascii=False)
+        return json.dumps(d, ensure_ascii=False)[:-1] + ', "detail": ' + detail_json + "}"
+
+
+class IndexBusy(Exception):
+    """Another process holds the index's write lock (``record(..., wait=False)``): nothing of
+    the batch was written; write it again where waiting is harmless."""
+
 
 class TraceLog:
-    def __init__(self, directory: str | os.PathLike):
+    """The trace of one directory. ``own_checkpoints``: this connection never checkpoints the
+    WAL itself (a checkpoint syncs the disk); the owner calls :meth:`checkpoint` where waiting
+    for the disk is harmless (the trace plugin: in a worker thread, every few thousand
+    events)."""
+
+    BUSY_TIMEOUT_MS = 10_000
+
+    def __init__(self, directory: str | os.PathLike, own_checkpoints: bool = False):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.dir / "index.sqlite", timeout=10, isolation_level=None,
-                                  check_same_thread=False)
+        self.path = self.dir / "index.sqlite"
+        self.db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
+                                  isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        if own_checkpoints:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer: sqlite3.Connection | None = None
 
-    def record(self, events: list[Event]) -> None:
+    def record(self, events: list[Event], wait: bool = True) -> None:
+        """Append ``events`` to the day's JSON log and to the index, in one transaction.
+        ``wait=False``: when another process is writing the index, raise :class:`IndexBusy`
+        at once (before anything is written) instead of waiting for its lock."""
         if not events:
             return
-        by_day: dict[str, list[str]] = {}
-        for e in events:
-            day = time.strftime("%Y-%m-%d", time.gmtime(e.ts))
-            by_day.setdefault(day, []).append(json.dumps(e.to_dict(), ensure_ascii=False))
-        for day, lines in by_day.items():
-            with open(self.dir / f"{day}.jsonl", "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-        self.db.execute("BEGIN IMMEDIATE")
+        if not wait:
+            self.db.execute("PRAGMA busy_timeout=0")
         try:
-            self.db.executemany(
-                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
-                [(e.ts, e.id, e.event, e.sender.lower(), e.rcpt.lower(), e.client, e.action,
-                  e.score, json.dumps(e.detail, ensure_ascii=False) if e.detail else None)
-                 for e in events])
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not wait and "locked" in str(exc):
+                raise IndexBusy(str(exc)) from None
+            raise
+        finally:
+            if not wait:
+                self.db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
+        try:
+            by_day: dict[str, list[str]] = {}
+            rows = []
+            for e in events:
+                detail = json.dumps(e.detail, ensure_ascii=False) if e.detail else None
+                day = time.strftime("%Y-%m-%d", time.gmtime(e.ts))
+                by_day.setdefault(day, []).append(e.json_line(detail))
+                rows.append((e.ts, e.id, e.event, e.sender.lower(), e.rcpt.lower(), e.client,
+                             e.action, e.score, detail))
+            for day, lines in by_day.items():
+                with open(self.dir / f"{day}.jsonl", "a", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)", rows)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the index (PASSIVE: never waits for readers or writers), on a
+        connection of its own so that a thread may run it while :meth:`record` goes on."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
+                                                 isolation_level=None, check_same_thread=False)
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def search(self, sender: str | None = None, rcpt: str | None = None,
                since: float | None = None, until: float | None = None, msg_id: str | None = None,
@@ -130,6 +175,8 @@ class TraceLog:
 
     def close(self) -> None:
         self.db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
 
 
 def final_state(events: list[dict]) -> dict:

@@ -52,3 +52,65 @@ async def test_track_shows_arrival_verdicts_and_later_events(tmp_path, pipeline_
 def test_track_without_a_trace_says_so(tmp_path):
     proc = run_filterd("track", "--set", f"server.state_dir={tmp_path}")
     assert proc.returncode == 1 and b"no message trace" in proc.stdout
+
+
+def _events(n, start=0):
+    from filterd.trace import Event
+
+    return [Event(1_790_000_000.0 + i, f"id{i}", "arrival", "a@example.com", "b@example.org",
+                  "192.0.2.1", "accept", 0.5, {"subject": f"s{i}", "symbols": ["X(1)"]})
+            for i in range(start, start + n)]
+
+
+def test_a_busy_index_makes_a_non_waiting_write_give_up_before_writing_anything(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from filterd.trace import IndexBusy, TraceLog
+
+    log = TraceLog(tmp_path, own_checkpoints=True)
+    other = sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another gateway process is writing
+    with pytest.raises(IndexBusy):
+        log.record(_events(2), wait=False)
+    assert not list(tmp_path.glob("*.jsonl"))
+    other.execute("COMMIT")
+    log.record(_events(2), wait=False)
+    lines = [json.loads(x) for x in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    assert [x["detail"] for x in lines] == [{"subject": "s0", "symbols": ["X(1)"]},
+                                            {"subject": "s1", "symbols": ["X(1)"]}]
+    assert lines[0] == _events(1)[0].to_dict()  # the line is the event as to_dict gives it
+    assert [e["id"] for e in log.search(sender="a@example.com")] == ["id0", "id1"]
+    # the WAL is not checkpointed behind the owner's back; checkpoint() copies all of it
+    busy, frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    log.record(_events(50, 2))
+    log.checkpoint()
+    busy, frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied
+    log.close()
+
+
+async def test_trace_plugin_writes_a_batch_after_another_process_releases_the_index(tmp_path):
+    import asyncio
+    import sqlite3
+
+    from filterd_plugins.trace import Plugin
+
+    class Services:
+        class config:
+            state_dir = tmp_path
+
+    plugin = Plugin({"directory": str(tmp_path), "write_delay": "0s"}, Services())
+    plugin._log()
+    other = sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another gateway process is writing
+    await plugin.record(_events(3))
+    flushed = asyncio.ensure_future(plugin.flush())
+    await asyncio.sleep(0.2)
+    # the event loop still runs while the batch waits for the lock (a writer that waited in
+    # the loop would never let this line run, and its batch would fail after the timeout)
+    other.execute("COMMIT")
+    await asyncio.wait_for(flushed, 20)
+    assert [e["id"] for e in plugin.log.search(sender="a@example.com")] == ["id0", "id1", "id2"]
+    await plugin.shutdown()
