@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.header
+import email.parser
 import email.policy
 import email.utils
 import html
@@ -164,6 +165,29 @@ def decode_header_value(value) -> str:
         return value
 
 
+# A Content-Type header that makes a message a MIME tree (the email package must walk the body).
+_TREE_TYPE = re.compile(rb"(?im)^content-type[ \t]*:[ \t\r\n]*(?:multipart|message)/")
+
+
+def parse_email(raw: bytes) -> _EmailMessage:
+    """``email.message_from_bytes(raw)`` (compat32), the same object, built faster for a
+    message that is one part: the package reads a body line by line (a quarter of the cost of
+    scanning a plain 5 KB message), so only the header block goes through its parser and the
+    body becomes the payload as it is. Anything else (a multipart or message/* type, a header
+    block the parser does not take whole: no empty line, a line that is no header...) is
+    parsed the usual way."""
+    from .rewrite import split_message
+
+    block, sep, body = split_message(raw)
+    if sep and not _TREE_TYPE.search(block):
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
+            block + sep, headersonly=True)
+        if not msg.defects and not msg.get_payload():
+            msg.set_payload(body.decode("ascii", "surrogateescape"))
+            return msg
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
 class ParsedMessage:
     """A read-only view of a message built with the standard ``email`` package (compat32 policy,
     which never raises on bad input). All properties are computed once and bounded in size."""
@@ -171,7 +195,7 @@ class ParsedMessage:
     def __init__(self, raw: bytes):
         self._defects: list[str] = []
         try:
-            self.email: _EmailMessage = email.message_from_bytes(raw, policy=email.policy.compat32)
+            self.email: _EmailMessage = parse_email(raw)
         except Exception as exc:  # noqa: BLE001 - the parser is robust, but never trust it fully
             self._defects.append(f"unparseable message: {exc!r}")
             self.email = email.message_from_bytes(b"", policy=email.policy.compat32)
