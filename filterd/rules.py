@@ -323,6 +323,16 @@ class _View:
         return self.get("text", lambda: self.msg.parsed.text[:MAX_REGEX_TEXT] if self.msg else "")
 
     @property
+    def header_index(self) -> dict[str, list[str]]:
+        """Lower-cased header name -> its values, in order (one pass for all header rules)."""
+        def f():
+            out: dict[str, list[str]] = {}
+            for n, val in self.msg.parsed.headers:
+                out.setdefault(n.lower(), []).append(val)
+            return out
+        return self.get("header_index", f)
+
+    @property
     def rawbody(self) -> str:
         def f():
             if not self.msg:
@@ -354,7 +364,8 @@ def _match_message(rule: Rule, v: _View) -> bool:
         if msg is None:
             return False
         name = c["header"]
-        values = [val for n, val in msg.parsed.headers if name == "*" or n.lower() == name]
+        values = ([val for _, val in msg.parsed.headers] if name == "*"
+                  else v.header_index.get(name, ()))
         if "match" in c:
             if not any(c["match"].search(val) for val in values):
                 return False

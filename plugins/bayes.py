@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 
 from filterd.bayes import Bayes, learn_message
 from filterd.bayes.classifier import band
@@ -64,6 +65,11 @@ learn_max_messages = 50
 on_error = "skip"
 """
 
+# A read of the token store's message counts (is Bayes trained? which counts does f(w) use?) is
+# reused for this many seconds: one store round trip less per message. Learning through this
+# plugin (by e-mail, autolearn) reads them afresh; `filterd bayes train` elsewhere shows within it.
+STATE_TTL = 1.0
+
 # Suggested weights; rules/50-bayes-scores.toml and [scores] override them.
 WEIGHTS = {"BAYES_SPAM_HIGH": 5.0, "BAYES_SPAM": 3.0, "BAYES_UNSURE": 0.0, "BAYES_HAM": -1.0,
            "BAYES_HAM_HIGH": -2.0}
@@ -114,6 +120,16 @@ class Plugin:
         self.bayes: Bayes | None = None
         self.learn: dict[str, str] = {}
         self.networks = []
+        self._state: tuple[int, int, int] | None = None
+        self._state_at = 0.0
+
+    async def state(self) -> tuple[int, int, int]:
+        """The token store's (nspam, nham, generation), read at most every STATE_TTL seconds."""
+        now = time.monotonic()
+        if self._state is None or now - self._state_at > STATE_TTL:
+            self._state = await self.bayes.tokens.state()
+            self._state_at = now
+        return self._state
 
     @hookimpl
     def startup(self, options, services):
@@ -164,6 +180,7 @@ class Plugin:
             for raw in originals:
                 results.append(await learn_message(self.services.store, raw, kind == "spam",
                                                    options))
+                self._state = None
         ctx.data["bayes_learned"] = {"kinds": sorted(kinds), "results": results}
         log.info("bayes: learn message id=%s from user=%r ip=%s: %d message(s) as %s: %s",
                  ctx.transaction.id, ctx.session.auth_user, ctx.session.peer_ip, len(originals),
@@ -177,7 +194,7 @@ class Plugin:
             await self._learn_from(ctx, message, options)
             if len(learners) == len(ctx.recipients):
                 return None  # nothing else to scan for: the message is consumed
-        state = await self.bayes.tokens.state()
+        state = await self.state()
         nspam, nham = state[0], state[1]
         if nspam < int(options["min_spam"]) or nham < int(options["min_ham"]):
             ctx.add_symbol("BAYES_NOT_TRAINED", 0.0, [f"spam={nspam}", f"ham={nham}"],
@@ -237,6 +254,7 @@ class Plugin:
             return
         try:
             outcome = await learn_message(self.services.store, ctx.message, spam, options)
+            self._state = None
         except StoreError as exc:
             log.warning("bayes: autolearn of id=%s failed: %s", ctx.transaction.id, exc)
             return

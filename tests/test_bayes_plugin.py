@@ -167,3 +167,30 @@ async def test_learn_message_is_deferred_when_the_token_store_is_down(pipeline_f
     out = result.outcomes["spam@gw.example"]
     assert out.action is Action.TEMPFAIL and out.verdict.smtp_reply()[0] == 451
     assert any(s.name == "PLUGIN_ERROR" for s in result.symbols)
+
+
+async def test_token_counts_are_read_once_a_second_and_afresh_after_learning(pipeline_factory,
+                                                                           monkeypatch):
+    import filterd_plugins.bayes as bayes_plugin
+
+    pipe = await pipeline_factory(*LEARN)
+    plugin = pipe.host.pm.get_plugin("bayes")
+    now = [1000.0]
+    monkeypatch.setattr(bayes_plugin.time, "monotonic", lambda: now[0])
+    ham = synth("ham", 1)
+    first = await pipe.scan(ham, "x@example.net", ["bob@example.org"])
+    assert "BAYES_NOT_TRAINED" in {s.name for s in first.symbols}
+    # another process trains the database: within STATE_TTL the counts read before still hold
+    bayes = Bayes(pipe.services.store)
+    await bayes.learn([synth("spam", i) for i in range(20)], spam=True)
+    await bayes.learn([synth("ham", i) for i in range(20)], spam=False)
+    again = await pipe.scan(ham, "x@example.net", ["bob@example.org"])
+    assert "BAYES_NOT_TRAINED" in {s.name for s in again.symbols}
+    now[0] += bayes_plugin.STATE_TTL + 0.1
+    later = await pipe.scan(ham, "x@example.net", ["bob@example.org"])
+    assert {"BAYES_HAM", "BAYES_HAM_HIGH"} & {s.name for s in later.symbols}
+    # learning by e-mail through the plugin forgets the counts it read
+    counts = plugin._state
+    ctx, _, _ = await transaction(pipe, forward_as_attachment(synth("spam", 77)),
+                                  ["spam@gw.example"], auth_user="alice")
+    assert plugin._state is None or plugin._state != counts
