@@ -55,7 +55,6 @@ class ScanContext:
         self.modifications: list[Modification] = []
         self.pending_modifications: list[Modification] = []  # during modify: changes so far
         self.errors: list[str] = []
-        self.timings: dict[str, float] = {}
         self.data: dict = {}  # scratch space shared by plugins for this transaction
 
     # -- reporting --------------------------------------------------------------------------

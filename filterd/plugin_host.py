@@ -24,7 +24,6 @@ import inspect
 import logging
 import pkgutil
 import sys
-import time
 import types
 import traceback
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ import pluggy
 from . import hookspecs
 from .config import Config, parse_duration
 from .verdict import Verdict
+
+_Coroutine = types.CoroutineType
 
 log = logging.getLogger("filterd.plugins")
 
@@ -263,32 +264,30 @@ class PluginHost:
         Returns ``(result, failure)``: failure is ``None`` on success, else a tempfail Verdict
         (policy ``tempfail``) or the string ``"skipped"`` (policy ``skip``)."""
         name = impl.plugin_name
-        args = {a: (self.options(name) if a == "options" else kwargs.get(a))
-                for a in impl.argnames}
-        timeout = self.timeout(name)
-        t0 = time.monotonic()
+        argnames = impl.argnames
+        args = {a: kwargs.get(a) for a in argnames}
+        if "options" in args:
+            args["options"] = self.options(name)
         try:
             result = impl.function(**args)
-            if inspect.iscoroutine(result):
+            if result.__class__ is _Coroutine:
                 # Most async hooks finish without ever waiting (cached DNS, local data): run the
                 # coroutine to its first suspension and only then arm the timeout (a timer per
                 # hook call is a measurable share of a scan otherwise)
                 try:
                     first = result.send(None)
                 except StopIteration as done:
-                    result = done.value
-                else:
-                    async with asyncio.timeout(timeout):
-                        result = await _resume(result, first)
-            elif inspect.isawaitable(result):
-                async with asyncio.timeout(timeout):
+                    return done.value, None
+                async with asyncio.timeout(self.timeout(name)):
+                    result = await _resume(result, first)
+            elif result is not None and inspect.isawaitable(result):
+                async with asyncio.timeout(self.timeout(name)):
                     result = await result
-            if ctx is not None:
-                ctx.timings[f"{name}.{impl.function.__name__}"] = time.monotonic() - t0
             return result, None
         except TimeoutError:
             hook = impl.function.__name__
-            what, symbol = f"timed out after {timeout:g}s in hook {hook}", "PLUGIN_TIMEOUT"
+            what = f"timed out after {self.timeout(name):g}s in hook {hook}"
+            symbol = "PLUGIN_TIMEOUT"
             log.error("plugin %s %s", name, what)
         except asyncio.CancelledError:
             raise
