@@ -15,17 +15,33 @@ _FIELD_START = re.compile(rb"^[^\s:]+:")
 
 def split_message(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """(header block, separator, body). The separator is the empty line (b"\\r\\n" or b"\\n");
-    a message without a body has an empty separator and body."""
-    candidates = [(raw.find(s), s) for s in (b"\r\n\r\n", b"\n\n")]
-    candidates = [(i, s) for i, s in candidates if i >= 0]
+    a message without a body has an empty separator and body.
+
+    Several plugins split the same message: the last answer is kept (for the very same bytes
+    object, which cannot change), so the message is searched once."""
+    last = _last_split
+    if last[0] is raw:
+        return last[1]
+    out = _split(raw)
+    if type(raw) is bytes:  # (a bytearray could change under the kept answer)
+        globals()["_last_split"] = (raw, out)
+    return out
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes, bytes]:
     if raw.startswith((b"\r\n", b"\n")):
         nl = b"\r\n" if raw.startswith(b"\r\n") else b"\n"
         return b"", nl, raw[len(nl):]
-    if not candidates:
-        return raw, b"", b""
-    i, s = min(candidates)
-    half = len(s) // 2
-    return raw[: i + half], s[half:], raw[i + len(s):]
+    crlf = raw.find(b"\r\n\r\n")
+    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(raw))
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return raw[:lf + 1], b"\n", raw[lf + 2:]
+    if crlf >= 0:
+        return raw[:crlf + 2], b"\r\n", raw[crlf + 4:]
+    return raw, b"", b""
+
+
+_last_split: tuple = (None, None)
 
 
 def header_fields(block: bytes) -> list[bytes]:

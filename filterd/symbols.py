@@ -132,8 +132,20 @@ class ActionPolicy:
         self.base = {k: v for k, v in self.table.items() if not isinstance(v, dict)}
         self.domains = {k.lower(): v for k, v in (self.table.get("domains") or {}).items()}
         self.recipients = {k.lower(): v for k, v in (self.table.get("recipients") or {}).items()}
+        # recipient (lower case) -> its resolved Thresholds (the tables never change: a reload
+        # builds a new ActionPolicy)
+        self._resolved: dict[str | None, Thresholds] = {}
 
     def thresholds_for(self, recipient: str | None) -> Thresholds:
+        key = recipient.lower() if recipient else None
+        found = self._resolved.get(key)
+        if found is None:
+            if len(self._resolved) >= 10_000:  # a bound for a flood of distinct recipients
+                self._resolved.clear()
+            found = self._resolved[key] = self._resolve(recipient)
+        return found
+
+    def _resolve(self, recipient: str | None) -> Thresholds:
         merged = dict(self.base)
         if recipient:
             rcpt = recipient.lower()

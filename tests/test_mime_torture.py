@@ -88,3 +88,24 @@ def test_fast_single_part_parse_gives_the_same_message_as_the_email_package(sour
     for raw in raws:
         full = email.message_from_bytes(raw, policy=email.policy.compat32)
         assert _shape(parse_email(raw)) == _shape(full), raw[:300]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"A: 1\r\n\r\nbody\r\n\r\nmore", (b"A: 1\r\n", b"\r\n", b"body\r\n\r\nmore")),
+    (b"A: 1\n\nbody\r\n\r\n", (b"A: 1\n", b"\n", b"body\r\n\r\n")),
+    (b"A: 1\r\nB: 2\n\nbody", (b"A: 1\r\nB: 2\n", b"\n", b"body")),  # mixed: first wins
+    (b"A: 1\n\r\n\r\nbody", (b"A: 1\n\r\n", b"\r\n", b"body")),
+    (b"A: 1\r\n", (b"A: 1\r\n", b"", b"")),
+    (b"\r\nbody", (b"", b"\r\n", b"body")),
+    (b"\nbody", (b"", b"\n", b"body")),
+    (b"", (b"", b"", b"")),
+])
+def test_split_message_cuts_at_the_first_empty_line_of_either_style(raw, expected):
+    from filterd.rewrite import split_message
+
+    assert split_message(raw) == expected
+    assert split_message(raw) == expected  # the kept answer for the same bytes
+    changing = bytearray(raw)
+    assert split_message(changing) == expected
+    changing[:0] = b"\r\n"  # a bytearray is split afresh each time
+    assert split_message(changing)[0] == b""
