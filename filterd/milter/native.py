@@ -94,7 +94,8 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
     async def _early(self, coro, store: bool) -> None:
         """A coroutine: the framing waits for it before reading the next command."""
         try:
-            v = await asyncio.wait_for(coro, self.server.settings.timeout)
+            async with asyncio.timeout(self.server.settings.timeout):  # (no task of its own)
+                v = await coro
         except Exception as exc:  # noqa: BLE001
             log.exception("milter early phase failed")
             self._error(f"{type(exc).__name__}: {exc}")
@@ -179,9 +180,9 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
                 self._error(self.failure)
                 return
             queue_id, raw, headers = self.eom_input()
-            p, result = await asyncio.wait_for(
-                srv.end_of_message(self.pipeline, self.tx, self.session, raw, headers,
-                                   self.truncated), s.timeout)
+            async with asyncio.timeout(s.timeout):
+                p, result = await srv.end_of_message(self.pipeline, self.tx, self.session, raw,
+                                                     headers, self.truncated)
             self.send(self._encode(p))
         except asyncio.TimeoutError:
             self._error(f"pipeline did not finish within [milter] timeout {s.timeout:g}s")
