@@ -44,12 +44,12 @@ def clean_session(port: int) -> list:
         c.quit()
 
 
-def plugin_milter(tmp_path, name: str, source: str) -> FilterdMilterProc:
+def plugin_milter(tmp_path, name: str, source: str, *overrides: str) -> FilterdMilterProc:
     """A filterd milter with one extra site plugin (``source`` as ``plugins/<name>.py``)."""
     plugdir = tmp_path / "plugins"
-    plugdir.mkdir()
+    plugdir.mkdir(exist_ok=True)
     (plugdir / f"{name}.py").write_text(source)
-    return FilterdMilterProc(f"plugins.site_dir={plugdir}")
+    return FilterdMilterProc(f"plugins.site_dir={plugdir}", *overrides)
 
 
 def final(replies) -> bytes:
@@ -74,9 +74,13 @@ async def test_negotiation_requests_only_needed_steps_and_actions(milter_proc, p
     # an early step waits for a reply exactly when some plugin may want to answer there
     pipe = await pipeline_factory()
     for hook, bit in (("connect", M.P_NR_CONN), ("helo", M.P_NR_HELO),
-                      ("mail_from", M.P_NR_MAIL), ("rcpt_to", M.P_NR_RCPT)):
+                      ("rcpt_to", M.P_NR_RCPT)):
         assert bool(c.protocol & bit) == (not pipe.host.wants(hook)), hook
     assert not pipe.host.wants("connect") and pipe.host.impls("rcpt_to")
+    # [milter] delay_reject: MAIL FROM, which the default plugins may refuse (ratelimit), is
+    # answered at RCPT TO, which waits for a reply anyway
+    assert pipe.host.wants("mail_from") and pipe.host.wants("rcpt_to")
+    assert c.protocol & M.P_NR_MAIL and not c.protocol & M.P_NR_RCPT
     assert not c.protocol & (M.P_NOCONNECT | M.P_NOHDRS | M.P_NOBODY | M.P_RCPT_REJ)
     assert c.actions & (M.ADDHDRS | M.CHGHDRS | M.DELRCPT | M.QUARANTINE)
     assert not c.actions & (M.ADDRCPT | M.CHGFROM)
@@ -294,9 +298,10 @@ def rcpt_to(ctx, recipient):
 
 def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
     """When a plugin implements mail_from/rcpt_to, those steps wait for the pipeline and a
-    reject happens at MAIL/RCPT with filterd's reply, like on the SMTP gateway."""
+    reject happens at MAIL/RCPT with filterd's reply, like on the SMTP gateway (with
+    ``delay_reject = false``; see the next test for the default)."""
     import milter as M
-    m = plugin_milter(tmp_path, "early", LIVE_PLUGIN)
+    m = plugin_milter(tmp_path, "early", LIVE_PLUGIN, "milter.delay_reject=false")
     try:
         c = MilterClient(m.port)
         c.negotiate()
@@ -312,6 +317,34 @@ def test_a_plugin_with_early_hooks_rejects_at_mail_and_rcpt_time(tmp_path):
         c.send(b"A")  # abort, then a second transaction on the same connection
         cmd, data = c.mail("blocked@example.com")
         assert cmd == b"y" and data.startswith(b"550 5.7.1 Sender blocked")
+        c.quit()
+        assert m.alive()
+    finally:
+        m.stop()
+
+
+def test_delay_reject_answers_a_refused_sender_at_each_recipient(tmp_path):
+    """``[milter] delay_reject`` (the default), as Postfix's smtpd_delay_reject: MAIL FROM
+    gets no reply of its own (one round trip less per message), and a sender a plugin refuses
+    is refused at every RCPT TO with filterd's reply; recipients are judged as before."""
+    import milter as M
+    m = plugin_milter(tmp_path, "early", LIVE_PLUGIN)
+    try:
+        c = MilterClient(m.port)
+        c.negotiate()
+        assert c.protocol & M.P_NR_MAIL and not c.protocol & M.P_NR_RCPT
+        c.connect()
+        c.helo()
+        assert c.mail("alice@example.com") is None  # no reply: MAIL FROM runs at RCPT TO
+        cmd, data = c.rcpt("nobody@example.org")
+        assert cmd == b"y" and data.startswith(b"550 5.1.1 No such user here")
+        assert c.rcpt("bob@example.org") == (b"c", b"")
+        assert c.content(CLEAN_HEADERS, b"fine\r\n")[-1][0] in (b"c", b"a")
+        c.send(b"A")
+        assert c.mail("blocked@example.com") is None
+        for rcpt in ("bob@example.org", "carol@example.org"):
+            cmd, data = c.rcpt(rcpt)
+            assert cmd == b"y" and data.startswith(b"550 5.7.1 Sender blocked"), rcpt
         c.quit()
         assert m.alive()
     finally:
@@ -359,7 +392,7 @@ def test_phases_no_plugin_wants_now_are_answered_at_once_and_run_at_end_of_messa
         c.negotiate()
         c.connect()
         c.helo()
-        assert c.mail("alice@example.com") == (b"c", b"")
+        assert c.mail("alice@example.com") is None  # answered at RCPT TO (delay_reject)
         assert c.rcpt("bob@example.org") == (b"c", b"")
         assert c.rcpt("late-no@example.org") == (b"c", b"")  # not wanted: refused later
         cmd, data = c.rcpt("special-no@example.org")  # wanted: refused at its step
