@@ -365,6 +365,11 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
             out.append(filterd_target(f"filterd{tag}-{w}",
                                       f"Postfix + filterd milter ({engine}, {w} proc)",
                                       f"milter.engine={engine}", workers=w))
+    for spec in args.variant:
+        name, _, sets = spec.partition(":")
+        overrides = [x.strip() for x in sets.split(";") if x.strip()]
+        out.append(filterd_target(f"filterd-{name}", f"Postfix + filterd ({name})", *overrides,
+                                  workers=1))
     if args.core_variant:
         from filterd.pipeline import load_config_and_plugins
 
@@ -404,6 +409,10 @@ def main() -> int:
     ap.add_argument("--core-variant", action="store_true",
                     help="also measure filterd with only the foundation's plugins (rules, "
                          "spam_headers), every other plugin disabled")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                    help="also measure filterd (1 process) with these settings, as target "
+                         "filterd-NAME: what a setting costs, measured in the same run "
+                         "(e.g. 'no-user-limit:ratelimit.user.limit=0')")
     ap.add_argument("--filterd-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for the filterd milter (e.g. to see what a plugin costs)")
     args = ap.parse_args()
