@@ -442,9 +442,10 @@ def main() -> int:
                for k, rs in runs.items()}
     print(f"\nsummary (msg/s{', median of %d rounds' % args.rounds if args.rounds > 1 else ''})")
     names = list(results)
-    print(f"  {'sessions':<10}" + "".join(f"{n:>16}" for n in names))
+    width = max([16] + [len(n) + 2 for n in names])
+    print(f"  {'sessions':<10}" + "".join(f"{n:>{width}}" for n in names))
     for s in args.sessions:
-        print(f"  {s:<10}" + "".join(f"{results[n].get(s, 0):>16.1f}" for n in names))
+        print(f"  {s:<10}" + "".join(f"{results[n].get(s, 0):>{width}.1f}" for n in names))
     if "rspamd" in results:
         for s in args.sessions:
             base = results["rspamd"][s]
