@@ -39,8 +39,9 @@ RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerro
 _OLD = {"unknown": "permerror", "error": "temperror", "ambiguous": "permerror"}
 
 # pyspf looks up DNS through the module-level function DNSLookup. We replace it once with a
-# dispatcher that asks the resolver of the check running in this thread (each check runs in its
-# own worker thread), so every query goes through filterd.dns.
+# dispatcher that asks the lookup of the check running in this thread (an evaluation sets it for
+# the time it runs, in the event loop or in a worker thread), so every query goes through
+# filterd.dns.
 _local = threading.local()
 _original_lookup = pyspf.DNSLookup
 
@@ -71,30 +72,58 @@ class _Query(pyspf.query):
         return out
 
 
-def _make_lookup(resolver, loop, deadline: float):
+def _records(name: str, qtype: str, ans) -> list:
+    """An :class:`~filterd.dns.Answer` in the shape pyspf's DNSLookup returns."""
+    out = []
+    for r in ans.records:
+        if qtype in ("TXT", "SPF"):
+            v = (r.encode("utf-8", "surrogateescape"),)
+        elif qtype == "MX":
+            pref, _, host = r.partition(" ")
+            try:
+                v = (int(pref), host.strip().rstrip("."))
+            except ValueError:
+                continue
+        elif qtype in ("PTR", "CNAME"):
+            v = r.rstrip(".")
+        else:
+            v = r
+        out.append(((name, qtype), v))
+    return out
+
+
+class _NeedDNS(BaseException):
+    """A replayed evaluation reached a DNS answer not fetched yet (a BaseException, so that no
+    ``except Exception`` in pyspf or here swallows it)."""
+
+    def __init__(self, name: str, qtype: str):
+        super().__init__(name, qtype)
+        self.key = (name, qtype)
+
+
+def _answered_lookup(answers: dict, deadline: float, resolver=None, loop=None,
+                     missing: list | None = None):
+    """pyspf's DNS from the answers fetched so far. A question not answered yet is noted in
+    ``missing`` and raises :class:`_NeedDNS` (evaluation in the event loop: fetch it and
+    evaluate again; pyspf swallows it in two places, hence the note) or, with ``resolver``
+    and ``loop`` (evaluation in a worker thread), is asked on the loop and waited for."""
     def lookup(name: str, qtype: str):
         if time.monotonic() > deadline:
             raise pyspf.TempError("DNS: SPF lookup budget exhausted")
-        try:
-            ans = resolver.query_sync(name, qtype, loop)
-        except DNSError as exc:
-            raise pyspf.TempError(f"DNS {exc}") from None
-        out = []
-        for r in ans.records:
-            if qtype in ("TXT", "SPF"):
-                v = (r.encode("utf-8", "surrogateescape"),)
-            elif qtype == "MX":
-                pref, _, host = r.partition(" ")
-                try:
-                    v = (int(pref), host.strip().rstrip("."))
-                except ValueError:
-                    continue
-            elif qtype in ("PTR", "CNAME"):
-                v = r.rstrip(".")
-            else:
-                v = r
-            out.append(((name, qtype), v))
-        return out
+        key = (name, qtype)
+        ans = answers.get(key)
+        if ans is None:
+            if resolver is None:
+                missing.append(key)
+                raise _NeedDNS(name, qtype)
+            try:
+                ans = resolver.query_sync(name, qtype, loop)
+            except DNSError as exc:
+                ans = exc
+            answers[key] = ans
+        if isinstance(ans, DNSError):
+            raise pyspf.TempError(f"DNS {ans}")
+        return _records(name, qtype, ans)
 
     return lookup
 
@@ -120,22 +149,50 @@ def _run_check(lookup, ip: str, sender: str, helo: str, receiver: str, default_e
     return res, exp or ""
 
 
+# An evaluation runs in the event loop and starts again from the top each time it needs a DNS
+# answer it does not have (most domains need one to three: no record, ip4/a/mx, one include);
+# one that needs more than this many answers finishes in a worker thread with the answers so far.
+REPLAYS = 4
+
+
 async def check_spf(resolver, ip: str, sender: str, helo: str, receiver: str = "",
                     default_explanation: str = "", budget: float = 8.0) -> SPFResult:
     """One SPF evaluation (RFC 7208 check_host through pyspf) with DNS from ``resolver``.
-    ``sender`` "" means the null sender: the HELO identity is checked instead."""
-    loop = asyncio.get_running_loop()
+    ``sender`` "" means the null sender: the HELO identity is checked instead.
+
+    pyspf is synchronous. Rather than running it in a worker thread (whose contention for the
+    GIL with the event loop costs more than the evaluation), it runs in the loop on the DNS
+    answers fetched so far, and each answer it lacks is fetched and the evaluation replayed;
+    after REPLAYS answers it goes on in a thread."""
     identity = "mailfrom" if sender else "helo"
     checked = sender or (f"postmaster@{helo}" if helo else "")
     domain = checked.rpartition("@")[2] if checked else ""
     if not ip:
         return SPFResult(identity, domain, "none", "no client IP", checked)
-    lookup = _make_lookup(resolver, loop, time.monotonic() + budget)
+    deadline = time.monotonic() + budget
+    answers: dict = {}
+    args = (ip, sender, helo, receiver, default_explanation, budget)
     try:
-        res, exp = await asyncio.wait_for(
-            asyncio.to_thread(_run_check, lookup, ip, sender, helo, receiver,
-                              default_explanation, budget), budget + 1)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(budget + 1):
+            for _ in range(REPLAYS + 1):
+                missing: list = []
+                try:
+                    res, exp = _run_check(_answered_lookup(answers, deadline, missing=missing),
+                                          *args)
+                except _NeedDNS:
+                    pass
+                if not missing:
+                    break
+                for key in dict.fromkeys(missing):  # (an exp= or ptr lookup pyspf swallowed)
+                    try:
+                        answers[key] = await resolver.query(*key)
+                    except DNSError as exc:
+                        answers[key] = exc
+            else:
+                lookup = _answered_lookup(answers, deadline, resolver,
+                                          asyncio.get_running_loop())
+                res, exp = await asyncio.to_thread(_run_check, lookup, *args)
+    except TimeoutError:
         res, exp = "temperror", "SPF evaluation timed out"
     return SPFResult(identity, domain, res, exp, checked)
 

@@ -12,9 +12,19 @@ from auth_fixtures import load_spf_suite
 SUITE = load_spf_suite("rfc7208-tests.yml") + load_spf_suite("rfc4408-tests.yml")
 
 
+@pytest.fixture(params=["in-loop", "in-thread"])
+def spf_evaluation(request, monkeypatch):
+    """Every suite case both ways an evaluation can run: replayed in the event loop as its DNS
+    answers arrive, and (past plugins.spf.REPLAYS answers) finished in a worker thread."""
+    import filterd_plugins.spf as spf_plugin
+
+    monkeypatch.setattr(spf_plugin, "REPLAYS", 1000 if request.param == "in-loop" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("test,zones", [(t, z) for _, t, z in SUITE],
                          ids=[i for i, _, _ in SUITE])
-async def test_spf_suite(pipeline_factory, test, zones):
+async def test_spf_suite(pipeline_factory, test, zones, spf_evaluation):
     resolver = FixtureResolver(zones)
     pipe = await pipeline_factory("spf.default_explanation=DEFAULT", resolver=resolver)
     session = Session(peer_ip=test["host"], helo=test.get("helo", ""))
