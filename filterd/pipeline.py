@@ -233,7 +233,7 @@ class Pipeline:
         may have rewritten the address or added more)."""
         rcpt = Recipient(address, dict(params or {}))
         verdict = await self.host.call_first("rcpt_to", ctx, recipient=rcpt)
-        if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+        if verdict is not None and verdict.action.refuses:
             return verdict
         if not any(r.address.lower() == rcpt.address.lower() for r in ctx.recipients):
             ctx.transaction.recipients.append(rcpt)
@@ -349,11 +349,11 @@ class Pipeline:
             early = await self.mail_from(ctx, sender, {})
         rejected: dict[str, Verdict] = {}
         for addr in list(recipients) or ["postmaster@localhost"]:
-            if early is not None and early.action in (Action.REJECT, Action.TEMPFAIL):
+            if early is not None and early.action.refuses:
                 rejected[addr] = early
                 continue
             v = await self.rcpt_to(ctx, addr, {})
-            if v.action in (Action.REJECT, Action.TEMPFAIL):
+            if v.action.refuses:
                 rejected[addr] = v
         result = await self.data(ctx, raw) if ctx.recipients else ScanResult(
             ctx, {}, [], 0.0)

@@ -19,12 +19,13 @@ def split_message(raw: bytes) -> tuple[bytes, bytes, bytes]:
 
     Several plugins split the same message: the last answer is kept (for the very same bytes
     object, which cannot change), so the message is searched once."""
+    global _last_split
     last = _last_split
     if last[0] is raw:
         return last[1]
     out = _split(raw)
     if type(raw) is bytes:  # (a bytearray could change under the kept answer)
-        globals()["_last_split"] = (raw, out)
+        _last_split = (raw, out)
     return out
 
 

@@ -85,8 +85,7 @@ class TraceLog:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "index.sqlite"
-        self.db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
-                                  isolation_level=None, check_same_thread=False)
+        self.db = self._connect()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
@@ -133,9 +132,12 @@ class TraceLog:
         """Copy the WAL into the index (PASSIVE: never waits for readers or writers), on a
         connection of its own so that a thread may run it while :meth:`record` goes on."""
         if self._checkpointer is None:
-            self._checkpointer = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
-                                                 isolation_level=None, check_same_thread=False)
+            self._checkpointer = self._connect()
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
+                               isolation_level=None, check_same_thread=False)
 
     def search(self, sender: str | None = None, rcpt: str | None = None,
                since: float | None = None, until: float | None = None, msg_id: str | None = None,

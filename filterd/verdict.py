@@ -36,6 +36,11 @@ class Action(enum.Enum):
         """True when the recipient still gets the message in its inbox (perhaps tagged)."""
         return self in (Action.CONTINUE, Action.ACCEPT, Action.ADD_HEADER, Action.REWRITE_SUBJECT)
 
+    @property
+    def refuses(self) -> bool:
+        """True for the actions a front door answers with an SMTP error (5xx or 4xx)."""
+        return self in (Action.REJECT, Action.TEMPFAIL)
+
     @classmethod
     def parse(cls, text: str) -> "Action":
         t = text.strip().lower().replace(" ", "_").replace("-", "_")

@@ -11,7 +11,7 @@ from filterd.bayes.classifier import band
 from filterd.hookspecs import hookimpl
 from filterd.model import Message
 from filterd.store import StoreError
-from filterd.verdict import Action, Verdict
+from filterd.verdict import Verdict
 
 log = logging.getLogger("filterd.bayes")
 
@@ -239,7 +239,7 @@ class Plugin:
             return
         r = ctx.transaction.recipient(recipient)
         if r is not None and (r.data.get("bayes_learn")
-                              or r.verdict.action in (Action.REJECT, Action.TEMPFAIL)):
+                              or r.verdict.action.refuses):
             return
         score = ctx.score_for(recipient) - float(info.get("score", 0.0))
         p = info.get("probability")

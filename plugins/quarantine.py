@@ -137,7 +137,7 @@ class Plugin:
                 continue
             allow, block = await self._lists(r.address)
             if keys & block:
-                if r.verdict.action not in (Action.REJECT, Action.TEMPFAIL):
+                if not r.verdict.action.refuses:
                     out[r.address] = Verdict.reject("Sender blocked by the recipient",
                                                     code=550, enhanced="5.7.1",
                                                     source="quarantine")

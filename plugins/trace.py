@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 from filterd.hookspecs import hookimpl
@@ -35,7 +34,6 @@ class Plugin:
         self.options = options
         self.services = services
         self.log: TraceLog | None = None
-        self.lock = threading.Lock()
         self.pending: list[Event] = []
         self._writer: asyncio.Task | None = None
         from filterd.config import parse_duration
@@ -51,8 +49,7 @@ class Plugin:
         return self.log
 
     def _write(self, events, wait: bool = True) -> None:
-        with self.lock:
-            self._log().record(events, wait)
+        self._log().record(events, wait)  # one writer at a time: the _drain task
 
     async def record(self, events) -> None:
         """Queue ``events`` for the trace; the message does not wait for the disk. One writer

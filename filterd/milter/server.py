@@ -218,12 +218,12 @@ async def owed_phases(pipe, tx: "TxState", session: Session) -> Verdict | None:
         if early is None:
             early = await pipe.mail_from(tx.ctx, tx.sender, tx.mail_params)
     tx.early = early
-    if early is not None and early.action in (Action.REJECT, Action.TEMPFAIL):
+    if early is not None and early.action.refuses:
         return early
     pending, tx.pending_rcpts = tx.pending_rcpts, []
     for addr, params in pending:
         v = await pipe.rcpt_to(tx.ctx, addr, params)
-        if v.action in (Action.REJECT, Action.TEMPFAIL):
+        if v.action.refuses:
             tx.rejected[addr] = v
     return None
 
@@ -356,7 +356,7 @@ class MilterSession:
     def _early_refusal(self, v: Verdict | None, store: bool):
         """The (code, enhanced, text) an early phase's verdict ``v`` refuses the step with, or
         None when it lets the step go on; with ``store`` a refusal ends the transaction."""
-        if v is None or v.action not in (Action.REJECT, Action.TEMPFAIL):
+        if v is None or not v.action.refuses:
             return None
         if store and self.tx is not None:
             self.tx.early = v
@@ -456,12 +456,7 @@ class MilterSession:
         tx.rcpt_raw[addr.lower()] = rcpt
         p = _params(params)
         pipe = self.pipeline
-        refused = tx.early is not None and tx.early.action in (Action.REJECT, Action.TEMPFAIL)
-        if self.live["rcpt_to"] and (
-                refused  # the delayed MAIL FROM refusal answers every recipient
-                or tx.early is None and (pipe.host.wants("rcpt_to", self.session, addr)
-                                         or self.delayed_mail and tx.ctx is None
-                                         and pipe.host.wants("mail_from", self.session))):
+        if self.live["rcpt_to"] and self._answer_rcpt_now(tx, addr):
             async def run():
                 v = await owed_phases(pipe, tx, self.session)
                 return v if v is not None else await pipe.rcpt_to(tx.ctx, addr, p)
@@ -469,6 +464,16 @@ class MilterSession:
         # nothing to answer now: the phase runs at end of message, in order
         tx.pending_rcpts.append((addr, p))
         return self._ok(P.P_NR_RCPT)
+
+    def _answer_rcpt_now(self, tx: "TxState", addr: str) -> bool:
+        """Must this RCPT TO wait for the pipeline (rather than run at end of message)?"""
+        if tx.early is not None:
+            return tx.early.action.refuses  # a (delayed) MAIL FROM refusal answers every rcpt
+        host = self.pipeline.host
+        if host.wants("rcpt_to", self.session, addr):
+            return True
+        # with delay_reject, MAIL FROM is owed until the first RCPT TO runs it
+        return self.delayed_mail and tx.ctx is None and host.wants("mail_from", self.session)
 
     @_guard(P.P_NR_HDR)
     def header_bytes(self, name, value: bytes):

@@ -497,7 +497,7 @@ class SMTPConnection:
             return await self._error()
         await self._reset()
         v = await self.pipeline.helo(self.session, name)
-        if v is not None and v.action in (Action.REJECT, Action.TEMPFAIL):
+        if v is not None and v.action.refuses:
             self.reply_t(v.smtp_reply())
             return
         self.greeted = True
@@ -668,7 +668,7 @@ class SMTPConnection:
             log.exception("mail_from hooks failed")
             self.reply(451, "Temporary local problem", "4.3.0")
             return
-        if v is not None and v.action in (Action.REJECT, Action.TEMPFAIL):
+        if v is not None and v.action.refuses:
             self.reply_t(v.smtp_reply())
             return
         r = await self.backend.mail(ctx, path.address, params)
@@ -746,7 +746,7 @@ class SMTPConnection:
             log.exception("rcpt_to hooks failed")
             self.reply(451, "Temporary local problem", "4.3.0")
             return
-        if v.action in (Action.REJECT, Action.TEMPFAIL):
+        if v.action.refuses:
             self.reply_t(v.smtp_reply())
             return
         r = await self.backend.rcpt(path.address, path.params)
