@@ -451,7 +451,13 @@ def main() -> int:
             base = results["rspamd"][s]
             for n in names:
                 if n.startswith(("filterd", "pymilter", "native")):
-                    print(f"  ratio {n}/rspamd at {s} sessions: {results[n][s] / base:.2f}x")
+                    line = f"  ratio {n}/rspamd at {s} sessions: {results[n][s] / base:.2f}x"
+                    if args.rounds > 1:
+                        # each round against the rspamd run of the same round: the spread
+                        # shows how much of a difference is this machine's noise
+                        each = sorted(a[s] / b[s] for a, b in zip(runs[n], runs["rspamd"]))
+                        line += f" (per round {each[0]:.2f}-{each[-1]:.2f}x)"
+                    print(line)
     return 0
 
 
