@@ -131,7 +131,6 @@ class _TextSet:
     def __init__(self, key: str, rules: list[Rule]):
         import re2
 
-        self.key = key
         self.index: dict[str, int] = {}  # rule name -> pattern index
         opts = _re2_options()
         opts.max_mem = self.SET_MAX_MEM
