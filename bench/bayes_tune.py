@@ -10,11 +10,13 @@ random split and 5-fold cross-validation.
     python bench/bayes_tune.py [CORPUS] [--try 'robs=0.1,min_dev=0.1'] [--try 'n_eff=30'] ...
 
 Tune for generalisation, not for these files: a setting that gains on one split and loses on
-another is noise. Changing the tokenizer invalidates the cache (delete it, or --no-cache).
+another is noise. The token cache (in the temporary directory) is keyed by the corpus path and
+the tokenizer's source, so editing the tokenizer starts a new one; --no-cache skips it.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import sys
@@ -29,6 +31,7 @@ sys.path.insert(0, str(HERE))
 import bayes_bench as bb  # noqa: E402
 
 from filterd.bayes import classifier as C  # noqa: E402
+from filterd.bayes import tokenizer as tokenizer_module  # noqa: E402
 from filterd.bayes.tokenizer import TOKEN_FORMAT, tokenize  # noqa: E402
 
 SPLITS = (("date", "date", 0), ("random", "random", 0), ("5-fold", "random", 5))
@@ -76,8 +79,11 @@ def main(argv=None) -> int:
         print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
         return 2
     ham, spam = bb.load_corpus(corpus)
-    cache = None if args.no_cache else Path(tempfile.gettempdir()) / (
-        f"filterd-bayes-tune-{os.getuid()}-{abs(hash(str(corpus.resolve()))) % 10**8}.pickle")
+    # one cache per corpus and tokenizer source: editing the tokenizer starts a new cache
+    key = hashlib.sha256(str(corpus.resolve()).encode() + b"\0"
+                         + Path(tokenizer_module.__file__).read_bytes()).hexdigest()[:16]
+    cache = None if args.no_cache else (
+        Path(tempfile.gettempdir()) / f"filterd-bayes-tune-{os.getuid()}-{key}.pickle")
     toks = token_sets(ham + spam, cache)
     settings = [("defaults", C.Params())]
     for t in args.tries:
