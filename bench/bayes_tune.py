@@ -101,10 +101,9 @@ def main(argv=None) -> int:
     for name, params in settings:
         cells = []
         for _, split, folds in SPLITS:
-            hs, ss = scores(ham, spam, toks, split, folds, params)
-            cells.append(f"{bb.auc(hs, ss):.4f} {bb.recall_at_fpr(hs, ss, 0) * 100:5.1f} "
-                         f"{bb.recall_at_fpr(hs, ss, 0.001) * 100:5.1f} "
-                         f"{bb.recall_at_fpr(hs, ss, 0.01) * 100:5.1f}")
+            f = bb.figures(*scores(ham, spam, toks, split, folds, params))
+            cells.append(f"{f['auc']:.4f} {f['recall_fpr0'] * 100:5.1f} "
+                         f"{f['recall_fpr0.1%'] * 100:5.1f} {f['recall_fpr1%'] * 100:5.1f}")
         print(f"{name[:28]:28s} | " + " | ".join(f"{c:^26s}" for c in cells), flush=True)
     return 0
 

@@ -44,6 +44,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from milter_support import free_port  # noqa: E402
 
 from filterd.milter import protocol as P  # noqa: E402
 
@@ -135,14 +138,6 @@ async def drive(port: int, messages: int, start: int = 0, sessions: int = 20) ->
 
     await asyncio.gather(*(one(start + i) for i in range(messages)))
     return replies
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def count_server(cmd: list[str], port: int, warm: int, messages: int, what: str) -> int:
