@@ -344,13 +344,13 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
         out.append(Target("native-null-1", "Postfix + null asyncio milter (hdr+body, 1 proc)",
                           start_native, lambda box=box: box.pop("m").stop()))
 
-    def filterd_target(key, label, *overrides, workers):
+    def filterd_target(key, label, *overrides, workers, python=None):
         box = {}
 
         def start():
             box["m"] = FilterdMilterProc(f"dns.nameservers=[\"127.0.0.1:{dns.port}\"]",
                                          *overrides, *args.filterd_set, workers=workers,
-                                         log_level="warning")
+                                         log_level="warning", python=python)
             return box["m"].spec, box["m"].proc.pid
 
         def after():
@@ -362,9 +362,12 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
     for engine in args.engines.split(","):
         tag = "" if engine == "native" else f"-{engine}"
         for w in (int(x) for x in args.workers.split(",")):
-            out.append(filterd_target(f"filterd{tag}-{w}",
-                                      f"Postfix + filterd milter ({engine}, {w} proc)",
-                                      f"milter.engine={engine}", workers=w))
+            for i, py in enumerate(args.python):
+                out.append(filterd_target(f"filterd{tag}-{w}" + (f"-py{i}" if i else ""),
+                                          f"Postfix + filterd milter ({engine}, {w} proc"
+                                          + (f", {py}" if i or py != sys.executable else "")
+                                          + ")", f"milter.engine={engine}", workers=w,
+                                          python=py))
     for spec in args.variant:
         name, _, sets = spec.partition(":")
         overrides = [x.strip() for x in sets.split(";") if x.strip()]
@@ -394,6 +397,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every target this many times, taking turns (rspamd, filterd, "
                          "rspamd, ...), and report the median: a busy machine's noise shows")
+    ap.add_argument("--python", default="",
+                    help="Python interpreters to run filterd's milter with, comma-separated "
+                         "(default: this one). The .deb runs filterd on Debian's /usr/bin/python3 "
+                         "(a venv made with it: /usr/lib/filterd/bin/python3 once installed, or "
+                         "`make venv VENV=/tmp/debvenv PYTHON=/usr/bin/python3`); the first "
+                         "one gets the plain filterd-N keys, the others -py1, -py2 ...")
     ap.add_argument("--skip-rspamd", action="store_true")
     ap.add_argument("--skip-postfix-alone", action="store_true")
     ap.add_argument("--pymilter-floor", action="store_true",
@@ -417,6 +426,11 @@ def main() -> int:
                     help="extra --set for the filterd milter (e.g. to see what a plugin costs)")
     args = ap.parse_args()
     args.sessions = [int(x) for x in args.sessions.split(",")]
+    args.python = [p.strip() for p in args.python.split(",") if p.strip()] or [sys.executable]
+    for py in args.python:
+        version = subprocess.run([py, "-c", "import sys; print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        print(f"filterd runs on {py} (Python {version})", flush=True)
     print(f"milter benchmark: {args.messages} messages of {args.size} bytes per run, "
           f"sessions {args.sessions}, {os.cpu_count()} CPUs, {args.rounds} round(s)", flush=True)
 

@@ -148,7 +148,7 @@ class FilterdMilterProc:
 
     def __init__(self, *overrides: str, workers: int = 1, state_dir: str | None = None,
                  log_level: str = "info", env: dict | None = None, config: str | None = None,
-                 engine: str | None = None):
+                 engine: str | None = None, python: str | None = None):
         self.port = free_port()
         self.own_state = not state_dir
         self.state = Path(state_dir) if state_dir else _tmpdir("filterd-milter-state-")
@@ -156,7 +156,7 @@ class FilterdMilterProc:
         e = dict(os.environ)
         e.pop("FILTERD_CONFIG", None)
         e.update(env or {})
-        cmd = [sys.executable, "-m", "filterd", "milter", "--log-level", log_level,
+        cmd = [python or sys.executable, "-m", "filterd", "milter", "--log-level", log_level,
                "--listen", f"inet:{self.port}@127.0.0.1", "--workers", str(workers),
                "--set", f"server.state_dir={self.state}",
                "--set", f"milter.engine={engine or ENGINE}"]
