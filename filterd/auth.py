@@ -176,6 +176,8 @@ def org_domain(domain: str) -> str:
 import re as _re  # noqa: E402
 
 _COMMENT = _re.compile(r"\((?:[^()\\]|\\.)*\)")
+_FIRST_WORD = _re.compile(r"\s*([^\s;]+)")
+_UNSAFE = _re.compile(r'[\\"\r\n]')
 
 
 def ar_authserv_id(value: str) -> str:
@@ -183,7 +185,7 @@ def ar_authserv_id(value: str) -> str:
     v = value
     for _ in range(3):  # nested comments, cheaply
         v = _COMMENT.sub(" ", v)
-    m = _re.match(r"\s*([^\s;]+)", v)
+    m = _FIRST_WORD.match(v)
     return m.group(1).strip('"').lower() if m else ""
 
 
@@ -266,4 +268,4 @@ def build_authres(ctx) -> str:
 
 
 def _clean(text: str) -> str:
-    return _re.sub(r'[\\"\r\n]', " ", text)[:200]
+    return _UNSAFE.sub(" ", text)[:200]

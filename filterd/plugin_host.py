@@ -159,6 +159,7 @@ class PluginHost:
     def __init__(self, config: Config, infos: list[PluginInfo], services):
         self.config = config
         self.services = services
+        self._options: dict[str, dict] = {}
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos = infos
@@ -207,7 +208,11 @@ class PluginHost:
 
     # -- configuration per plugin -------------------------------------------------------------
     def options(self, name: str) -> dict:
-        return self.config.section(name) if isinstance(self.config.section(name), dict) else {}
+        opts = self._options.get(name)
+        if opts is None:  # the section's own dict: looked up once per plugin, not per call
+            opts = self.config.section(name)
+            opts = self._options[name] = opts if isinstance(opts, dict) else {}
+        return opts
 
     def timeout(self, name: str) -> float:
         cached = self._timeouts.get(name)
@@ -265,11 +270,12 @@ class PluginHost:
         (policy ``tempfail``) or the string ``"skipped"`` (policy ``skip``)."""
         name = impl.plugin_name
         argnames = impl.argnames
-        args = {a: kwargs.get(a) for a in argnames}
-        if "options" in args:
-            args["options"] = self.options(name)
+        if "options" in argnames:
+            kwargs["options"] = self.options(name)  # each plugin its own section
         try:
-            result = impl.function(**args)
+            # pluggy's argnames are the function's parameters in order: positional arguments
+            # cost less than a dict per call (a message makes ~30 hook calls)
+            result = impl.function(*[kwargs.get(a) for a in argnames])
             if result.__class__ is _Coroutine:
                 # Most async hooks finish without ever waiting (cached DNS, local data): run the
                 # coroutine to its first suspension and only then arm the timeout (a timer per
