@@ -6,14 +6,17 @@ native engine has: its framing, its ordering of commands that arrive while the p
 and its idle timeout."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import GTUBE
 from milter_client import ALL_ACTIONS, ALL_PROTO, NR_FOR, SKIP_FOR, MilterClient
-from milter_support import FilterdMilterProc
+from milter_support import ROOT, FilterdMilterProc
 
 from filterd.milter import protocol as P
 
@@ -207,3 +210,48 @@ def test_a_body_chunk_riding_on_end_of_message_is_scanned_and_gets_one_answer(na
                         b"A clean body.\r\n")
     c.quit()
     assert replies[-1][0] == b"c", replies
+
+
+# -- the event loop ([milter] event_loop) -------------------------------------------------------
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_milter_gives_the_same_verdicts_on_uvloop_and_on_asyncios_own_loop(loop):
+    m = FilterdMilterProc(f"milter.event_loop={loop}", engine="native")
+    try:
+        for sender, body, final in (("spammer@example.com", f"{GTUBE}\r\n", b"y"),
+                                    ("alice@example.com", "A clean body.\r\n", b"c")):
+            c = MilterClient(m.port)
+            c.negotiate()
+            replies = c.message(sender, ["bob@example.org"], CLEAN_HEADERS, body.encode())
+            c.quit()
+            assert replies[-1][0] == final, replies
+        assert f"native engine on {loop}" in m.log()
+    finally:
+        m.stop()
+
+
+def test_uvloop_asked_for_but_not_importable_stops_start_up_with_the_remedy(tmp_path):
+    """"auto" falls back to asyncio's loop; "uvloop" says what is missing before listening."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "uvloop.py").write_text("raise ImportError('uvloop removed for this test')\n")
+    (tmp_path / "empty.toml").write_text("")
+    env = dict(os.environ, PYTHONPATH=f"{shadow}{os.pathsep}{ROOT}")
+    cmd = [sys.executable, "-m", "filterd", "milter", "--listen", "inet:1@127.0.0.1",
+           "--config", str(tmp_path / "empty.toml"), "--set", f"server.state_dir={tmp_path}",
+           "--set", "milter.event_loop=uvloop"]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "uvloop cannot be imported" in p.stderr and "pip install uvloop" in p.stderr, p.stderr
+    assert "ready" not in p.stderr
+
+    m = FilterdMilterProc("milter.event_loop=auto", engine="native",
+                          env={"PYTHONPATH": env["PYTHONPATH"]})
+    try:
+        c = MilterClient(m.port)
+        c.negotiate()
+        replies = c.message("alice@example.com", ["bob@example.org"], CLEAN_HEADERS, b"Hi.\r\n")
+        c.quit()
+        assert replies[-1][0] == b"c", replies
+        assert "native engine on asyncio" in m.log()
+    finally:
+        m.stop()

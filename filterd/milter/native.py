@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 
+from .. import eventloop
 from ..model import Session
 from . import actions as milter_actions
 from . import protocol as P
@@ -307,8 +308,8 @@ def serve_one(settings: MilterSettings, sock: socket.socket, config_path, overri
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("milter pid %d ready on %s (native engine; early phases waiting for plugins: "
-                 "%s)", os.getpid(), settings.listen,
+        log.info("milter pid %d ready on %s (native engine on %s; early phases waiting for "
+                 "plugins: %s)", os.getpid(), settings.listen, type(loop).__module__.split(".")[0],
                  ",".join(h for h, v in server.live.items() if v) or "none")
         try:
             await stop.wait()
@@ -316,5 +317,5 @@ def serve_one(settings: MilterSettings, sock: socket.socket, config_path, overri
             srv.close()
             await pipeline.close()
 
-    asyncio.run(main())
+    eventloop.run(main(), settings.event_loop)
     return 0

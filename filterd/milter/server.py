@@ -86,6 +86,7 @@ class MilterSettings:
     delay_reject: bool = True
     name: str = "filterd"
     switch_interval: float = 0.0005
+    event_loop: str = "auto"
 
     @classmethod
     def from_config(cls, config, listen: str | None = None,
@@ -109,6 +110,7 @@ class MilterSettings:
             delay_reject=bool(g("delay_reject")),
             name=g("name") or "filterd",
             switch_interval=config.duration("server.switch_interval"),
+            event_loop=g("event_loop") or "auto",
         )
 
 
@@ -628,8 +630,10 @@ def run_milter(config, config_path=None, overrides=(), listen: str | None = None
                                          "pass --listen inet:PORT@HOST")])
     check_listen(settings.listen)
     if settings.engine == "native":
+        from .. import eventloop
         from . import native
 
+        eventloop.loop_factory(settings.event_loop)  # uvloop asked for but missing: say so now
         sock = native.listen_socket(settings)
 
         def serve() -> int:
