@@ -210,61 +210,84 @@ def forged_ar_removals(raw: bytes, our_id: str) -> list:
     return out
 
 
-def build_authres(ctx) -> str:
-    """The value of our Authentication-Results header from the results in ``ctx.data``."""
-    import authres
-    import authres.arc
-    import authres.dmarc
+# RFC 8601 2.2: a value is a token (RFC 2045) or a quoted-string; a pvalue may also be an address
+_AR_TOKEN = _re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
+_AR_UNPRINTABLE = _re.compile(r"[^\x20-\x7e]")
+_AR_QUOTED = _re.compile(r'(["\\])')
 
-    results = []
+
+def _ar_value(value: str) -> str:
+    """A value as authres writes it: an address or a token as it is, else a quoted-string."""
+    if "@" in value or _AR_TOKEN.fullmatch(value):
+        return value
+    return '"' + _AR_QUOTED.sub(r"\\\1", value) + '"'
+
+
+def _ar_clause(method: str, result: str, comment: str | None = None, reason: str | None = None,
+               props: tuple = ()) -> str:
+    """One ``method=result (comment) reason=... ptype.property=value ...`` clause."""
+    out = [method, "=", result.lower()]
+    if comment:
+        out.append(f" ({comment})")
+    if reason:
+        out.append(" reason=" + _ar_value(_AR_UNPRINTABLE.sub("?", reason)))
+    for ptype, prop, value in props:
+        if value:
+            out.append(f" {ptype}.{prop}={_ar_value(value)}")
+    return "".join(out)
+
+
+def build_authres(ctx) -> str:
+    """The value of our Authentication-Results header from the results in ``ctx.data``.
+
+    Written here with authres' grammar and quoting (tests/test_auth_results.py checks that
+    it equals authres' own output and that authres parses it back): building authres' objects
+    cost a milter ~0.2 M instructions per message, most of it compiling regular expressions
+    per value. authres still parses Authentication-Results (ARC, the tests)."""
+    clauses = []
     spf = ctx.data.get("spf")
     if spf:
         mf, helo = spf.get("mailfrom"), spf.get("helo")
         if mf is not None:
             if mf.identity == "mailfrom":
-                results.append(authres.SPFAuthenticationResult(
-                    result=mf.result, smtp_mailfrom=mf.sender or None))
+                clauses.append(_ar_clause("spf", mf.result,
+                                          props=(("smtp", "mailfrom", mf.sender),)))
             else:
-                results.append(authres.SPFAuthenticationResult(
-                    result=mf.result, smtp_helo=ctx.session.helo or None))
+                clauses.append(_ar_clause("spf", mf.result,
+                                          props=(("smtp", "helo", ctx.session.helo),)))
         if helo is not None and helo is not mf:
-            results.append(authres.SPFAuthenticationResult(
-                result=helo.result, smtp_helo=ctx.session.helo or None))
+            clauses.append(_ar_clause("spf", helo.result,
+                                      props=(("smtp", "helo", ctx.session.helo),)))
     dkim = ctx.data.get("dkim")
     if dkim is not None:
         if not dkim:
-            results.append(authres.DKIMAuthenticationResult(result="none"))
+            clauses.append(_ar_clause("dkim", "none"))
         for r in dkim:
-            comment = f"{r.bits}-bit key" if r.bits else None
-            reason = _clean(r.reason) if r.reason and r.result != "pass" else None
-            res = authres.DKIMAuthenticationResult(
-                result=r.result, result_comment=comment, reason=reason,
-                header_d=r.domain or None, header_i=r.identity or None,
-                header_s=r.selector or None, header_a=r.algorithm or None)
-            if r.b_prefix:
-                res.properties.append(authres.AuthenticationResultProperty(
-                    "header", "b", r.b_prefix))
-            results.append(res)
+            clauses.append(_ar_clause(
+                "dkim", r.result, f"{r.bits}-bit key" if r.bits else None,
+                _clean(r.reason) if r.reason and r.result != "pass" else None,
+                (("header", "d", r.domain), ("header", "i", r.identity),
+                 ("header", "a", r.algorithm), ("header", "s", r.selector),
+                 ("header", "b", r.b_prefix))))
     dmarc = ctx.data.get("dmarc")
     if dmarc is not None:
-        results.append(authres.dmarc.DMARCAuthenticationResult(
-            result=dmarc.result, reason=_clean(dmarc.reason) if dmarc.reason else None,
-            header_from=dmarc.domain or None,
-            policy=dmarc.policy if dmarc.result in ("pass", "fail") else None,
-            result_comment=(f"p={dmarc.record.get('p', 'none').upper()} "
-                            f"sp={dmarc.record.get('sp', dmarc.record.get('p', 'none')).upper()} "
-                            f"dis={dmarc.disposition.upper()}") if dmarc.record else None))
+        comment = None
+        if dmarc.record:
+            p = dmarc.record.get("p", "none")
+            comment = (f"p={p.upper()} sp={dmarc.record.get('sp', p).upper()} "
+                       f"dis={dmarc.disposition.upper()}")
+        clauses.append(_ar_clause(
+            "dmarc", dmarc.result, comment, _clean(dmarc.reason) if dmarc.reason else None,
+            (("header", "from", dmarc.domain),
+             ("policy", "dmarc", dmarc.policy if dmarc.result in ("pass", "fail") else None))))
     arc = ctx.data.get("arc")
     if arc is not None:
-        res = authres.arc.ARCAuthenticationResult(
-            result=arc.result, reason=_clean(arc.reason) if arc.result == "fail" else None,
-            smtp_remote_ip=ctx.session.peer_ip or None)
-        if arc.result == "pass" and arc.oldest_pass:
-            res.header_oldest_pass = str(arc.oldest_pass)
-        results.append(res)
-    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id(ctx.config),
-                                                 results=results)
-    return header.header_value()
+        clauses.append(_ar_clause(
+            "arc", arc.result, None, _clean(arc.reason) if arc.result == "fail" else None,
+            (("smtp", "remote-ip", ctx.session.peer_ip),
+             ("header", "oldest-pass",
+              str(arc.oldest_pass) if arc.result == "pass" and arc.oldest_pass else None))))
+    return authserv_id(ctx.config) + "; " + ("; ".join(clauses) if clauses else "none")
 
 
 def _clean(text: str) -> str:

@@ -33,6 +33,11 @@ CREATE INDEX IF NOT EXISTS events_rcpt ON events (rcpt, ts);
 """
 
 
+# json.dumps(..., ensure_ascii=False) builds a new encoder on every call (only the default
+# arguments share one); the trace encodes two objects per event
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 @dataclass
 class Event:
     ts: float
@@ -64,8 +69,8 @@ class Event:
         stores the same text: it is encoded once)."""
         d = self.to_dict()
         if d.pop("detail", None) is None or detail_json is None:
-            return json.dumps(d, ensure_ascii=False)
-        return json.dumps(d, ensure_ascii=False)[:-1] + ', "detail": ' + detail_json + "}"
+            return _encode(d)
+        return _encode(d)[:-1] + ', "detail": ' + detail_json + "}"
 
 
 class IndexBusy(Exception):
@@ -114,7 +119,7 @@ class TraceLog:
             by_day: dict[str, list[str]] = {}
             rows = []
             for e in events:
-                detail = json.dumps(e.detail, ensure_ascii=False) if e.detail else None
+                detail = _encode(e.detail) if e.detail else None
                 day = time.strftime("%Y-%m-%d", time.gmtime(e.ts))
                 by_day.setdefault(day, []).append(e.json_line(detail))
                 rows.append((e.ts, e.id, e.event, e.sender.lower(), e.rcpt.lower(), e.client,

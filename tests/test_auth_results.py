@@ -148,3 +148,117 @@ async def test_long_authentication_results_is_folded_within_line_limit(pipeline_
     assert ar_headers(out) == [value]
     methods = [x.method for x in parse(value).results]
     assert methods == ["spf"] + ["dkim"] * 12 + ["dmarc", "arc"]
+
+
+# -- our formatting is authres' formatting ------------------------------------------------------
+def authres_reference(ctx) -> str:
+    """The header as authres' own objects write it (what build_authres did before it wrote the
+    clauses itself): the reference the fast path must equal."""
+    import authres.arc
+    import authres.dmarc
+
+    from filterd.auth import _clean, authserv_id
+
+    results = []
+    spf = ctx.data.get("spf")
+    if spf:
+        mf, helo = spf.get("mailfrom"), spf.get("helo")
+        if mf is not None:
+            if mf.identity == "mailfrom":
+                results.append(authres.SPFAuthenticationResult(
+                    result=mf.result, smtp_mailfrom=mf.sender or None))
+            else:
+                results.append(authres.SPFAuthenticationResult(
+                    result=mf.result, smtp_helo=ctx.session.helo or None))
+        if helo is not None and helo is not mf:
+            results.append(authres.SPFAuthenticationResult(
+                result=helo.result, smtp_helo=ctx.session.helo or None))
+    dkim = ctx.data.get("dkim")
+    if dkim is not None:
+        if not dkim:
+            results.append(authres.DKIMAuthenticationResult(result="none"))
+        for r in dkim:
+            res = authres.DKIMAuthenticationResult(
+                result=r.result, result_comment=f"{r.bits}-bit key" if r.bits else None,
+                reason=_clean(r.reason) if r.reason and r.result != "pass" else None,
+                header_d=r.domain or None, header_i=r.identity or None,
+                header_s=r.selector or None, header_a=r.algorithm or None)
+            if r.b_prefix:
+                res.properties.append(authres.AuthenticationResultProperty("header", "b",
+                                                                           r.b_prefix))
+            results.append(res)
+    dmarc = ctx.data.get("dmarc")
+    if dmarc is not None:
+        results.append(authres.dmarc.DMARCAuthenticationResult(
+            result=dmarc.result, reason=_clean(dmarc.reason) if dmarc.reason else None,
+            header_from=dmarc.domain or None,
+            policy=dmarc.policy if dmarc.result in ("pass", "fail") else None,
+            result_comment=(f"p={dmarc.record.get('p', 'none').upper()} "
+                            f"sp={dmarc.record.get('sp', dmarc.record.get('p', 'none')).upper()} "
+                            f"dis={dmarc.disposition.upper()}") if dmarc.record else None))
+    arc = ctx.data.get("arc")
+    if arc is not None:
+        res = authres.arc.ARCAuthenticationResult(
+            result=arc.result, reason=_clean(arc.reason) if arc.result == "fail" else None,
+            smtp_remote_ip=ctx.session.peer_ip or None)
+        if arc.result == "pass" and arc.oldest_pass:
+            res.header_oldest_pass = str(arc.oldest_pass)
+        results.append(res)
+    return authres.AuthenticationResultsHeader(authserv_id=authserv_id(ctx.config),
+                                               results=results).header_value()
+
+
+def _ctx(data, helo="mail.example.com", ip="192.0.2.7"):
+    from types import SimpleNamespace
+
+    from filterd.config import Config
+
+    cfg = Config({"auth": {"authserv_id": "MX.Example.Net"}, "server": {"hostname": ""}},
+                 None, None)
+    return SimpleNamespace(data=data, session=Session(peer_ip=ip, helo=helo), config=cfg)
+
+
+def _result_sets():
+    from types import SimpleNamespace as NS
+
+    spf = NS(identity="mailfrom", result="Pass", sender="bounce+x=y@news.example.com")
+    spf_helo = NS(identity="helo", result="softfail", sender="")
+    signed = NS(result="pass", bits=2048, reason="", domain="example.com",
+                identity="@example.com", selector="sel-2026", algorithm="rsa-sha256",
+                b_prefix="dGhpcyBp")
+    broken = NS(result="fail", bits=1024, reason='body hash did not verify ("bh" \\ mismatch)\r\n',
+                domain="lists.example.org", identity="", selector="s1", algorithm="ed25519-sha256",
+                b_prefix="")
+    odd = NS(result="permerror", bits=0, reason="key r\u00e9voqu\u00e9e; see <x>", domain="",
+             identity="", selector="", algorithm="", b_prefix="")
+    dmarc_fail = NS(result="fail", reason="neither SPF nor DKIM aligned", domain="example.com",
+                    policy="reject", record={"p": "reject"}, disposition="quarantine")
+    dmarc_sp = NS(result="pass", reason="", domain="sub.example.com", policy="none",
+                  record={"p": "quarantine", "sp": "none"}, disposition="none")
+    dmarc_none = NS(result="none", reason="no DMARC record", domain="example.org", policy="",
+                    record=None, disposition="")
+    yield {}
+    yield {"spf": {"mailfrom": spf, "helo": spf}}
+    yield {"spf": {"mailfrom": spf_helo, "helo": None}, "dkim": []}
+    yield {"spf": {"mailfrom": spf, "helo": spf_helo}, "dkim": [signed, broken, odd],
+           "dmarc": dmarc_fail, "arc": NS(result="pass", reason="", oldest_pass=1)}
+    yield {"dkim": [signed], "dmarc": dmarc_sp,
+           "arc": NS(result="fail", reason='AMS i=2 "broken"', oldest_pass=0)}
+    yield {"dmarc": dmarc_none, "arc": NS(result="none", reason="", oldest_pass=0)}
+
+
+def test_our_authentication_results_equal_authres_own_output_and_parse_back():
+    from filterd.auth import build_authres
+
+    for data in _result_sets():
+        for helo, ip in (("mail.example.com", "192.0.2.7"), ("", ""), ("[192.0.2.7]", "::1")):
+            ctx = _ctx(data, helo, ip)
+            ours = build_authres(ctx)
+            assert ours == authres_reference(ctx), data
+            parsed = parse(ours)
+            assert parsed.authserv_id == "mx.example.net"
+            spf = data.get("spf") or {}
+            methods = ["spf"] * len({id(v) for v in spf.values() if v is not None})
+            methods += ["dkim"] * max(1, len(data["dkim"])) if "dkim" in data else []
+            methods += [m for m in ("dmarc", "arc") if m in data]
+            assert [r.method for r in parsed.results] == methods, ours
