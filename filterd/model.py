@@ -158,6 +158,7 @@ _URL_RE = re.compile(r"""(?i)\b((?:https?|ftp)://[^\s<>"'\)\]]+|www\.[a-z0-9-]+(
 _HREF_RE = re.compile(r"""(?i)(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
 _TAG_RE = re.compile(r"(?s)<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.I)
 _WS_RE = re.compile(r"[ \t\r\f\v]+")
+_UNFOLD_RE = re.compile(r"\r?\n[ \t]*")
 
 
 def html_to_text(markup: str) -> str:
@@ -231,19 +232,25 @@ class ParsedMessage:
         out = []
         for name, value in self.email.items():
             v = decode_header_value(value)
-            out.append((name, re.sub(r"\r?\n[ \t]*", " ", v).strip()))
+            if "\n" in v:
+                v = _UNFOLD_RE.sub(" ", v)
+            out.append((name, v.strip()))
+        return out
+
+    @cached_property
+    def header_index(self) -> dict[str, list[str]]:
+        """Lower-cased header name -> its values in order (one pass for every lookup)."""
+        out: dict[str, list[str]] = {}
+        for n, v in self.headers:
+            out.setdefault(n.lower(), []).append(v)
         return out
 
     def header(self, name: str, default: str = "") -> str:
-        lname = name.lower()
-        for n, v in self.headers:
-            if n.lower() == lname:
-                return v
-        return default
+        values = self.header_index.get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for n, v in self.headers if n.lower() == lname]
+        return list(self.header_index.get(name.lower(), ()))
 
     @property
     def subject(self) -> str:
@@ -360,11 +367,12 @@ class ParsedMessage:
         sources = [p.text() for p in self.parts if p.is_text]
         for src in sources:
             # the regexes scan every position; most text has no link at all, and a link needs
-            # "://" or "www." (a cheap substring test first)
-            low = src.lower()
-            if "://" not in low and "www." not in low:
+            # "://" or "www." in any case (cheap substring tests first: lower() of a whole
+            # text costs more than the two searches for the "w." that "www." ends with)
+            if "://" not in src and ("w." not in src and "W." not in src
+                                     or "www." not in src.lower()):
                 continue
-            if "=" in low:
+            if "=" in src:
                 for m in _HREF_RE.finditer(src):
                     u = html.unescape(m.group(1))
                     if u.lower().startswith(("http://", "https://", "ftp://", "www.")):

@@ -405,12 +405,7 @@ class _View:
     @property
     def header_index(self) -> dict[str, list[str]]:
         """Lower-cased header name -> its values, in order (one pass for all header rules)."""
-        def f():
-            out: dict[str, list[str]] = {}
-            for n, val in self.msg.parsed.headers:
-                out.setdefault(n.lower(), []).append(val)
-            return out
-        return self.get("header_index", f)
+        return self.msg.parsed.header_index
 
     @property
     def rawbody(self) -> str:
