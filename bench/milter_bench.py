@@ -423,8 +423,14 @@ def debian_venv() -> str:
     if not Path("/usr/bin/python3").exists():
         raise SystemExit("--python debian: /usr/bin/python3 not found (apt-get install "
                          "python3 python3-venv python3-dev)")
-    subprocess.run(["make", "-s", "venv", f"VENV={DEBIAN_VENV}", "PYTHON=/usr/bin/python3"],
-                   cwd=ROOT, check=True)
+    if not (DEBIAN_VENV / ".installed").exists():
+        print(f"making {DEBIAN_VENV} (Debian's /usr/bin/python3 with filterd's dependencies)",
+              flush=True)
+    r = subprocess.run(["make", "-s", "venv", f"VENV={DEBIAN_VENV}", "PYTHON=/usr/bin/python3"],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"--python debian: making {DEBIAN_VENV} failed:\n"
+                         f"{(r.stdout + r.stderr)[-3000:]}")
     return str(DEBIAN_VENV / "bin" / "python")
 
 
