@@ -180,28 +180,31 @@ def child_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def bogofilter_bulk(d: Path, flag: list[str], files) -> str:
+    """bogofilter with word list directory ``d`` and ``flag`` (-s/-n to train, -T to classify)
+    on ``files``: their names as arguments (-B, bulk mode), in chunks that keep the command
+    line short. Returns what it printed."""
+    out = []
+    for i in range(0, len(files), 1000):
+        p = subprocess.run(["bogofilter", "-d", str(d), *flag, "-B",
+                            *map(str, files[i:i + 1000])],
+                           capture_output=True, text=True)
+        if p.returncode not in (0, 1, 2):  # spam, ham, unsure
+            raise RuntimeError(f"bogofilter failed ({p.returncode}): {p.stderr.strip()}")
+        out.append(p.stdout)
+    return "".join(out)
+
+
 def run_bogofilter(train_ham, train_spam, test, tmp: Path):
     d = tmp / "bogo"
     d.mkdir()
 
-    def bulk(flag, files):
-        # -B: file names as arguments (bulk mode); chunks keep the command line short
-        out = []
-        for i in range(0, len(files), 1000):
-            p = subprocess.run(["bogofilter", "-d", str(d), *flag, "-B",
-                                *map(str, files[i:i + 1000])],
-                               capture_output=True, text=True)
-            if p.returncode not in (0, 1, 2):
-                raise RuntimeError(f"bogofilter failed ({p.returncode}): {p.stderr.strip()}")
-            out.append(p.stdout)
-        return "".join(out)
-
     t0, c0 = time.perf_counter(), child_cpu()
-    bulk(["-s"], train_spam)
-    bulk(["-n"], train_ham)
+    bogofilter_bulk(d, ["-s"], train_spam)
+    bogofilter_bulk(d, ["-n"], train_ham)
     t_train = (time.perf_counter() - t0, child_cpu() - c0)
     t0, c0 = time.perf_counter(), child_cpu()
-    out = bulk(["-T"], test)
+    out = bogofilter_bulk(d, ["-T"], test)
     t_class = (time.perf_counter() - t0, child_cpu() - c0)
     by_file = {}
     for line in out.splitlines():

@@ -272,10 +272,8 @@ def bayes(args) -> int:
         asyncio.run(train())
         bogo = tmp / "bogo"
         bogo.mkdir()
-        for flag, files in (("-s", trs), ("-n", trh)):
-            for i in range(0, len(files), 1000):
-                subprocess.run(["bogofilter", "-d", str(bogo), flag, "-B",
-                                *map(str, files[i:i + 1000])], check=True)
+        bb.bogofilter_bulk(bogo, ["-s"], trs)
+        bb.bogofilter_bulk(bogo, ["-n"], trh)
         lists = {}
         for k, names in (("one", picked[:1]), ("all", picked)):
             lists[k] = tmp / f"{k}.txt"

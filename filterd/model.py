@@ -65,7 +65,7 @@ class Session:
         """``peer_ip`` parsed (None when it is not an address); parsed again only when
         ``peer_ip`` changed (plugins ask several times per message)."""
         text, ip = self._ip
-        if text != self.peer_ip or not text:
+        if text != self.peer_ip:
             try:
                 ip = ipaddress.ip_address(self.peer_ip.split("%")[0])
             except ValueError:
