@@ -21,6 +21,8 @@ import socket
 from dataclasses import dataclass, field
 
 from .dns import DNSError
+from .rewrite import field_name, field_value, header_fields, split_message
+from .verdict import Modification
 
 # ---------------------------------------------------------------------------------------------
 # Result records
@@ -192,9 +194,6 @@ def ar_authserv_id(value: str) -> str:
 def forged_ar_removals(raw: bytes, our_id: str) -> list:
     """Modifications removing every incoming Authentication-Results header that claims our
     authserv-id (RFC 8601 5: a sender must not be able to forge our verdicts)."""
-    from .rewrite import field_name, field_value, header_fields, split_message
-    from .verdict import Modification
-
     block, _sep, _body = split_message(raw)
     if b"authentication-results" not in block.lower():
         return []  # the common case, without walking the fields

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ConfigProblem, parse_size
+from .rewrite import split_message
 
 log = logging.getLogger("filterd.rules")
 
@@ -412,8 +413,6 @@ class _View:
         def f():
             if not self.msg:
                 return ""
-            from .rewrite import split_message
-
             return split_message(self.msg.raw)[2][:MAX_REGEX_TEXT].decode("latin-1")
         return self.get("rawbody", f)
 

@@ -18,6 +18,8 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 
+from filterd_plugins.clamav import keep_own_verdict
+
 from filterd.config import parse_duration, parse_size
 from filterd.hookspecs import hookimpl
 from filterd.verdict import Verdict
@@ -546,8 +548,6 @@ class Plugin:
     def decide(self, ctx):
         """Keep the specific reply ("Attachment not allowed: x.exe") when the score reached the
         same action (at equal severity the generic score reply would win otherwise)."""
-        from filterd_plugins.clamav import keep_own_verdict
-
         return keep_own_verdict(ctx, ctx.data.get("attachments.verdict"))
 
 

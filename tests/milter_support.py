@@ -182,6 +182,14 @@ class FilterdMilterProc:
             self.errf.flush()
         return self.stderr_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it holds ``text`` (or as it is after ``timeout`` seconds): what the
+        milter logs after it has answered may land after the client has its reply."""
+        deadline = time.monotonic() + timeout
+        while text not in (out := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return out
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

@@ -448,7 +448,8 @@ def test_tls_and_auth_macros_reach_the_pipeline_session(tmp_path):
         text = added[0].decode()
         assert ("ip=198.51.100.7 name=mx.client.example helo=mx.client.example "
                 "tls=TLSv1.3/TLS_AES_256_GCM_SHA384 auth=alice door=milter") in text
-        assert "qid=4XyZ1" in m.log()  # the MTA queue id is logged with the verdict
+        # the MTA queue id is logged with the verdict (after the reply has gone out)
+        assert "qid=4XyZ1" in m.wait_log("qid=4XyZ1")
     finally:
         m.stop()
 

@@ -37,7 +37,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..model import Session
+from ..model import Message, Session
+from ..pipeline import RecipientOutcome
 from ..verdict import Action, Verdict
 from . import actions as milter_actions
 from . import protocol as P
@@ -148,7 +149,7 @@ class MilterServer:
             self.stats[key] += 1
 
     # -- the end-of-message coroutine (runs on the loop) -------------------------------------
-    async def end_of_message(self, pipe, tx: "TxState", session: Session, raw: bytes,
+    async def end_of_message(self, pipe, tx: "TxState", session: Session, raw: Message,
                              headers: list[tuple[str, str]], truncated: bool):
         s = self.settings
         early = await owed_phases(pipe, tx, session)
@@ -171,8 +172,6 @@ class MilterServer:
             return _verdict_plan(v), None
 
         result = await pipe.data(ctx, raw)
-        from ..pipeline import RecipientOutcome
-
         for addr, v in rejected.items():
             result.outcomes[addr] = RecipientOutcome(addr, v.action, 0.0, v)
         mode = self.quarantine_mode(pipe)
@@ -508,7 +507,7 @@ class MilterSession:
         return self._continue()
 
     # -- end of message pieces -----------------------------------------------------------------
-    def eom_input(self) -> tuple[str, bytes, list[tuple[str, str]]]:
+    def eom_input(self) -> tuple[str, Message, list[tuple[str, str]]]:
         """(queue id, the message as received, its headers) at end of message; raises when
         the message cannot be scanned (the caller applies the error policy)."""
         if self.tx is None:
@@ -540,18 +539,22 @@ class MilterSession:
                      (time.monotonic() - t0) * 1000)
         return after
 
-    def _message(self) -> tuple[bytes, list[tuple[str, str]]]:
+    def _message(self) -> tuple[Message, list[tuple[str, str]]]:
+        """The message as received (its header fields kept as the MTA sent them, so that
+        parsing it skips the header block) and its headers as text."""
         nl = b"\r\n"
         sep = b":" if self.leadspc else b": "
         parts = []
+        fields = []
         hdrs = []
         for name, value in self.headers:
             name_b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
             v = value.replace(b"\r\n", b"\n").replace(b"\n", nl)
             parts.append(name_b + sep + v + nl)
+            fields.append((name_b, v))
             hdrs.append((name_b.decode("utf-8", "surrogateescape"),
                          v.decode("utf-8", "surrogateescape")))
-        return b"".join(parts) + nl + b"".join(self.chunks), hdrs
+        return Message(b"".join(parts) + nl + b"".join(self.chunks), fields), hdrs
 
     def operations(self, p: milter_actions.MilterPlan, tx: TxState):
         """A "continue" plan as the milter operations that carry it out, in order:
