@@ -205,6 +205,7 @@ class PluginHost:
             log.error("plugin %s (%s) %s", i.name, i.origin, i.error)
         self._impls: dict[str, list] = {}
         self._timeouts: dict[str, float] = {}
+        self.idle: dict[str, set[str]] = {}  # plugin name -> hooks it has nothing to do in
 
     # -- configuration per plugin -------------------------------------------------------------
     def options(self, name: str) -> dict:
@@ -229,7 +230,8 @@ class PluginHost:
         if hook not in self._impls:
             caller = getattr(self.pm.hook, hook)
             by_plugin = {i.plugin_name: i for i in caller.get_hookimpls()}
-            ordered = [by_plugin[n] for n in self.order if n in by_plugin]
+            ordered = [by_plugin[n] for n in self.order
+                       if n in by_plugin and hook not in self.idle.get(n, ())]
             # @hookimpl(tryfirst=True) / (trylast=True) move one hook of a plugin to the front
             # or back of its phase; the configured order holds within each group (so the auth
             # checks can run first in `data` while their signers run last in `modify`)
@@ -353,6 +355,26 @@ class PluginHost:
             except Exception as exc:  # noqa: BLE001
                 raise PluginError(f"plugin {impl.plugin_name} failed to start: "
                                   f"{type(exc).__name__}: {exc}") from exc
+        self._ask_idle()
+
+    def _ask_idle(self) -> None:
+        """Ask each plugin, once it has started, which of its hooks have nothing to do with its
+        configuration (an optional plain method ``idle_hooks()``, see docs/hooks.md): those
+        are not called at all. A plugin that cannot say is called for every hook."""
+        for name in self.order:
+            fn = getattr(self.pm.get_plugin(name), "idle_hooks", None)
+            if fn is None:
+                continue
+            try:
+                hooks = {h for h in fn() or () if h not in ("startup", "shutdown")}
+            except Exception:  # noqa: BLE001 - when unsure, every hook is called
+                log.exception("plugin %s: idle_hooks() failed; calling all its hooks", name)
+                continue
+            if hooks:
+                self.idle[name] = hooks
+                log.debug("plugin %s: not called for %s (nothing to do as configured)", name,
+                          ", ".join(sorted(hooks)))
+        self._impls.clear()
 
     async def shutdown(self) -> None:
         for impl in self.impls("shutdown"):

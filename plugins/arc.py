@@ -224,6 +224,11 @@ class Plugin:
         self.services = services
         self.key: bytes | None = None
 
+    def idle_hooks(self) -> set[str]:
+        o = self.options
+        return ({"data"} if not o.get("verify", True) else set()) | \
+            ({"modify"} if not o.get("seal") or self.key is None else set())
+
     @hookimpl
     def startup(self, options, services):
         if not options.get("seal"):

@@ -158,6 +158,10 @@ class Plugin:
             return None
         return self._learn_address(ctx, recipient, kind)
 
+    def idle_hooks(self) -> set[str]:
+        # RCPT TO and the verdict on learn messages only matter with learn addresses
+        return set() if self.learn else {"rcpt_to", "decide"}
+
     def wants(self, hook, session=None, address=None) -> bool:
         # RCPT TO matters only for the learn addresses (refused to non-local senders there)
         if hook != "rcpt_to":

@@ -332,6 +332,9 @@ class Plugin:
         return None
 
     # -- the scan -------------------------------------------------------------------------------
+    def idle_hooks(self) -> set[str]:
+        return {"data", "decide"} if self.client is None else set()  # no clamd configured
+
     @hookimpl
     async def data(self, ctx, message):
         if self.client is None:

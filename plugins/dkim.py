@@ -199,6 +199,11 @@ class Plugin:
         self.services = services
         self.keys: dict[str, dict] = {}
 
+    def idle_hooks(self) -> set[str]:
+        o = self.options
+        return ({"data"} if not o.get("verify", True) else set()) | \
+            ({"modify"} if not o.get("sign", True) or not self.keys else set())
+
     @hookimpl
     def startup(self, options, services):
         """Load every signing key now: a missing or unreadable key is a start-up error naming

@@ -109,6 +109,10 @@ class Plugin:
         self.services = services
         self._psl = None
 
+    def idle_hooks(self) -> set[str]:
+        o = self.options
+        return set() if (o["ip_zones"] or o["rhsbl_zones"] or o["uribl_zones"]) else {"data"}
+
     def registered_domain(self, host: str) -> str:
         if self._psl is None:
             from publicsuffixlist import PublicSuffixList

@@ -24,6 +24,12 @@ class Plugin:
         return bool(self.store) and self.options.get("check_at_smtp_time", True) and \
             address.rpartition("@")[2].lower() in self.local
 
+    def idle_hooks(self) -> set[str]:
+        # no local domains (or no check at SMTP time): nothing to check for anyone
+        if self.store and self.options.get("check_at_smtp_time", True) and self.local:
+            return set()
+        return {"rcpt_to", "data"}
+
     def wants(self, hook, session=None, address=None) -> bool:
         if hook != "rcpt_to":
             return True

@@ -172,6 +172,56 @@ async def test_a_hanging_plugin_is_cut_off_by_its_timeout(tmp_path, pipeline_fac
     assert sym.options == ["sleepy"] and "timed out after 0.2s" in sym.description
 
 
+IDLE = """
+from filterd.hookspecs import hookimpl
+
+def idle_hooks():
+    {body}
+
+@hookimpl
+def data(ctx):
+    raise RuntimeError("an idle hook was called")
+
+@hookimpl
+def decide(ctx):
+    ctx.add_symbol("IDLE_PLUGIN_DECIDED", 0.0)
+"""
+
+
+@pytest.mark.parametrize("body, data_called", [
+    ('return {"data"}', False),
+    ("return set()", True),
+    ('raise RuntimeError("cannot tell")', True),  # when unsure, every hook is called
+])
+async def test_hooks_a_plugin_calls_idle_are_not_called_and_the_others_are(
+        tmp_path, pipeline_factory, body, data_called):
+    write_plugin(tmp_path / "p", "idler", IDLE.format(body=body))
+    pipe = await pipeline_factory(f"plugins.site_dir={tmp_path / 'p'}")
+    result = await pipe.scan(make_message(), "a@example.com", ["b@example.org"])
+    names = [s.name for s in result.symbols]
+    assert "IDLE_PLUGIN_DECIDED" in names
+    assert ("PLUGIN_ERROR" in names) is data_called
+    assert result.outcomes["b@example.org"].action.value == ("tempfail" if data_called
+                                                             else "accept")
+
+
+async def test_unconfigured_builtins_are_idle_until_configured(tmp_path, pipeline_factory):
+    """ClamAV without clamd, DNSBL without zones, DKIM without signing keys, ARC without
+    sealing, Bayes without learn addresses, quotas without local domains: not called for
+    what they have nothing to do in. Configured, they are called again."""
+    pipe = await pipeline_factory()
+    assert pipe.host.idle == {
+        "clamav": {"data", "decide"}, "dnsbl": {"data"}, "dkim": {"modify"},
+        "arc": {"modify"}, "bayes": {"rcpt_to", "decide"},
+        "mailbox_quota": {"rcpt_to", "data"}}
+    assert "clamav" not in [i.plugin_name for i in pipe.host.impls("data")]
+    configured = await pipeline_factory(
+        "clamav.socket=127.0.0.1:9", "dnsbl.ip_zones={'zen.example' = {'127.0.0.2' = 'RBL'}}",
+        "bayes.learn_spam_addresses=['spam@example.org']", "delivery.local_domains=['example.org']")
+    assert set(configured.host.idle) == {"dkim", "arc"}
+    assert "clamav" in [i.plugin_name for i in configured.host.impls("data")]
+
+
 def test_a_plugin_that_fails_to_import_is_named_and_the_rest_keep_working(tmp_path):
     write_plugin(tmp_path / "p", "broken", BROKEN_IMPORT)
     site = f"plugins.site_dir={tmp_path / 'p'}"
