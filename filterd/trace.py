@@ -33,6 +33,19 @@ CREATE INDEX IF NOT EXISTS events_rcpt ON events (rcpt, ts);
 """
 
 
+_last_second: tuple[int, str] = (-1, "")  # events come many a second (one tuple: thread-safe)
+
+
+def iso_time(ts: float) -> str:
+    """``ts`` as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC); the day is its first ten characters."""
+    global _last_second
+    sec = int(ts)
+    last = _last_second
+    if last[0] != sec:
+        last = _last_second = (sec, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec)))
+    return last[1]
+
+
 # json.dumps(..., ensure_ascii=False) builds a new encoder on every call (only the default
 # arguments share one); the trace encodes two objects per event
 _encode = json.JSONEncoder(ensure_ascii=False).encode
@@ -52,7 +65,7 @@ class Event:
 
     def to_dict(self) -> dict:
         d = {"ts": round(self.ts, 3),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.ts)),
+             "time": iso_time(self.ts),
              "id": self.id, "event": self.event}
         for k in ("sender", "rcpt", "client", "action"):
             v = getattr(self, k)
@@ -120,7 +133,7 @@ class TraceLog:
             rows = []
             for e in events:
                 detail = _encode(e.detail) if e.detail else None
-                day = time.strftime("%Y-%m-%d", time.gmtime(e.ts))
+                day = iso_time(e.ts)[:10]
                 by_day.setdefault(day, []).append(e.json_line(detail))
                 rows.append((e.ts, e.id, e.event, e.sender.lower(), e.rcpt.lower(), e.client,
                              e.action, e.score, detail))

@@ -24,7 +24,7 @@ class Plugin:
     def data(self, ctx, message):
         hits, rcpt_hits = self.ruleset.evaluate(ctx)
         for rule in self.ruleset.rules:
-            if rule.silent or not hits.get(rule.name):
+            if not hits.get(rule.name) or rule.silent:
                 continue
             if rule.per_recipient:
                 for addr in rcpt_hits.get(rule.name, ()):

@@ -114,3 +114,24 @@ async def test_trace_plugin_writes_a_batch_after_another_process_releases_the_in
     await asyncio.wait_for(flushed, 20)
     assert [e["id"] for e in plugin.log.search(sender="a@example.com")] == ["id0", "id1", "id2"]
     await plugin.shutdown()
+
+
+def test_events_in_one_second_and_across_days_get_their_own_time_and_day_file(tmp_path):
+    """The JSON log's time and day file come from a per-second memo: events of one second
+    share it, and the next second (or day) must not inherit it."""
+    import time
+
+    from filterd.trace import Event, TraceLog
+
+    log = TraceLog(tmp_path)
+    midnight = 1795046400.0  # 2026-11-19T00:00:00Z
+    stamps = [midnight - 1.5, midnight - 0.25, midnight, midnight + 0.999, midnight + 61]
+    log.record([Event(ts, f"id{i}", "arrival", "a@example.com", "b@example.org")
+                for i, ts in enumerate(stamps)])
+    lines = [json.loads(line) for f in sorted(tmp_path.glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    assert sorted(f.name for f in tmp_path.glob("*.jsonl")) == ["2026-11-18.jsonl",
+                                                                 "2026-11-19.jsonl"]
+    assert [d["time"] for d in lines] == [
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) for ts in stamps]
+    log.close()
