@@ -189,11 +189,11 @@ class NullMilter:
         self.proc.wait(5)
 
 
-def tree_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants
-    (the milter and its forked workers); 0 without a pid."""
+def tree_cpu(pid: int | None) -> tuple[float, float]:
+    """CPU seconds (user, system) used so far by process ``pid`` and its live descendants
+    (the milter and its forked workers); zeros without a pid."""
     if not pid:
-        return 0.0
+        return 0.0, 0.0
     stats = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -201,13 +201,16 @@ def tree_cpu(pid: int | None) -> float:
                 f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            stats[int(d)] = (int(f[1]), int(f[11]) + int(f[12]))  # ppid, utime + stime
-    total, todo = 0, [pid]
+            stats[int(d)] = (int(f[1]), int(f[11]), int(f[12]))  # ppid, utime, stime
+    user = system = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += stats.get(p, (0, 0))[1]
-        todo += [c for c, (pp, _) in stats.items() if pp == p]
-    return total / os.sysconf("SC_CLK_TCK")
+        _, u, s = stats.get(p, (0, 0, 0))
+        user, system = user + u, system + s
+        todo += [c for c, (pp, _, _) in stats.items() if pp == p]
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def measure(label: str, sink: Sink, milter_spec: str | None, args,
@@ -223,12 +226,16 @@ def measure(label: str, sink: Sink, milter_spec: str | None, args,
             before = len(pf.log().splitlines())
             cpu0 = tree_cpu(milter_pid)
             dt = smtp_source(pf.port, s, args.messages, args.size)
-            cpu = tree_cpu(milter_pid) - cpu0
+            cpu1 = tree_cpu(milter_pid)
+            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            cpu = user + system
             time.sleep(0.5)
             queued, refused = count_accepted(pf, before)
             rate = args.messages / dt
             out[s] = rate
-            mcpu = f", milter CPU {cpu / args.messages * 1000:.2f} ms/msg" if milter_pid else ""
+            mcpu = (f", milter CPU {cpu / args.messages * 1000:.2f} ms/msg: user "
+                    f"{user / args.messages * 1000:.2f}, system "
+                    f"{system / args.messages * 1000:.2f}" if milter_pid else "")
             print(f"  {label:<34} sessions={s:<3} {args.messages} msgs in {dt:6.2f}s "
                   f"= {rate:7.1f} msg/s  (queued {queued}, milter-refused {refused}{mcpu})",
                   flush=True)
