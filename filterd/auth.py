@@ -156,6 +156,7 @@ class TXTPrefetch:
 _psl = None
 
 
+@functools.lru_cache(maxsize=8192)  # the same few domains come in message after message
 def org_domain(domain: str) -> str:
     global _psl
     if _psl is None:

@@ -14,6 +14,7 @@ import email.header
 import email.parser
 import email.policy
 import email.utils
+import functools
 import html
 import ipaddress
 import random
@@ -42,6 +43,14 @@ def new_id(digits: int) -> str:
     return f"{random.getrandbits(digits * 4):0{digits}x}"
 
 
+@functools.lru_cache(maxsize=16384)  # a new Session per connection; clients come back
+def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+
+
 @dataclass
 class Session:
     peer_ip: str = "127.0.0.1"
@@ -67,10 +76,7 @@ class Session:
         ``peer_ip`` changed (plugins ask several times per message)."""
         text, ip = self._ip
         if text != self.peer_ip:
-            try:
-                ip = ipaddress.ip_address(self.peer_ip.split("%")[0])
-            except ValueError:
-                ip = None
+            ip = _parse_address(self.peer_ip)
             self._ip = (self.peer_ip, ip)
         return ip
 

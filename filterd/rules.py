@@ -75,6 +75,8 @@ class Rule:
     meta_not: str = ""
     # body/rawbody patterns RE2 accepted, as RE2 compiles them (for the rule set's _TextSet)
     sources: dict[str, str] = field(default_factory=dict)
+    # the conditions as functions of a _View, in the order they are tried (built on first use)
+    checks: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_meta(self) -> bool:
@@ -324,9 +326,10 @@ class RuleSet:
         hits: dict[str, bool] = {}
         rcpt_hits: dict[str, set[str]] = {}
         view = _View(ctx, self.text_sets)
+        match = _match_message
         for rule in self.simple:
             if rule.per_recipient:
-                if not _match_message(rule, view):
+                if not match(rule, view):
                     hits[rule.name] = False
                     continue
                 addrs = {r.address for r in ctx.recipients
@@ -334,7 +337,7 @@ class RuleSet:
                 rcpt_hits[rule.name] = addrs
                 hits[rule.name] = bool(addrs)
             else:
-                hits[rule.name] = _match_message(rule, view)
+                hits[rule.name] = match(rule, view)
         for rule in self.meta:
             ok = True
             if rule.meta_all:
@@ -372,6 +375,9 @@ def _meta_order(metas: list[Rule], by_name: dict[str, Rule]) -> list[Rule]:
     return order
 
 
+_UNSET = object()
+
+
 class _View:
     """Lazily computed message facts, shared by all rules of one evaluation."""
 
@@ -380,19 +386,35 @@ class _View:
         self.msg = ctx.message
         self._cache: dict[str, Any] = {}
         self.text_sets = text_sets or {}
+        self._texts: dict[str, str] = {}  # body / rawbody
+        self._encoded: dict[str, bytes] = {}  # the same as UTF-8, as RE2 searches it
+        self._hits: dict[str, Any] = {}  # body / rawbody -> the set scan's pattern indexes
 
     def found(self, rule: Rule, key: str) -> bool:
         """Does ``rule``'s ``body``/``rawbody`` pattern match (one set scan answers for all the
         rules of the set; a pattern outside it, or a failed scan, is searched alone)?"""
-        text = self.text if key == "body" else self.rawbody
         ts = self.text_sets.get(key)
         if ts is not None:
             i = ts.index.get(rule.name)
             if i is not None:
-                hits = self.get("set:" + key, lambda: ts.hits(text))
+                hits = self._hits.get(key, _UNSET)
+                if hits is _UNSET:
+                    hits = self._hits[key] = ts.hits(self.encoded(key))
                 if hits is not None:
                     return i in hits
-        return rule.conds[key].search(text) is not None
+        rx = rule.conds[key]
+        if type(rx) is re.Pattern:
+            return rx.search(self.text if key == "body" else self.rawbody) is not None
+        return rx.search(self.encoded(key)) is not None  # RE2: the text encoded once
+
+    def encoded(self, key: str) -> bytes:
+        """The ``body``/``rawbody`` text as UTF-8, once per message (RE2 encodes a str it is
+        given on every search)."""
+        b = self._encoded.get(key)
+        if b is None:
+            b = self._encoded[key] = (self.text if key == "body" else self.rawbody).encode(
+                "utf-8", "surrogatepass")
+        return b
 
     def get(self, key: str, fn):
         if key not in self._cache:
@@ -401,7 +423,11 @@ class _View:
 
     @property
     def text(self) -> str:
-        return self.get("text", lambda: self.msg.parsed.text[:MAX_REGEX_TEXT] if self.msg else "")
+        t = self._texts.get("body")
+        if t is None:
+            t = self._texts["body"] = (self.msg.parsed.text[:MAX_REGEX_TEXT] if self.msg
+                                       else "")
+        return t
 
     @property
     def header_index(self) -> dict[str, list[str]]:
@@ -410,60 +436,90 @@ class _View:
 
     @property
     def rawbody(self) -> str:
-        def f():
-            if not self.msg:
-                return ""
-            return split_message(self.msg.raw)[2][:MAX_REGEX_TEXT].decode("latin-1")
-        return self.get("rawbody", f)
+        t = self._texts.get("rawbody")
+        if t is None:
+            t = self._texts["rawbody"] = (
+                split_message(self.msg.raw)[2][:MAX_REGEX_TEXT].decode("latin-1")
+                if self.msg else "")
+        return t
 
 
 def _match_message(rule: Rule, v: _View) -> bool:
-    c = rule.conds
-    ctx = v.ctx
-    tx = ctx.transaction
-    msg = v.msg
-    if "sender" in c and not c["sender"].search(tx.mail_from or ""):
-        return False
-    if "helo" in c and not c["helo"].search(ctx.session.helo or ""):
-        return False
-    if "client_ip" in c:
-        ip = ctx.session.ip
-        if ip is None or not any(ip.version == n.version and ip in n for n in c["client_ip"]):
-            return False
-    if "size_over" in c and not (msg and msg.size > c["size_over"]):
-        return False
-    if "size_under" in c and not (msg and msg.size < c["size_under"]):
-        return False
-    if "header" in c:
-        if msg is None:
-            return False
-        name = c["header"]
-        values = ([val for _, val in msg.parsed.headers] if name == "*"
-                  else v.header_index.get(name, ()))
-        if "match" in c:
-            if not any(c["match"].search(val) for val in values):
-                return False
-        elif not values:
-            return False
-    if "body" in c and not v.found(rule, "body"):
-        return False
-    if "rawbody" in c and not v.found(rule, "rawbody"):
-        return False
-    if "uri" in c and not (msg and any(c["uri"].search(u) for u in msg.parsed.urls)):
-        return False
-    if "uri_domain" in c:
-        hosts = msg.parsed.url_hosts if msg else []
-        if not any(h == d or h.endswith("." + d) for h in hosts for d in c["uri_domain"]):
-            return False
-    if "attachment_name" in c:
-        names = [a.filename for a in msg.parsed.attachments] if msg else []
-        if not any(c["attachment_name"].search(n) for n in names if n):
-            return False
-    if "attachment_type" in c:
-        types = [a.content_type for a in msg.parsed.attachments] if msg else []
-        if not any(fnmatch.fnmatch(t, g) for t in types for g in c["attachment_type"]):
+    checks = rule.checks
+    if checks is None:
+        checks = rule.checks = _compile_checks(rule)
+    for check in checks:
+        if not check(v):
             return False
     return True
+
+
+def _compile_checks(rule: Rule) -> tuple:
+    """``rule``'s message conditions as functions of a :class:`_View`, in a fixed order (cheap
+    envelope facts first, text scans last): a rule is a match when all say True."""
+    c = rule.conds
+    out: list = []
+    if "sender" in c:
+        sender = c["sender"].search
+        out.append(lambda v: sender(v.ctx.transaction.mail_from or "") is not None)
+    if "helo" in c:
+        helo = c["helo"].search
+        out.append(lambda v: helo(v.ctx.session.helo or "") is not None)
+    if "client_ip" in c:
+        nets = c["client_ip"]
+
+        def client_ip(v):
+            ip = v.ctx.session.ip
+            return ip is not None and any(ip.version == n.version and ip in n for n in nets)
+        out.append(client_ip)
+    if "size_over" in c:
+        over = c["size_over"]
+        out.append(lambda v: bool(v.msg and v.msg.size > over))
+    if "size_under" in c:
+        under = c["size_under"]
+        out.append(lambda v: bool(v.msg and v.msg.size < under))
+    if "header" in c:
+        name, m = c["header"], c.get("match")
+
+        def header(v):
+            msg = v.msg
+            if msg is None:
+                return False
+            values = ([val for _, val in msg.parsed.headers] if name == "*"
+                      else msg.parsed.header_index.get(name, ()))
+            if m is not None:
+                search = m.search
+                return any(search(val) for val in values)
+            return bool(values)
+        out.append(header)
+    for key in ("body", "rawbody"):
+        if key in c:
+            out.append(lambda v, key=key: v.found(rule, key))
+    if "uri" in c:
+        uri = c["uri"].search
+        out.append(lambda v: bool(v.msg and any(uri(u) for u in v.msg.parsed.urls)))
+    if "uri_domain" in c:
+        domains = c["uri_domain"]
+
+        def uri_domain(v):
+            hosts = v.msg.parsed.url_hosts if v.msg else []
+            return any(h == d or h.endswith("." + d) for h in hosts for d in domains)
+        out.append(uri_domain)
+    if "attachment_name" in c:
+        aname = c["attachment_name"].search
+
+        def attachment_name(v):
+            names = [a.filename for a in v.msg.parsed.attachments] if v.msg else []
+            return any(aname(n) for n in names if n)
+        out.append(attachment_name)
+    if "attachment_type" in c:
+        globs = c["attachment_type"]
+
+        def attachment_type(v):
+            types = [a.content_type for a in v.msg.parsed.attachments] if v.msg else []
+            return any(fnmatch.fnmatch(t, g) for t in types for g in globs)
+        out.append(attachment_type)
+    return tuple(out)
 
 
 def load_rules(config, strict: bool = True) -> tuple[RuleSet, list[ConfigProblem]]:

@@ -58,18 +58,19 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
         P.MilterConnection.__init__(self)
         MilterSession.__init__(self, server)
         self.macros: dict[bytes, dict[str, str]] = {}
+        self._merged: dict[str, str] | None = None  # every stage's macros, the latest winning
         self.registry = registry  # the Listener's live sessions
         self.last_seen = 0.0
 
     # -- asyncio.Protocol: the Listener's registry and idle time -----------------------------
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.last_seen = asyncio.get_running_loop().time()
+        self.last_seen = self._loop.time()
         if self.registry is not None:
             self.registry.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = asyncio.get_running_loop().time()
+        self.last_seen = self._loop.time()
         super().data_received(data)
 
     def connection_lost(self, exc) -> None:
@@ -79,12 +80,13 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
 
     # -- engine (see MilterSession) -----------------------------------------------------------
     def _macro(self, name: str) -> str:
-        name = name.strip("{}")
-        for stage in MACRO_STAGES:
-            v = self.macros.get(stage, {}).get(name)
-            if v is not None:
-                return v
-        return ""
+        merged = self._merged
+        if merged is None:  # macros changed since the last look-up: merge, latest stage last
+            merged = {}
+            for stage in reversed(MACRO_STAGES):
+                merged.update(self.macros.get(stage, ()))
+            self._merged = merged
+        return merged.get(name.strip("{}"), "")
 
     def _noreply(self) -> None:
         return None
@@ -123,6 +125,7 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
     def on_macro(self, data: bytes) -> None:
         stage, values = P.parse_macros(data)
         self.macros.setdefault(stage, {}).update(values)
+        self._merged = None
 
     def on_connect(self, data: bytes):
         host, family, port, addr = P.parse_connect(data)
@@ -137,6 +140,7 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
             raise P.ProtocolError("MAIL without an address")
         for stage in TX_STAGES:
             self.macros.pop(stage, None)
+        self._merged = None
         return self.envfrom(*args)
 
     def on_rcpt(self, data: bytes):
@@ -169,6 +173,7 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
         """The MTA reuses this connection for its next client: start afresh, negotiation kept."""
         self.session = Session(front_door="milter")
         self.macros = {}
+        self._merged = None
         self.connect_pending = self.helo_pending = False
         self._reset()
 
@@ -202,6 +207,7 @@ class NativeMilterSession(MilterSession, P.MilterConnection):
         finally:
             self._reset()
             self.macros.pop(P.C_BODYEOB, None)
+            self._merged = None
 
     def _encode(self, p: milter_actions.MilterPlan) -> bytes:
         """The plan as the packets that end the message (modifications, then the reply)."""

@@ -17,8 +17,11 @@ import asyncio
 import logging
 import socket
 import struct
+import types
 
 log = logging.getLogger("filterd.milter")
+_Coroutine = types.CoroutineType
+_HANDLERS: dict[type, dict] = {}  # MilterConnection subclass -> its command handlers
 
 VERSION = 6
 MAX_PACKET = 1024 * 1024 + 64  # Postfix sends body chunks of at most 64 KB; libmilter caps 1 MB
@@ -147,13 +150,26 @@ class MilterConnection(asyncio.Protocol):
         self.buf = bytearray()
         self.closed = False
         self.waiting: asyncio.Future | None = None  # a handler's coroutine still running
-        self._handlers = {c: getattr(self, n) for c, n in self.HANDLERS.items()}
+        # command -> function, per class (bound methods built per connection were ~1 % of a
+        # milter's work: Postfix opens a connection per SMTP session)
+        cls = type(self)
+        handlers = _HANDLERS.get(cls)
+        if handlers is None:
+            handlers = _HANDLERS[cls] = {c: getattr(cls, n) for c, n in cls.HANDLERS.items()}
+        self._handlers = handlers
         self._ack_sock = None
         self._answered = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # kept: asyncio.get_running_loop() (and so ensure_future) makes a getpid() system
+        # call on Python 3.11, once per packet otherwise
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven by hand, outside a loop (unit tests)
+            self._loop = None
         sock = transport.get_extra_info("socket")
         if QUICKACK is not None and sock is not None and sock.family != socket.AF_UNIX:
             self._ack_sock = sock
@@ -194,11 +210,13 @@ class MilterConnection(asyncio.Protocol):
                 handler = self._handlers.get(cmd)
                 if handler is None:
                     raise ProtocolError(f"unknown command {cmd!r}")
-                step = handler(payload)
+                step = handler(self, payload)
                 if step is not None:  # a coroutine: the next command waits for it
                     del buf[:pos]
                     self.transport.pause_reading()
-                    self.waiting = asyncio.ensure_future(step)
+                    self.waiting = (self._loop.create_task(step) if type(step) is _Coroutine
+                                    and self._loop is not None
+                                    else asyncio.ensure_future(step))
                     self.waiting.add_done_callback(self._step_done)
                     return
         except ProtocolError as exc:
