@@ -94,6 +94,15 @@ def authserv_id(config) -> str:
     return (aid or _fqdn()).lower()
 
 
+@functools.lru_cache(maxsize=1024)
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """A configured network, parsed once (a bad entry is reported by ``filterd check``)."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
 def is_outbound(ctx) -> bool:
     """Mail that is ours: an authenticated client, or a client in [auth] internal_networks."""
     if "auth.outbound" in ctx.data:
@@ -102,12 +111,10 @@ def is_outbound(ctx) -> bool:
     ip = ctx.session.ip
     if not out and ip is not None:
         for net in ctx.config.get("auth.internal_networks") or []:
-            try:
-                if ip in ipaddress.ip_network(str(net), strict=False):
-                    out = True
-                    break
-            except ValueError:
-                continue
+            n = _network(str(net))
+            if n is not None and ip.version == n.version and ip in n:
+                out = True
+                break
     ctx.data["auth.outbound"] = out
     return out
 
