@@ -2,6 +2,8 @@
 rule's flags honoured by both."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import check_json, make_message
 
 RULES = '''
@@ -120,7 +122,38 @@ def test_a_failed_set_scan_falls_back_to_searching_rule_by_rule():
         def Match(self, text):
             return None
 
+    class Refuses:
+        def scan(self, data):
+            return None  # Hyperscan failed on this text: RE2 scans it
+
     ts.set = OutOfMemory()
+    ts.hs = Refuses() if ts.hs is not None else None
     v = _view(rs, SET_TEXTS[0])
     assert ts.hits(v.text) is None
     assert {r.name for r in rs.rules if v.found(r, "body")} == {"R0", "R1", "R2", "R13"}
+
+
+def test_hyperscan_scans_the_set_and_re2_takes_what_it_cannot():
+    pytest.importorskip("hyperscan")
+    from filterd import rules
+
+    rs = _ruleset()
+    ts = rs.text_sets["body"]
+    assert ts.hs is not None  # every pattern of the set compiles under Hyperscan too
+    for body in SET_TEXTS:
+        v = _view(rs, body)
+        assert ts.hs.scan(v.encoded("body")) == ts.hits(v.encoded("body"), False), body
+
+    # a text with undecodable bytes (lone surrogates) is not valid UTF-8: RE2 scans it
+    class Trap:
+        def scan(self, data):
+            raise AssertionError("Hyperscan must not see invalid UTF-8")
+
+    ts.hs = Trap()
+    v = _view(rs, "free offer")
+    v._texts["body"] = "free \udcff offer"
+    assert v.found(rs.by_name["R4"], "body") and "body" in v._invalid
+
+    # a pattern Hyperscan refuses (\C, any byte: RE2 takes it) leaves the whole set to RE2
+    assert rules._HyperscanSet.build({1: r"a\Cb"}) is None
+    assert rules._HyperscanSet.build({}) is None
