@@ -372,12 +372,18 @@ class RuleSet:
         # body and rawbody patterns in one pass each when several rules scan that text
         self.text_sets: dict[str, _TextSet] = {}
         for key in ("body", "rawbody"):
-            if sum(1 for r in self.rules if key in r.sources) >= 2:
+            n = sum(1 for r in self.rules if key in r.sources)
+            if n:
                 try:
-                    self.text_sets[key] = _TextSet(key, self.rules)
+                    ts = _TextSet(key, self.rules)
                 except Exception as exc:  # noqa: BLE001 - rules then search one by one
                     log.warning("rules: %s patterns are searched one by one (RE2 set: %s)",
                                 key, exc)
+                    continue
+                # one pattern alone: a set is worth it with Hyperscan (RE2 searches a lone
+                # pattern faster than its set scans: literal prefixes are skipped to)
+                if n >= 2 or ts.hs is not None:
+                    self.text_sets[key] = ts
 
     def __len__(self) -> int:
         return len(self.rules)
