@@ -416,7 +416,7 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
         name, _, sets = spec.partition(":")
         overrides = [x.strip() for x in sets.split(";") if x.strip()]
         out.append(filterd_target(f"filterd-{name}", f"Postfix + filterd ({name})", *overrides,
-                                  workers=1))
+                                  workers=1, python=args.python[0]))
     if args.core_variant:
         from filterd.pipeline import load_config_and_plugins
 
