@@ -23,6 +23,22 @@ CREATE TABLE IF NOT EXISTS win (k TEXT, t REAL, n INTEGER);
 CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
 """
 
+# hget_many: the fields as a VALUES list joined to the hash, one index seek per field (an
+# ``IN (?, ...)`` list is first copied into a temporary index: some 15 % more work), and the
+# expiry check in the same statement (a statement costs as much as a dozen seeks). Padded with
+# NULLs (which match nothing) to a few sizes, so that every call finds its statement prepared
+# in the connection's statement cache.
+_HGET_MIN, _HGET_MAX = 8, 512
+_HGET_SQL = {}
+_size = _HGET_MIN
+while _size <= _HGET_MAX:
+    _HGET_SQL[_size] = (
+        "SELECT h.f, h.n FROM (VALUES " + ",".join(["(?)"] * _size) + ") AS v "
+        "CROSS JOIN hash AS h WHERE h.k=? AND h.f=v.column1 "
+        "AND NOT EXISTS (SELECT 1 FROM hexp WHERE k=? AND exp<?)")
+    _size *= 2
+_NULLS = (None,) * _HGET_MAX
+
 
 class SQLiteStore(Store):
     name = "sqlite"
@@ -129,15 +145,19 @@ class SQLiteStore(Store):
             raise
 
     async def hget_many(self, key, fields: Iterable[str]):
-        if not self._hash_alive(key):
-            return {}
-        fields = list(fields)
+        fields = fields if isinstance(fields, (list, tuple)) else list(fields)
         out: dict[str, int] = {}
-        for i in range(0, len(fields), 500):
-            chunk = fields[i:i + 500]
-            q = ",".join("?" * len(chunk))
+        now = time.time()
+        for i in range(0, len(fields), _HGET_MAX):
+            chunk = fields[i:i + _HGET_MAX]
+            size = _HGET_MIN
+            while size < len(chunk):
+                size *= 2
             # (f, n) rows straight into the dict: no Python loop per row
-            out.update(self._x(f"SELECT f, n FROM hash WHERE k=? AND f IN ({q})", (key, *chunk)))
+            out.update(self._x(_HGET_SQL[size], (*chunk, *_NULLS[:size - len(chunk)],
+                                                key, key, now)))
+        if not out:
+            self._hash_alive(key)  # nothing found: maybe expired, then purge it as before
         return out
 
     async def hgetall(self, key):
