@@ -26,17 +26,16 @@ CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
 # hget_many: the fields as a VALUES list joined to the hash, one index seek per field (an
 # ``IN (?, ...)`` list is first copied into a temporary index: some 15 % more work), and the
 # expiry check in the same statement (a statement costs as much as a dozen seeks). Padded with
-# NULLs (which match nothing) to a few sizes, so that every call finds its statement prepared
-# in the connection's statement cache.
-_HGET_MIN, _HGET_MAX = 8, 512
-_HGET_SQL = {}
-_size = _HGET_MIN
-while _size <= _HGET_MAX:
-    _HGET_SQL[_size] = (
-        "SELECT h.f, h.n FROM (VALUES " + ",".join(["(?)"] * _size) + ") AS v "
-        "CROSS JOIN hash AS h WHERE h.k=? AND h.f=v.column1 "
-        "AND NOT EXISTS (SELECT 1 FROM hexp WHERE k=? AND exp<?)")
-    _size *= 2
+# NULLs (which match nothing) to one of 14 sizes (steps of 1.5x: little padding), so that every
+# call finds its statement prepared in the connection's statement cache.
+_HGET_MAX = 512
+_HGET_SQL = {
+    size: ("SELECT h.f, h.n FROM (VALUES " + ",".join(["(?)"] * size) + ") AS v "
+           "CROSS JOIN hash AS h WHERE h.k=? AND h.f=v.column1 "
+           "AND NOT EXISTS (SELECT 1 FROM hexp WHERE k=? AND exp<?)")
+    for size in (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, _HGET_MAX)}
+# the statement size for n fields (n <= _HGET_MAX): the smallest that holds them
+_HGET_SIZE = [min(size for size in _HGET_SQL if size >= n) for n in range(_HGET_MAX + 1)]
 _NULLS = (None,) * _HGET_MAX
 
 
@@ -150,9 +149,7 @@ class SQLiteStore(Store):
         now = time.time()
         for i in range(0, len(fields), _HGET_MAX):
             chunk = fields[i:i + _HGET_MAX]
-            size = _HGET_MIN
-            while size < len(chunk):
-                size *= 2
+            size = _HGET_SIZE[len(chunk)]
             # (f, n) rows straight into the dict: no Python loop per row
             out.update(self._x(_HGET_SQL[size], (*chunk, *_NULLS[:size - len(chunk)],
                                                 key, key, now)))
