@@ -16,11 +16,11 @@ Nothing here touches the network except through ``ctx.services.dns`` (:mod:`filt
 from __future__ import annotations
 
 import functools
-import ipaddress
 import socket
 from dataclasses import dataclass, field
 
 from .dns import DNSError
+from .reputation import parse_network
 from .rewrite import field_name, field_value, header_fields, split_message
 from .verdict import Modification
 
@@ -94,15 +94,6 @@ def authserv_id(config) -> str:
     return (aid or _fqdn()).lower()
 
 
-@functools.lru_cache(maxsize=1024)
-def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    """A configured network, parsed once (a bad entry is reported by ``filterd check``)."""
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return None
-
-
 def is_outbound(ctx) -> bool:
     """Mail that is ours: an authenticated client, or a client in [auth] internal_networks."""
     if "auth.outbound" in ctx.data:
@@ -111,7 +102,7 @@ def is_outbound(ctx) -> bool:
     ip = ctx.session.ip
     if not out and ip is not None:
         for net in ctx.config.get("auth.internal_networks") or []:
-            n = _network(str(net))
+            n = parse_network(str(net))
             if n is not None and ip.version == n.version and ip in n:
                 out = True
                 break

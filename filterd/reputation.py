@@ -38,7 +38,8 @@ def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_net(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+def parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """A configured network (CIDR or address), parsed once; None when it is not one."""
     try:
         return ipaddress.ip_network(entry, strict=False)
     except ValueError:
@@ -63,7 +64,7 @@ def ip_in(ip: str, entries: list[str]) -> str | None:
     if addr is None:
         return None
     for e in entries:
-        net = _parse_net(e)
+        net = parse_network(e)
         if net is not None and addr.version == net.version and addr in net:
             return e
     return None

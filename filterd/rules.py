@@ -451,7 +451,6 @@ class _View:
     def __init__(self, ctx, text_sets: dict[str, _TextSet] | None = None):
         self.ctx = ctx
         self.msg = ctx.message
-        self._cache: dict[str, Any] = {}
         self.text_sets = text_sets or {}
         self._texts: dict[str, str] = {}  # body / rawbody
         self._encoded: dict[str, bytes] = {}  # the same as UTF-8, as RE2 searches it
@@ -489,11 +488,6 @@ class _View:
                 self._invalid.add(key)
             self._encoded[key] = b
         return b
-
-    def get(self, key: str, fn):
-        if key not in self._cache:
-            self._cache[key] = fn()
-        return self._cache[key]
 
     @property
     def text(self) -> str:
@@ -554,15 +548,15 @@ def _compile_checks(rule: Rule) -> tuple:
         out.append(lambda v: bool(v.msg and v.msg.size < under))
     if "header" in c:
         name, m = c["header"], c.get("match")
+        search = m.search if m is not None else None
 
         def header(v):
             msg = v.msg
             if msg is None:
                 return False
             values = ([val for _, val in msg.parsed.headers] if name == "*"
-                      else msg.parsed.header_index.get(name, ()))
-            if m is not None:
-                search = m.search
+                      else v.header_index.get(name, ()))
+            if search is not None:
                 return any(search(val) for val in values)
             return bool(values)
         out.append(header)
