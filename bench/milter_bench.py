@@ -15,6 +15,9 @@ here asserts a time. Needs root (rspamd, dnsmasq, smtp-sink -u nobody).
     .venv/bin/python bench/milter_bench.py --pymilter-floor   # + a null pymilter milter
     .venv/bin/python bench/milter_bench.py --pymilter-floor --floor-workers 1,2 --floor-content
         # the null milter in 1 and 2 processes, also taking headers and body as filterd must
+    .venv/bin/python bench/milter_bench.py --python debian --native-floor --floor-cpu 300,600
+        # + the null asyncio milter spending 300 and 600 us of Python per message: how much
+        # CPU per message a milter can afford for a given ratio to rspamd on this machine
 """
 from __future__ import annotations
 
@@ -123,6 +126,25 @@ from filterd.milter.native import listen_socket
 from filterd.milter.server import MilterSettings
 
 port, workers = int(sys.argv[1]), int(sys.argv[2])
+# optional: microseconds of plain Python work (CPU, no system calls) at each end of message
+WORK_US = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+
+
+def _spin(n):
+    x = 0
+    for i in range(n):
+        x += i
+    return x
+
+
+def _calibrate():  # loop turns per microsecond of this process's CPU time, measured once
+    import time
+    n, t0 = 200_000, time.process_time()
+    _spin(n)
+    return n / max((time.process_time() - t0) * 1e6, 1.0)
+
+
+SPINS = int(WORK_US * _calibrate()) if WORK_US > 0 else 0
 NR = P.P_NR_CONN | P.P_NR_HELO | P.P_NR_MAIL | P.P_NR_RCPT | P.P_NR_HDR | P.P_NR_BODY
 WANT = NR | P.P_NOEOH | P.P_NODATA | P.P_NOUNKNOWN | P.P_HDR_LEADSPC
 EOM = (P.header_packet(P.R_INSHEADER, "X-Null", " 1", 0) + P.packet(P.R_CONTINUE))
@@ -149,6 +171,8 @@ class Null(P.MilterConnection):
 
     def on_eom(self, data):
         self.headers, self.chunks = [], []
+        if SPINS:
+            _spin(SPINS)
         self.send(EOM)
 
 
@@ -171,12 +195,14 @@ class NullMilter:
     filterd's switch interval set), in ``workers`` processes; ``content``: it also takes the
     headers and body callbacks, as a milter that looks at the message must."""
 
-    def __init__(self, workers: int = 1, content: bool = False, native: bool = False):
+    def __init__(self, workers: int = 1, content: bool = False, native: bool = False,
+                 work_us: float = 0.0, python: str | None = None):
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-c",
+        self.proc = subprocess.Popen([python or sys.executable, "-c",
                                       NATIVE_NULL_MILTER if native else NULL_MILTER,
                                       str(self.port), str(workers),
-                                      "content" if content else "eom"],
+                                      "content" if content else "eom"]
+                                     + ([str(work_us)] if work_us else []),
                                      start_new_session=True, cwd=ROOT)
         wait_port(self.port, 10)
         self.spec = f"inet:127.0.0.1:{self.port}"
@@ -388,6 +414,17 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
         out.append(Target("native-null-1", "Postfix + null asyncio milter (hdr+body, 1 proc)",
                           start_native, lambda box=box: box.pop("m").stop()))
 
+    for us in (float(x) for x in args.floor_cpu.split(",") if x.strip()):
+        box = {}
+
+        def start_work(box=box, us=us):
+            box["m"] = NullMilter(1, True, native=True, work_us=us, python=args.python[0])
+            return box["m"].spec, box["m"].proc.pid
+
+        out.append(Target(f"native-null-{us:g}us",
+                          f"Postfix + null asyncio milter + {us:g} us of Python per msg",
+                          start_work, lambda box=box: box.pop("m").stop()))
+
     def filterd_target(key, label, *overrides, workers, python=None):
         box = {}
 
@@ -485,6 +522,11 @@ def main() -> int:
     ap.add_argument("--native-floor", action="store_true",
                     help="also measure a null milter on filterd's own asyncio milter protocol "
                          "(takes headers and body, adds one header): that engine's floor")
+    ap.add_argument("--floor-cpu", default="", metavar="US,US...",
+                    help="also measure the null asyncio milter doing this many microseconds of "
+                         "plain Python work per message (comma-separated; on the --python "
+                         "interpreter): the CPU a milter may spend per message for a given "
+                         "ratio to rspamd on this machine, measured in the same run")
     ap.add_argument("--core-variant", action="store_true",
                     help="also measure filterd with only the foundation's plugins (rules, "
                          "spam_headers), every other plugin disabled")
