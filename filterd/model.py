@@ -44,7 +44,8 @@ def new_id(digits: int) -> str:
 
 
 @functools.lru_cache(maxsize=16384)  # a new Session per connection; clients come back
-def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address as written (a ``%zone`` suffix dropped), or None when it is not one."""
     try:
         return ipaddress.ip_address(text.split("%")[0])
     except ValueError:
@@ -76,7 +77,7 @@ class Session:
         ``peer_ip`` changed (plugins ask several times per message)."""
         text, ip = self._ip
         if text != self.peer_ip:
-            ip = _parse_address(self.peer_ip)
+            ip = parse_address(self.peer_ip)
             self._ip = (self.peer_ip, ip)
         return ip
 

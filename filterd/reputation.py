@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from .model import parse_address
 from .store import StoreError, StoreUnavailable
 
 log = logging.getLogger("filterd.reputation")
@@ -28,9 +29,8 @@ CATEGORIES = ("ham", "spam", "virus", "rejected")
 @functools.lru_cache(maxsize=16384)
 def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address (an IPv4-mapped IPv6 address as IPv4), or None when unparsable."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
+    addr = parse_address(ip)
+    if addr is None:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
