@@ -404,26 +404,20 @@ def targets(args, dns: Dnsmasq) -> list[Target]:
                                   f"Postfix + null pymilter ({'hdr+body' if content else 'eom'}, "
                                   f"{fw} proc)", start_null, lambda box=box: box.pop("m").stop()))
 
-    if args.native_floor:
+    # the null asyncio milter, plain (--native-floor) and doing fixed work (--floor-cpu), on
+    # filterd's interpreter: the same protocol code, what filterd does beyond it is the rest
+    work = [float(x) for x in args.floor_cpu.split(",") if x.strip()]
+    for us in ([0.0] if args.native_floor else []) + work:
         box = {}
 
-        def start_native(box=box):
-            box["m"] = NullMilter(1, True, native=True)
-            return box["m"].spec, box["m"].proc.pid
-
-        out.append(Target("native-null-1", "Postfix + null asyncio milter (hdr+body, 1 proc)",
-                          start_native, lambda box=box: box.pop("m").stop()))
-
-    for us in (float(x) for x in args.floor_cpu.split(",") if x.strip()):
-        box = {}
-
-        def start_work(box=box, us=us):
+        def start_native(box=box, us=us):
             box["m"] = NullMilter(1, True, native=True, work_us=us, python=args.python[0])
             return box["m"].spec, box["m"].proc.pid
 
-        out.append(Target(f"native-null-{us:g}us",
-                          f"Postfix + null asyncio milter + {us:g} us of Python per msg",
-                          start_work, lambda box=box: box.pop("m").stop()))
+        key, label = "native-null-1", "Postfix + null asyncio milter (hdr+body, 1 proc)"
+        if us:
+            key, label = f"native-null-{us:g}us", f"{label} + {us:g} us of Python per msg"
+        out.append(Target(key, label, start_native, lambda box=box: box.pop("m").stop()))
 
     def filterd_target(key, label, *overrides, workers, python=None):
         box = {}
@@ -521,7 +515,8 @@ def main() -> int:
                     help="--pymilter-floor also with a null milter that takes headers and body")
     ap.add_argument("--native-floor", action="store_true",
                     help="also measure a null milter on filterd's own asyncio milter protocol "
-                         "(takes headers and body, adds one header): that engine's floor")
+                         "(takes headers and body, adds one header; on the first --python "
+                         "interpreter, as filterd): that engine's floor")
     ap.add_argument("--floor-cpu", default="", metavar="US,US...",
                     help="also measure the null asyncio milter doing this many microseconds of "
                          "plain Python work per message (comma-separated; on the --python "
