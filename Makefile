@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test venv clean deb
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py filterd/bayes/_speedups.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -8,6 +8,10 @@ by 10-20 % between two runs of the same code. Not a test: nothing here asserts a
         nothing but take headers and body on the same asyncio protocol code (the floor of that
         engine), both driven by a Postfix-like client: 20 connections at a time, one 5 KB
         message each, the commands, macros and headers Postfix sends.
+    python bench/cost.py milter --each-plugin [--jobs 2]
+        the same, then filterd once more per enabled plugin with that plugin disabled: what
+        each plugin costs a message (a cost several plugins share, such as parsing the MIME
+        body, shows under none of them: the next plugin that needs it pays it).
     python bench/cost.py bayes [CORPUS] [--messages 200] [--split date|random]
         filterd's Bayes classification and bogofilter's (Debian package) on the same test
         messages, both trained on the same training part (bench/bayes_bench.py's split).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -193,14 +199,16 @@ def milter(args) -> int:
     state = Path(tempfile.mkdtemp(prefix="filterd-cost-"))
     (state / "empty.toml").write_text("")
 
-    def filterd_cmd():
+    base_sets = [x for s in args.set for x in ("--set", s)]
+
+    def filterd_cmd(extra=()):
         port = free_port()
         st = tempfile.mkdtemp(dir=state)
         return ([sys.executable, "-m", "filterd", "milter", "--log-level", "warning",
                  "--listen", f"inet:{port}@127.0.0.1", "--workers", "1",
                  "--set", f"server.state_dir={st}", "--config", str(state / "empty.toml")]
                 + (["--set", f'dns.nameservers=["127.0.0.1:{dns.port}"]'] if dns else [])
-                + [x for s in args.set for x in ("--set", s)], port)
+                + base_sets + list(extra), port)
 
     def null_cmd():
         port = free_port()
@@ -208,9 +216,20 @@ def milter(args) -> int:
 
     print(f"milter cost: {args.messages} messages of {len(BODY)} bytes body after "
           f"{args.warm} warm-up, 20 connections at a time (valgrind: slow)", file=sys.stderr)
+    without: dict[str, float] = {}
     try:
         null = per_message(null_cmd, args.warm, args.messages, "null native milter", args.rounds)
         fd = per_message(filterd_cmd, args.warm, args.messages, "filterd milter", args.rounds)
+        if args.each_plugin:
+            names = enabled_plugins(state / "empty.toml", base_sets)
+
+            def count_without(name: str) -> tuple[str, float]:
+                extra = ("--set", f'plugins.disabled=["{name}"]')
+                return name, per_message(lambda: filterd_cmd(extra), args.warm, args.messages,
+                                         f"filterd milter without {name}", args.rounds)
+
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                without = dict(pool.map(count_without, names))
     finally:
         if dns:
             dns.stop()
@@ -218,7 +237,24 @@ def milter(args) -> int:
     print(f"  null native milter (hdr+body)     {null / 1e6:7.2f} M instructions/msg")
     print(f"  filterd milter (default plugins)  {fd / 1e6:7.2f} M instructions/msg  "
           f"({fd / null:.1f}x the floor; {(fd - null) / 1e6:.2f} M of filterd's own work)")
+    if without:
+        own = fd - null
+        print("  each plugin's cost (filterd with it disabled; a count varies by a few per cent "
+              "between runs: use --rounds 3 to compare small figures)")
+        for name, cost in sorted(without.items(), key=lambda kv: kv[1]):
+            print(f"    {name:16} {cost / 1e6:6.2f} M without it: {(fd - cost) / 1e6:+6.2f} M "
+                  f"({(fd - cost) / own * 100:+5.1f} % of filterd's own work)")
     return 0
+
+
+def enabled_plugins(config: Path, sets: list[str]) -> list[str]:
+    """The plugins ``filterd plugins`` lists as enabled with this config (names, in order)."""
+    p = subprocess.run([sys.executable, "-m", "filterd", "plugins", "--json", "--config",
+                        str(config), *sets], capture_output=True, text=True, cwd=ROOT,
+                       check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"filterd plugins --json failed ({p.returncode}): {p.stderr[-2000:]}")
+    return [x["name"] for x in json.loads(p.stdout) if x["state"] == "enabled"]
 
 
 # -- Bayes ----------------------------------------------------------------------------------------
@@ -307,6 +343,10 @@ def main(argv=None) -> int:
     m.add_argument("--rounds", type=int, default=1, help="count each this many times, median")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for filterd (what a setting costs)")
+    m.add_argument("--each-plugin", action="store_true",
+                   help="also count filterd once per enabled plugin with it disabled")
+    m.add_argument("--jobs", type=int, default=1,
+                   help="counts run at once for --each-plugin (valgrind uses one CPU each)")
     b = sub.add_parser("bayes", help="filterd's Bayes classification beside bogofilter's")
     b.add_argument("corpus", nargs="?", default=None)
     b.add_argument("--messages", type=int, default=200)

@@ -52,6 +52,9 @@ def test_deb_builds_installs_runs_and_purges_cleanly():
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
 
         assert run(["filterd", "--version"]).stdout.startswith("filterd ")
+        # the package's C parts were built for its interpreter (the Bayes word splitter)
+        assert run(["/usr/lib/filterd/bin/python3", "-c", "from filterd.bayes import tokenizer; "
+                    "print(tokenizer.SPEEDUPS)"]).stdout.strip() == "True"
         assert "configuration OK" in run(["filterd", "config", "check"]).stdout
         assert pwd.getpwnam("filterd").pw_shell == "/usr/sbin/nologin"
         assert Path("/etc/filterd/conf.d").is_dir() and Path("/var/spool/filterd").is_dir()

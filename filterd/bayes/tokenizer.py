@@ -28,7 +28,8 @@ A ``<x>:shape:`` token is the header's format with its content taken out: runs o
 Work is bounded per message (parts, bytes of text per part and per message, HTML bytes, URLs,
 headers and the number of distinct tokens), so a hostile message costs no more than a large
 ordinary one. The hot paths avoid per-character Python work: headers are parsed once, straight
-from the bytes; words are split at C speed (see :func:`_words`).
+from the bytes; words are split in C (see :func:`_words`; a pure-Python path gives the same
+tokens where the extension is not built, or with ``FILTERD_PURE_PYTHON=1``).
 
 Changing what tokens a message gives means bumping :data:`TOKEN_FORMAT` (databases trained with
 an older format are then reported as needing a retrain).
@@ -36,7 +37,9 @@ an older format are then reported as needing a retrain).
 from __future__ import annotations
 
 import binascii
+import functools
 import html as _html
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -105,16 +108,46 @@ def _words(text: str, prefix: str, out: set, cased: bool = False) -> None:
     """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries.
 
     A word starts with a letter or digit, ends with one (or ``$ % € £``) and may hold
-    ``' . @ -`` inside (the same words as :data:`_WORD_RE` finds). Done at C speed where it can
-    be: ASCII characters that never belong to a word become spaces (UTF-8 multi-byte sequences
-    are left alone), the text is split and deduplicated, and only the few distinct chunks that
-    are not plain letters/digits of a usable length are looked at one by one.
+    ``' . @ -`` inside (the same words as :data:`_WORD_RE` finds). The text is cut into chunks
+    at every character that cannot be in a word, and only the few distinct chunks that are not
+    plain letters/digits of a usable length are looked at one by one: in one C pass when the
+    extension ``filterd/bayes/_speedups.c`` is built (:data:`SPEEDUPS`), else with a few
+    C-speed string operations (:func:`_split_words_py`); both give the same words.
 
     ``cased``: words that are not all lower case also count as they were written, as
     ``<prefix>cs:<Word>`` ("FREE" and "Free" say more than "free"; bogofilter is case
     sensitive throughout)."""
     if not cased:
         text = text.lower()
+    words, long, cjk = _split_words(text)
+    if cased and words:
+        words, written = _cased_words(prefix + "cs:", words)
+        if written:
+            out.update(written)
+        if long:
+            long = [w.lower() for w in long]
+    if prefix:
+        out.update({prefix + w for w in words})
+    else:
+        out.update(words)
+    if long:
+        long.sort()
+        out.update({f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200]})
+        # e-mail addresses and dotted names inside long runs still tell something
+        for w in long[:50]:
+            for piece in _SPLIT_RE.split(w):
+                if MIN_WORD <= len(piece) <= MAX_WORD:
+                    out.add(prefix + piece)
+    if cjk and (not prefix or prefix == "subj:"):
+        for run in _CJK_RE.findall(text)[:200]:
+            for i in range(min(len(run) - 1, MAX_CJK_PAIRS)):
+                out.add(prefix + "cjk:" + run[i:i + 2])
+
+
+def _split_words_py(text: str) -> tuple[set[str], list[str], bool]:
+    """The words of ``text`` as written: (words of 3-20 characters, longer ones, whether the text
+    may hold CJK characters). The C extension's ``split_words`` does the same in one pass, and
+    says exactly whether there are CJK characters (see :data:`_split_words`)."""
     chunks = set(text.encode("utf-8", "replace").translate(_NONWORD).decode("utf-8", "replace")
                  .split())
     words = {c for c in chunks if MIN_WORD <= len(c) <= MAX_WORD and c.isalnum()}
@@ -133,32 +166,37 @@ def _words(text: str, prefix: str, out: set, cased: bool = False) -> None:
                 words.add(w)
             elif n > MAX_WORD:
                 long.append(w)
-    if cased and words:
-        # lower-case all distinct words in one go; those that changed were written in capitals
-        low = set(" ".join(words).lower().split())
-        upper = words - low
-        if upper:
-            out.update({prefix + "cs:" + w for w in upper})
-        words = low
-        if long:
-            long = [w.lower() for w in long]
-    if prefix:
-        out.update({prefix + w for w in words})
-    else:
-        out.update(words)
-    if long:
-        long.sort()
-        out.update({f"{prefix}skip:{w[0]}{min(len(w), 200) // 10 * 10}" for w in long[:200]})
-        # e-mail addresses and dotted names inside long runs still tell something
-        for w in long[:50]:
-            for piece in _SPLIT_RE.split(w):
-                if MIN_WORD <= len(piece) <= MAX_WORD:
-                    out.add(prefix + piece)
-    if (not prefix or prefix == "subj:") and not text.isascii():
-        for run in _CJK_RE.findall(text)[:200]:
-            for i in range(min(len(run) - 1, MAX_CJK_PAIRS)):
-                out.add(prefix + "cjk:" + run[i:i + 2])
+    return words, long, not text.isascii()
 
+
+def _cased_words_py(prefix: str, words: set[str]) -> tuple[set[str], list[str]]:
+    """(the words in lower case, ``prefix`` + each word written with capitals: not among the
+    lower-cased words). All distinct words are lower-cased in one go."""
+    low = set(" ".join(words).lower().split())
+    return low, [prefix + w for w in words - low]
+
+
+def _speedups():
+    """The C word splitter (filterd/bayes/_speedups.c, built with the package when a compiler
+    is there), or None: not built, or FILTERD_PURE_PYTHON=1 in the environment."""
+    if os.environ.get("FILTERD_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups as mod
+    except ImportError:
+        return None
+    return mod
+
+
+# The word splitter in use: the C one when it was built (the same results,
+# tests/test_bayes_speedups.py; it takes a quarter off the time to tokenize a message), else
+# the Python one. SPEEDUPS says which.
+_c = _speedups()
+SPEEDUPS = _c is not None
+_split_words_c = functools.partial(_c.split_words, _WORD_RE.findall) if _c else None
+_cased_words_c = _c.cased_words if _c else None
+_split_words = _split_words_c or _split_words_py
+_cased_words = _cased_words_c or _cased_words_py
 
 _SPLIT_RE = re.compile(r"[.@/-]+")
 _URL_PATH_SPLIT_RE = re.compile(r"[/?&=#.+_%-]+")

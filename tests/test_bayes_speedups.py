@@ -1,0 +1,128 @@
+"""The C word splitter (filterd/bayes/_speedups.c) gives exactly what the Python one gives.
+
+The classifier's figures (bench/bayes_bench.py) and every trained token database depend on the
+tokens: the C path must never change them, only their cost."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from filterd.bayes import tokenizer as tk
+
+DATA = Path(__file__).parent / "data"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "corpus" / "spamassassin"
+
+needs_c = pytest.mark.skipif(not tk.SPEEDUPS, reason="C splitter not built / disabled")
+
+# Characters where the two paths could part: word and separator ASCII, letters whose lower case
+# changes length or context (İ, Σ, ǅ), non-ASCII white space (NBSP, EM SPACE, IDEOGRAPHIC
+# SPACE, NEL, the ASCII separators \x1c-\x1f), a lone surrogate, digits and numbers that are not
+# ASCII, CJK, an emoji and the currency signs of the word pattern
+ALPHABET = (list("abcXYZ019_'$%.@-  \t\n\r\x0b\x0c!?,;:()<>/\\\"#+=~`^*&|{}[]")
+            + ["é", "ß", "İ", "Σ", "ς", "€", "£", "日本", "語", "\u00a0", "\u2003", "\u3000",
+               "\x85", "\x1c", "\x1f", "\ud800", "\udfff", "\U0001F600", "٣", "²", "½", "ǅ",
+               "ﬁ", "\u200b", "\u0301", "Ⅻ"])
+
+
+def both(text: str):
+    """Both paths' (words, sorted long words, lower-cased words, cs: tokens) for ``text``."""
+    c_words, c_long, c_cjk = tk._split_words_c(text)
+    py_words, py_long, _ = tk._split_words_py(text)
+    # the C path says exactly whether a CJK character is there (the Python one: maybe)
+    assert c_cjk == any("\u3040" <= ch <= "\u30ff" or "\u3400" <= ch <= "\u4dbf"
+                        or "\u4e00" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af"
+                        or "\uf900" <= ch <= "\ufaff" for ch in text)
+    c_low, c_cs = tk._cased_words_c("p:cs:", c_words)
+    py_low, py_cs = tk._cased_words_py("p:cs:", py_words)
+    return ((c_words, sorted(c_long), c_low, sorted(c_cs)),
+            (py_words, sorted(py_long), py_low, sorted(py_cs)))
+
+
+def test_the_c_splitter_is_built_where_a_compiler_is():
+    """CI installs build-essential and python3-dev: the extension must have been built there
+    (a silent fallback would make the speed figures in bench/README.md untrue)."""
+    if os.environ.get("FILTERD_PURE_PYTHON", "") not in ("", "0"):
+        pytest.skip("FILTERD_PURE_PYTHON is set")
+    assert tk.SPEEDUPS, "filterd/bayes/_speedups.c was not built: pip install -e . needs gcc " \
+                        "and python3-dev"
+
+
+def test_filterd_pure_python_turns_the_c_splitter_off():
+    code = "from filterd.bayes import tokenizer as t; print(t.SPEEDUPS, t._split_words.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FILTERD_PURE_PYTHON": "1"}).stdout.split()
+    assert out == ["False", "_split_words_py"]
+
+
+@needs_c
+def test_words_written_with_capitals_are_found_the_same_way():
+    words = {"Abc", "abc", "ABC", "Straße", "STRASSE", "İstanbul", "ΟΔΟΣ", "οδος", "ǅungla",
+             "lower", "MiXeD123", "123", "ﬁne", "ÉLAN", "élan"}
+    c_low, c_cs = tk._cased_words_c("subj:cs:", words)
+    py_low, py_cs = tk._cased_words_py("subj:cs:", words)
+    assert c_low == py_low
+    assert sorted(c_cs) == sorted(py_cs)
+    assert "subj:cs:ABC" in c_cs and "subj:cs:abc" not in c_cs and "abc" in c_low
+
+
+@needs_c
+@pytest.mark.parametrize("text", [
+    "", "   ", "ab", "abc", "ABC def GHI", "x" * 20, "x" * 21, "ü" * 21 + " " + "ü" * 20,
+    "'$%.@-_abc'.@-", "--abc--", "_abc_", "a_b_c", "don't it's 'quoted' $100 50%",
+    "bob@example.com e-mail www.example.com...", "café naïve wörter-mit-umlaut 'ÉLAN' 50€ £5",
+    "“smart quotes” «guillemets» — dash", "İstanbul ΟΔΟΣ ǅungla ﬁne", "日本語のテキスト 中文",
+    "no\u00a0break\u2003em\u3000ideo\x85nel\x1cfs", "lone\ud800surrogate\udfffhere",
+    "emoji😀inside words😀", "a" * 300 + " " + "b.c" * 100, "x@y" * 30,
+])
+def test_c_and_python_split_the_same_words(text):
+    c, py = both(text)
+    assert c == py
+
+
+@needs_c
+def test_c_and_python_agree_on_random_text():
+    rng = random.Random(20261129)
+    for _ in range(20000):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 60)))
+        if rng.random() < 0.1:
+            text *= rng.randint(2, 8)
+        c, py = both(text)
+        assert c == py, repr(text)
+
+
+def _all_tokens(raw: bytes, splitter) -> set[str]:
+    saved = tk._split_words
+    tk._split_words = splitter
+    try:
+        return tk.tokenize(raw)
+    finally:
+        tk._split_words = saved
+
+
+def _messages(root: Path):
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith(("LICENSE", "README", "COPYING")):
+            yield p
+
+
+@needs_c
+def test_every_test_message_gives_the_same_tokens_either_way():
+    files = list(_messages(DATA))
+    assert len(files) > 100
+    for p in files:
+        raw = p.read_bytes()
+        assert _all_tokens(raw, tk._split_words_c) == _all_tokens(raw, tk._split_words_py), p
+
+
+@needs_c
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="SpamAssassin corpus not next to the checkout")
+def test_the_spamassassin_corpus_gives_the_same_tokens_either_way():
+    files = list(_messages(CORPUS))
+    for p in files:
+        raw = p.read_bytes()
+        assert _all_tokens(raw, tk._split_words_c) == _all_tokens(raw, tk._split_words_py), p
