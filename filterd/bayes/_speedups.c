@@ -175,7 +175,7 @@ static PyObject *split_words(PyObject *self, PyObject *const *args, Py_ssize_t n
         }
         Py_ssize_t n = i - start;
         if (n < MIN_WORD)
-            continue;  /* (a CJK run is at least 2 characters: one of 1 cannot be one) */
+            continue;
         PyObject *chunk = PyUnicode_Substring(text, start, i);
         if (chunk == NULL)
             goto fail;
