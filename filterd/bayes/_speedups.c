@@ -126,7 +126,7 @@ static int other_chunk(PyObject *text, int kind, const void *data, Py_ssize_t st
     return 0;
 }
 
-static PyObject *split_words(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *split_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyUnicode_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "split_words(findall, text: str)");
@@ -231,7 +231,7 @@ static PyObject *lower(PyObject *w)
     return out;
 }
 
-static PyObject *cased_words(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *cased_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyAnySet_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "cased_words(prefix: str, words: set)");
@@ -294,7 +294,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "filterd.bayes._speedups",
     "The Bayes tokenizer's word splitter in C (same results as the pure-Python path).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__speedups(void)
