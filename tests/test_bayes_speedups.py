@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ DATA = Path(__file__).parent / "data"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "corpus" / "spamassassin"
 
 needs_c = pytest.mark.skipif(not tk.SPEEDUPS, reason="C splitter not built / disabled")
+
+# one character of the class the tokenizer's CJK-pair pattern takes runs of
+CJK_CHAR = re.compile(tk._CJK_RE.pattern.removesuffix("{2,}"))
+assert CJK_CHAR.pattern != tk._CJK_RE.pattern
 
 # Characters where the two paths could part: word and separator ASCII, letters whose lower case
 # changes length or context (İ, Σ, ǅ), non-ASCII white space (NBSP, EM SPACE, IDEOGRAPHIC
@@ -33,10 +38,9 @@ def both(text: str):
     """Both paths' (words, sorted long words, lower-cased words, cs: tokens) for ``text``."""
     c_words, c_long, c_cjk = tk._split_words_c(text)
     py_words, py_long, _ = tk._split_words_py(text)
-    # the C path says exactly whether a CJK character is there (the Python one: maybe)
-    assert c_cjk == any("\u3040" <= ch <= "\u30ff" or "\u3400" <= ch <= "\u4dbf"
-                        or "\u4e00" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af"
-                        or "\uf900" <= ch <= "\ufaff" for ch in text)
+    # the C path says exactly whether a character of the tokenizer's CJK class is there (the
+    # Python one: maybe)
+    assert c_cjk == (CJK_CHAR.search(text) is not None)
     c_low, c_cs = tk._cased_words_c("p:cs:", c_words)
     py_low, py_cs = tk._cased_words_py("p:cs:", py_words)
     return ((c_words, sorted(c_long), c_low, sorted(c_cs)),
@@ -95,13 +99,16 @@ def test_c_and_python_agree_on_random_text():
         assert c == py, repr(text)
 
 
-def _all_tokens(raw: bytes, splitter) -> set[str]:
-    saved = tk._split_words
-    tk._split_words = splitter
+def _all_tokens(raw: bytes, path: str) -> set[str]:
+    """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter and
+    capitals check."""
+    saved = tk._split_words, tk._cased_words
+    tk._split_words, tk._cased_words = ((tk._split_words_c, tk._cased_words_c) if path == "c"
+                                        else (tk._split_words_py, tk._cased_words_py))
     try:
         return tk.tokenize(raw)
     finally:
-        tk._split_words = saved
+        tk._split_words, tk._cased_words = saved
 
 
 def _messages(root: Path):
@@ -116,7 +123,7 @@ def test_every_test_message_gives_the_same_tokens_either_way():
     assert len(files) > 100
     for p in files:
         raw = p.read_bytes()
-        assert _all_tokens(raw, tk._split_words_c) == _all_tokens(raw, tk._split_words_py), p
+        assert _all_tokens(raw, "c") == _all_tokens(raw, "py"), p
 
 
 @needs_c
@@ -125,4 +132,4 @@ def test_the_spamassassin_corpus_gives_the_same_tokens_either_way():
     files = list(_messages(CORPUS))
     for p in files:
         raw = p.read_bytes()
-        assert _all_tokens(raw, tk._split_words_c) == _all_tokens(raw, tk._split_words_py), p
+        assert _all_tokens(raw, "c") == _all_tokens(raw, "py"), p

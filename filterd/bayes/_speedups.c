@@ -164,7 +164,7 @@ static PyObject *split_words(PyObject *Py_UNUSED(self), PyObject *const *args, P
                 if (c == 2)
                     alnum = 0;
             } else {
-                if ((ch >= 0xD800 && ch <= 0xDFFF) || Py_UNICODE_ISSPACE(ch))
+                if (is_separator(ch))
                     break;
                 ascii = 0;
                 if (!cjk && is_cjk(ch))
