@@ -399,6 +399,9 @@ def _strip_wildcards(d: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # The effective configuration
 # --------------------------------------------------------------------------------------------
+_UNKNOWN, _ABSENT = object(), object()  # Config.get: not looked up yet; not in the config
+
+
 class Config:
     """The checked, effective configuration. ``cfg["dns"]["timeout"]`` or
     ``cfg.get("dns.timeout")``; ``cfg.duration("dns.timeout")`` and
@@ -408,6 +411,9 @@ class Config:
         self.data = data
         self.schema = schema
         self.raw = raw
+        # dotted key -> what it names (or _ABSENT): plugins ask for the same few settings on
+        # every message. A Config is never changed once made (a reload makes a new one).
+        self._found: dict[str, Any] = {}
 
     def __getitem__(self, section: str) -> Any:
         return self.data[section]
@@ -416,12 +422,16 @@ class Config:
         return self.data.get(name, {})
 
     def get(self, dotted: str, default: Any = None) -> Any:
-        cur: Any = self.data
-        for part in dotted.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                return default
-            cur = cur[part]
-        return cur
+        cur = self._found.get(dotted, _UNKNOWN)
+        if cur is _UNKNOWN:
+            cur = self.data
+            for part in dotted.split("."):
+                if not isinstance(cur, dict) or part not in cur:
+                    cur = _ABSENT
+                    break
+                cur = cur[part]
+            self._found[dotted] = cur
+        return default if cur is _ABSENT else cur
 
     def duration(self, dotted: str) -> float:
         return parse_duration(self.get(dotted))

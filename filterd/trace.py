@@ -110,6 +110,12 @@ class TraceLog:
         if own_checkpoints:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         self._checkpointer: sqlite3.Connection | None = None
+        self._busy_ms = self.BUSY_TIMEOUT_MS  # as _connect sets it
+
+    def _busy_timeout(self, ms: int) -> None:
+        if ms != self._busy_ms:  # a statement each: set only when it changes
+            self.db.execute(f"PRAGMA busy_timeout={ms}")
+            self._busy_ms = ms
 
     def record(self, events: list[Event], wait: bool = True) -> None:
         """Append ``events`` to the day's JSON log and to the index, in one transaction.
@@ -117,17 +123,13 @@ class TraceLog:
         at once (before anything is written) instead of waiting for its lock."""
         if not events:
             return
-        if not wait:
-            self.db.execute("PRAGMA busy_timeout=0")
+        self._busy_timeout(self.BUSY_TIMEOUT_MS if wait else 0)
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if not wait and "locked" in str(exc):
                 raise IndexBusy(str(exc)) from None
             raise
-        finally:
-            if not wait:
-                self.db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
         try:
             by_day: dict[str, list[str]] = {}
             rows = []

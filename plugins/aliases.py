@@ -60,6 +60,11 @@ class Plugin:
     def startup(self, options):
         self.map = load_alias_map(options)  # a broken alias file stops start-up, named
 
+    def idle_hooks(self) -> set[str]:
+        # the map is read at start-up (a reload starts afresh): with nothing in it, every
+        # address passes through unchanged and RCPT TO has nothing to do
+        return set() if self.wants("rcpt_to") else {"rcpt_to"}
+
     def wants(self, hook, session=None, address=None) -> bool:
         """RCPT TO only for an address this plugin expands or refuses: a list, an alias, a
         catch-all or virtual domain (everything else passes through unchanged)."""

@@ -207,17 +207,19 @@ async def test_hooks_a_plugin_calls_idle_are_not_called_and_the_others_are(
 
 async def test_unconfigured_builtins_are_idle_until_configured(tmp_path, pipeline_factory):
     """ClamAV without clamd, DNSBL without zones, DKIM without signing keys, ARC without
-    sealing, Bayes without learn addresses, quotas without local domains: not called for
-    what they have nothing to do in. Configured, they are called again."""
+    sealing, Bayes without learn addresses, quotas without local domains, aliases without
+    an alias, list or virtual domain: not called for what they have nothing to do in.
+    Configured, they are called again."""
     pipe = await pipeline_factory()
     assert pipe.host.idle == {
         "clamav": {"data", "decide"}, "dnsbl": {"data"}, "dkim": {"modify"},
         "arc": {"modify"}, "bayes": {"rcpt_to", "decide"},
-        "mailbox_quota": {"rcpt_to", "data"}}
+        "mailbox_quota": {"rcpt_to", "data"}, "aliases": {"rcpt_to"}}
     assert "clamav" not in [i.plugin_name for i in pipe.host.impls("data")]
     configured = await pipeline_factory(
         "clamav.socket=127.0.0.1:9", "dnsbl.ip_zones={'zen.example' = {'127.0.0.2' = 'RBL'}}",
-        "bayes.learn_spam_addresses=['spam@example.org']", "delivery.local_domains=['example.org']")
+        "bayes.learn_spam_addresses=['spam@example.org']", "delivery.local_domains=['example.org']",
+        "aliases.virtual_domains=['virtual.example']")
     assert set(configured.host.idle) == {"dkim", "arc"}
     assert "clamav" in [i.plugin_name for i in configured.host.impls("data")]
 

@@ -135,3 +135,33 @@ def test_events_in_one_second_and_across_days_get_their_own_time_and_day_file(tm
     assert [d["time"] for d in lines] == [
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) for ts in stamps]
     log.close()
+
+
+def test_transaction_ids_grow_never_repeat_and_differ_between_worker_processes():
+    """The trace index appends ids rather than scattering them (see transaction_id), and the
+    workers a gateway forks never hand out the same id."""
+    import os
+
+    from filterd.model import Transaction, transaction_id
+
+    ids = [transaction_id() for _ in range(5000)] + [Transaction(Session()).id]
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    # ordered by the second they were made; within a second, by the counter (which may wrap
+    # once in a process's life, at most one step back)
+    assert sum(a > b for a, b in zip(ids, ids[1:])) <= 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked worker
+        os.write(w, " ".join(transaction_id() for _ in range(2000)).encode())
+        os._exit(0)
+    os.close(w)
+    child = b""
+    while chunk := os.read(r, 65536):
+        child += chunk
+    os.waitpid(pid, 0)
+    os.close(r)
+    theirs = child.decode().split()
+    assert len(theirs) == 2000
+    assert not set(theirs) & set(ids + [transaction_id() for _ in range(2000)])
+    assert {i[8:11] for i in theirs} != {ids[-1][8:11]}  # their process tag
