@@ -497,7 +497,8 @@ def main() -> int:
                          "pymilter (libmilter), or both: native,pymilter")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every target this many times, taking turns (rspamd, filterd, "
-                         "rspamd, ...), and report the median: a busy machine's noise shows")
+                         "rspamd, ...; each round starts one target later), and report the "
+                         "median: a busy machine's noise shows")
     ap.add_argument("--python", default="",
                     help="Python interpreters to run filterd's milter with, comma-separated "
                          "(default: this one). 'debian' = the interpreter the .deb runs filterd "
@@ -549,7 +550,11 @@ def main() -> int:
         for rnd in range(args.rounds):
             if args.rounds > 1:
                 print(f"round {rnd + 1} of {args.rounds}", flush=True)
-            for t in targets(args, dns):
+            # each round starts one target later, so that no target always runs in the same
+            # place of a round (the machine's speed drifts within a round as well)
+            order = targets(args, dns)
+            shift = rnd % len(order)
+            for t in order[shift:] + order[:shift]:
                 spec, pid = t.start()
                 try:
                     runs.setdefault(t.key, []).append(measure(t.label, sink, spec, args, pid))
