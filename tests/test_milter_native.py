@@ -6,6 +6,7 @@ native engine has: its framing, its ordering of commands that arrive while the p
 and its idle timeout."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -98,6 +99,49 @@ def test_a_packet_that_is_not_the_milter_protocol_closes_the_connection(garbage)
     r.data_received(P.packet(b"L", b"Subject\0 ok\0") + garbage + P.packet(b"L", b"X\0 y\0"))
     assert r.calls == [("L", b"Subject\0 ok\0")]
     assert r.aborted and r.closed
+
+
+def test_commands_written_during_a_step_wait_for_it_and_only_a_flood_pauses_reading():
+    """What the MTA writes while a step runs (it should wait for the answer) is kept and handled
+    after the step, in order; reading pauses only once that is more than a packet's maximum."""
+
+    class Slow(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.go = asyncio.Event()
+            self.reading = []
+
+            def pause():
+                self.reading.append("paused")
+
+            def resume():
+                self.reading.append("resumed")
+            self.transport.pause_reading = pause
+            self.transport.resume_reading = resume
+
+        def on_eom(self, data):
+            async def step():
+                await self.go.wait()
+                self.calls.append(("E", data))
+            return step()
+
+    async def run(flood: bool):
+        s = Slow()
+        s.connection_made(s.transport)  # the running loop, for the step's task
+        s.data_received(P.packet(b"L", b"A\0 1\0") + P.packet(b"E") + P.packet(b"L", b"B\0 2\0"))
+        s.data_received(P.packet(b"B", b"x" * 600_000))
+        if flood:
+            s.data_received(P.packet(b"B", b"y" * 600_000))
+        await asyncio.sleep(0)
+        assert s.calls == [("L", b"A\0 1\0")]  # the rest waits for the step
+        s.go.set()
+        while s.waiting is not None:
+            await asyncio.sleep(0)
+        assert [c[0] for c in s.calls] == ["L", "E", "L", "B"] + (["B"] if flood else [])
+        return s.reading
+
+    assert asyncio.run(run(flood=False)) == []
+    assert asyncio.run(run(flood=True)) == ["paused", "resumed"]
 
 
 # -- the native engine end to end ---------------------------------------------------------------

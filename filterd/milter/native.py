@@ -5,8 +5,8 @@ MilterSession`'s, shared with the pymilter engine (``libmilter.py``); this modul
 I/O, on :mod:`filterd.milter.protocol`. There is no thread and no
 hand-over: each MTA connection is an :class:`asyncio.Protocol` on the loop that runs the
 pipeline. While a pipeline step runs for a connection (end of message, or an early phase a plugin
-answers live) that connection's reading is paused, so its commands are handled strictly in
-order, as libmilter's one thread per connection would.
+answers live) that connection's next commands wait, so they are handled strictly in order, as
+libmilter's one thread per connection would.
 
 ``[milter] engine = "native"`` (the default) selects it, ``"pymilter"`` the libmilter engine.
 """

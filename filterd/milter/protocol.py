@@ -133,11 +133,11 @@ def parse_macros(data: bytes) -> tuple[bytes, dict[str, str]]:
 
 class MilterConnection(asyncio.Protocol):
     """Frames packets from the MTA and calls ``on_<command>(data)``; a subclass answers with
-    :meth:`send`. A handler may return a coroutine: reading then pauses and the next command
-    waits until it finished, so commands are handled strictly in order (as libmilter's one
-    thread per connection does) while other connections go on. Unknown commands are a
-    protocol error that closes the connection (the MTA's ``milter_default_action`` then
-    decides), as libmilter does."""
+    :meth:`send`. A handler may return a coroutine: the next command waits until it finished
+    (what arrives meanwhile is kept; past a packet's maximum, reading pauses), so commands are
+    handled strictly in order (as libmilter's one thread per connection does) while other
+    connections go on. Unknown commands are a protocol error that closes the connection (the
+    MTA's ``milter_default_action`` then decides), as libmilter does."""
 
     HANDLERS = {C_OPTNEG: "on_optneg", C_MACRO: "on_macro", C_CONNECT: "on_connect",
                 C_HELO: "on_helo", C_MAIL: "on_mail", C_RCPT: "on_rcpt", C_DATA: "on_data",
@@ -159,6 +159,7 @@ class MilterConnection(asyncio.Protocol):
         self._handlers = handlers
         self._ack_sock = None
         self._answered = False
+        self._paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
@@ -179,6 +180,13 @@ class MilterConnection(asyncio.Protocol):
         self.buf += data
         if self.waiting is None:
             self._drain()
+        elif len(self.buf) > MAX_PACKET and not self._paused:
+            # A step is running and the MTA goes on writing, though it waits for our answer
+            # before its next command: keep the rest in its socket. (A well-behaved MTA never
+            # gets here, so reading is not paused and resumed around every step: two system
+            # calls each time.)
+            self.transport.pause_reading()
+            self._paused = True
         if self._ack_sock is not None and not self._answered and self.waiting is None \
                 and not self.closed:
             # The MTA writes the commands it expects no reply to (macros, headers, body ...)
@@ -213,7 +221,6 @@ class MilterConnection(asyncio.Protocol):
                 step = handler(self, payload)
                 if step is not None:  # a coroutine: the next command waits for it
                     del buf[:pos]
-                    self.transport.pause_reading()
                     self.waiting = (self._loop.create_task(step) if type(step) is _Coroutine
                                     and self._loop is not None
                                     else asyncio.ensure_future(step))
@@ -233,7 +240,9 @@ class MilterConnection(asyncio.Protocol):
             log.error("milter: handler failed: %r; closing the connection", exc)
             self.close()
             return
-        self.transport.resume_reading()
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
         self._drain()
 
     # -- helpers --------------------------------------------------------------------------------
