@@ -60,8 +60,9 @@ os.register_at_fork(after_in_child=_new_sequence)  # milter and gateway workers:
 def transaction_id() -> str:
     """A transaction's id (X-Filterd-ID, the trace, the logs): 16 hex digits, the second it
     was made (8), the process id's last 12 bits (3) and a counter that starts at a random
-    place in each process (5). Ids from one process never repeat within a second, and two
-    worker processes of one gateway have different process ids, so their ids differ too.
+    place in each process (5). Ids from one process never repeat within a second; worker
+    processes forked one after the other differ in their process ids' last bits, and where two
+    do not, they repeat an id only if their counters meet within the same second.
 
     They grow with time, so the trace index (``filterd track``) adds each at the end of its id
     index: random ids scattered the inserts over the whole index, which cost three times as

@@ -166,4 +166,5 @@ def test_transaction_ids_grow_never_repeat_and_differ_between_worker_processes()
     theirs = child.decode().split()
     assert len(theirs) == 2000
     assert not set(theirs) & set(ids + [transaction_id() for _ in range(2000)])
-    assert {i[8:11] for i in theirs} != {ids[-1][8:11]}  # their process tag
+    assert {i[8:11] for i in theirs} == {f"{pid & 0xFFF:03x}"}  # each process its own tag
+    assert {i[8:11] for i in ids} == {f"{os.getpid() & 0xFFF:03x}"}
