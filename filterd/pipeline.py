@@ -278,7 +278,8 @@ class Pipeline:
         # signer or ARC sealer placed last signs the message as it will leave)
         ctx.pending_modifications = mods
         for impl in self.host.impls("modify"):
-            result, failure = await self.host.call_one(impl, {"ctx": ctx, "message": msg}, ctx)
+            done = self.host.start_one(impl, {"ctx": ctx, "message": msg}, ctx)
+            result, failure = done if done.__class__ is tuple else await done
             if isinstance(failure, Verdict):
                 ctx.set_verdict(failure)
             elif isinstance(result, Modification):

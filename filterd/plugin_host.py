@@ -270,14 +270,21 @@ class PluginHost:
 
         Returns ``(result, failure)``: failure is ``None`` on success, else a tempfail Verdict
         (policy ``tempfail``) or the string ``"skipped"`` (policy ``skip``)."""
+        done = self.start_one(impl, kwargs, ctx)
+        return done if done.__class__ is tuple else await done
+
+    def start_one(self, impl, kwargs: dict, ctx=None):
+        """:meth:`call_one` without a coroutine of its own for the hooks that finish at once
+        (most of them: a message makes ~20 hook calls): ``(result, failure)``, or, when the
+        hook has to wait, a coroutine that finishes it and returns that pair."""
         name = impl.plugin_name
         argnames = impl.argnames
         if "options" in argnames:
             kwargs["options"] = self.options(name)  # each plugin its own section
         try:
             # pluggy's argnames are the function's parameters in order: positional arguments
-            # cost less than a dict per call (a message makes ~30 hook calls)
-            result = impl.function(*[kwargs.get(a) for a in argnames])
+            # cost less than a dict per call
+            result = impl.function(*map(kwargs.get, argnames))
             if result.__class__ is _Coroutine:
                 # Most async hooks finish without ever waiting (cached DNS, local data): run the
                 # coroutine to its first suspension and only then arm the timeout (a timer per
@@ -286,24 +293,41 @@ class PluginHost:
                     first = result.send(None)
                 except StopIteration as done:
                     return done.value, None
-                async with asyncio.timeout(self.timeout(name)):
-                    result = await _resume(result, first)
-            elif result is not None and inspect.isawaitable(result):
-                async with asyncio.timeout(self.timeout(name)):
-                    result = await result
+                return self._finish(impl, _resume(result, first), ctx)
+            if result is not None and inspect.isawaitable(result):
+                return self._finish(impl, result, ctx)
             return result, None
-        except TimeoutError:
-            hook = impl.function.__name__
-            what = f"timed out after {self.timeout(name):g}s in hook {hook}"
-            symbol = "PLUGIN_TIMEOUT"
-            log.error("plugin %s %s", name, what)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a crashing plugin must never crash the server
+            return None, self._raised(impl, exc, ctx)
+
+    async def _finish(self, impl, awaitable, ctx):
+        """The rest of a hook call that waits: under the plugin's timeout."""
+        name = impl.plugin_name
+        try:
+            async with asyncio.timeout(self.timeout(name)):
+                return await awaitable, None
+        except TimeoutError:
             hook = impl.function.__name__
+            what = f"timed out after {self.timeout(name):g}s in hook {hook}"
+            log.error("plugin %s %s", name, what)
+            return None, self._failure(name, what, "PLUGIN_TIMEOUT", ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return None, self._raised(impl, exc, ctx)
+
+    def _raised(self, impl, exc: Exception, ctx):
+        name, hook = impl.plugin_name, impl.function.__name__
+        if isinstance(exc, TimeoutError):  # raised by the plugin itself, before it waited
+            what, symbol = f"timed out after {self.timeout(name):g}s in hook {hook}", \
+                "PLUGIN_TIMEOUT"
+            log.error("plugin %s %s", name, what)
+        else:
             what, symbol = f"raised {type(exc).__name__}: {exc} in hook {hook}", "PLUGIN_ERROR"
-            log.error("plugin %s %s", name, what, exc_info=True)
-        return None, self._failure(name, what, symbol, ctx)
+            log.error("plugin %s %s", name, what, exc_info=exc)
+        return self._failure(name, what, symbol, ctx)
 
     def _failure(self, name: str, what: str, symbol: str, ctx):
         if ctx is not None:
@@ -319,7 +343,8 @@ class PluginHost:
         """Early phases: the first non-None verdict (other than CONTINUE) wins."""
         kwargs["ctx"] = ctx
         for impl in self.impls(hook):
-            result, failure = await self.call_one(impl, kwargs, ctx)
+            done = self.start_one(impl, kwargs, ctx)
+            result, failure = done if done.__class__ is tuple else await done
             if isinstance(failure, Verdict):
                 return failure
             if isinstance(result, Verdict) and result.is_final():
@@ -333,7 +358,8 @@ class PluginHost:
         kwargs["ctx"] = ctx
         out = []
         for impl in self.impls(hook):
-            result, failure = await self.call_one(impl, kwargs, ctx)
+            done = self.start_one(impl, kwargs, ctx)
+            result, failure = done if done.__class__ is tuple else await done
             if isinstance(failure, Verdict):
                 ctx.set_verdict(failure)
             elif result is not None:
@@ -342,8 +368,11 @@ class PluginHost:
 
     async def notify(self, hook: str, **kwargs) -> None:
         """Events after the fact: errors are logged and never propagate."""
+        ctx = kwargs.get("ctx")
         for impl in self.impls(hook):
-            await self.call_one(impl, kwargs, kwargs.get("ctx"))
+            done = self.start_one(impl, kwargs, ctx)
+            if done.__class__ is not tuple:
+                await done
 
     async def startup(self) -> None:
         for impl in self.impls("startup"):

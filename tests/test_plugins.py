@@ -257,3 +257,44 @@ async def test_the_shipped_testing_helper_scans_with_a_site_plugin(tmp_path):
     result = await scan(make_message(subject="A SUBJECT THAT SHOUTS"),
                         overrides=[f"plugins.site_dir={tmp_path / 'p'}"], state_dir=tmp_path)
     assert "SHOUTING_SUBJECT" in symbol_names(result)
+
+
+async def test_hooks_that_finish_at_once_are_answered_without_a_coroutine_and_others_awaited(
+        pipeline_factory):
+    """The host's fast path (start_one): a plain hook, or an async one that never waits, gives
+    its (result, failure) at once; a hook that waits gives a coroutine that finishes it under
+    the plugin's timeout; a hook that raises gives the error policy's failure either way."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from filterd.verdict import Verdict
+
+    host = (await pipeline_factory()).host
+
+    def impl(fn):
+        return SimpleNamespace(plugin_name="rules", argnames=("ctx", "x"), function=fn)
+
+    async def no_wait(ctx, x):
+        return x + 1
+
+    async def waits(ctx, x):
+        await asyncio.sleep(0)
+        return x + 2
+
+    def breaks(ctx, x):
+        raise ValueError("broken")
+
+    async def breaks_later(ctx, x):
+        await asyncio.sleep(0)
+        raise ValueError("broken later")
+
+    args = {"ctx": None, "x": 1}
+    assert host.start_one(impl(lambda ctx, x: x), args) == (1, None)
+    assert host.start_one(impl(no_wait), args) == (2, None)
+    pending = host.start_one(impl(waits), args)
+    assert pending.__class__ is not tuple and await pending == (3, None)
+    for fn in (breaks, breaks_later):
+        done = host.start_one(impl(fn), args)
+        result, failure = done if done.__class__ is tuple else await done
+        assert result is None and isinstance(failure, Verdict) and failure.code == 451
+        assert await host.call_one(impl(fn), args) == (None, failure)
