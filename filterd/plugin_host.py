@@ -297,30 +297,22 @@ class PluginHost:
             if result is not None and inspect.isawaitable(result):
                 return self._finish(impl, result, ctx)
             return result, None
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a crashing plugin must never crash the server
+        # a crashing plugin must never crash the server (a cancellation is no Exception)
+        except Exception as exc:  # noqa: BLE001
             return None, self._raised(impl, exc, ctx)
 
     async def _finish(self, impl, awaitable, ctx):
         """The rest of a hook call that waits: under the plugin's timeout."""
-        name = impl.plugin_name
         try:
-            async with asyncio.timeout(self.timeout(name)):
+            async with asyncio.timeout(self.timeout(impl.plugin_name)):
                 return await awaitable, None
-        except TimeoutError:
-            hook = impl.function.__name__
-            what = f"timed out after {self.timeout(name):g}s in hook {hook}"
-            log.error("plugin %s %s", name, what)
-            return None, self._failure(name, what, "PLUGIN_TIMEOUT", ctx)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001
             return None, self._raised(impl, exc, ctx)
 
     def _raised(self, impl, exc: Exception, ctx):
+        """The failure (error policy) for a hook that raised ``exc``, logged and reported."""
         name, hook = impl.plugin_name, impl.function.__name__
-        if isinstance(exc, TimeoutError):  # raised by the plugin itself, before it waited
+        if isinstance(exc, TimeoutError):  # the plugin's timeout (or a TimeoutError it raised)
             what, symbol = f"timed out after {self.timeout(name):g}s in hook {hook}", \
                 "PLUGIN_TIMEOUT"
             log.error("plugin %s %s", name, what)
