@@ -1,4 +1,5 @@
-/* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words.
+/* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words (and
+ * cased_words), and the classifier's pass over a message's tokens (cached_logs).
  *
  * It does exactly what the pure-Python path of filterd/bayes/tokenizer.py (_split_words_py)
  * does, in one pass over the text instead of a chain of copies (encode, translate, decode,
@@ -21,6 +22,12 @@
  * cased_words(prefix, words) -> (low, written)
  *   low: the set of the words in lower case (str.lower()); written: prefix + word for every
  *   word that is not in low (written with capitals), the `cs:` tokens.
+ *
+ * cached_logs(cache, tokens) -> (missing, logs_f, logs_1f)
+ *   The classifier's one pass over a message's tokens (filterd/bayes/engine.py): cache maps a
+ *   token to (f, ln f, ln(1 - f)) or to None (no evidence). missing: the tokens not in cache
+ *   (to be looked up); logs_f, logs_1f: ln f and ln(1 - f) of the cached tokens with
+ *   evidence, in the order met. The same as engine._cached_logs_py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -281,6 +288,51 @@ fail:
     return NULL;
 }
 
+static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "cached_logs(cache: dict, tokens)");
+        return NULL;
+    }
+    PyObject *cache = args[0];
+    PyObject *missing = PyList_New(0), *lf = PyList_New(0), *l1f = PyList_New(0);
+    PyObject *it = NULL, *tok;
+    if (missing == NULL || lf == NULL || l1f == NULL)
+        goto fail;
+    if ((it = PyObject_GetIter(args[1])) == NULL)
+        goto fail;
+    while ((tok = PyIter_Next(it)) != NULL) {
+        PyObject *v = PyDict_GetItemWithError(cache, tok);  /* borrowed */
+        int rc = 0;
+        if (v == NULL) {
+            rc = PyErr_Occurred() ? -1 : PyList_Append(missing, tok);
+        } else if (v != Py_None) {
+            if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 3) {
+                PyErr_SetString(PyExc_TypeError,
+                                "cache values must be (f, ln f, ln(1 - f)) or None");
+                rc = -1;
+            } else if (PyList_Append(lf, PyTuple_GET_ITEM(v, 1)) < 0
+                       || PyList_Append(l1f, PyTuple_GET_ITEM(v, 2)) < 0) {
+                rc = -1;
+            }
+        }
+        Py_DECREF(tok);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_CLEAR(it);
+    if (PyErr_Occurred())
+        goto fail;
+    return Py_BuildValue("(NNN)", missing, lf, l1f);
+
+fail:
+    Py_XDECREF(it);
+    Py_XDECREF(missing);
+    Py_XDECREF(lf);
+    Py_XDECREF(l1f);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
@@ -288,12 +340,16 @@ static PyMethodDef methods[] = {
     {"cased_words", (PyCFunction)(void (*)(void))cased_words, METH_FASTCALL,
      "cased_words(prefix, words) -> (low: set, written: list): the words in lower case, and "
      "prefix + each word written with capitals"},
+    {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
+     "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
+     "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "filterd.bayes._speedups",
-    "The Bayes tokenizer's word splitter in C (same results as the pure-Python path).", -1,
+    "The Bayes tokenizer's word splitter and the classifier's token pass in C (same results "
+    "as the pure-Python paths).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
