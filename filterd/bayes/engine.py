@@ -31,7 +31,6 @@ CACHE_DRIFT = 0.01
 CACHE_AGE = 300.0
 
 
-
 def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, list, list]:
     """The classifier's pass over a message's tokens: (the tokens not in ``cache``, ln f and
     ln(1 - f) of the cached tokens with evidence). ``cache`` maps a token to
@@ -47,6 +46,7 @@ def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, list, list]:
 
 # the C pass when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1)
 _cached_logs = getattr(_speedups, "cached_logs", None) or _cached_logs_py
+
 
 @dataclass
 class LearnStats:
