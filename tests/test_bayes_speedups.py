@@ -160,6 +160,41 @@ def test_the_classifiers_token_pass_finds_the_same_either_way():
 
 
 @needs_c
+def test_looked_up_tokens_get_the_same_bits_either_way():
+    """f(w) and its logarithms from the C pass equal classifier.probabilities' to the bit, for
+    counts from never-learned to huge, including the ones filtered out (too weak, or seen
+    fewer than min_count times) and f clamped at 1e-9 / 1 - 1e-9."""
+    from filterd.bayes import engine
+
+    rng = random.Random(20261129)
+    packed = {"zero": 0, "ham1": 1, "spam1": 1 << 32, "even": (7 << 32) | 7,
+              "huge": (2_000_000_000 << 32) | 3, "clamp-hi": 10**9 << 32, "clamp-lo": 10**9}
+    for i in range(4000):
+        packed[f"t{i}"] = (rng.choice([0, 1, 2, rng.randrange(1000)]) << 32) \
+            | rng.choice([0, 1, 3, rng.randrange(5000)])
+    missing = list(packed) + [f"never{i}" for i in range(50)]
+    for args in [(1200, 2500, 0.0178, 0.52, 0.2, 0), (1, 1, 0.5, 0.4, 0.0, 3),
+                 (97, 10**6, 1.0, 0.5, 0.45, 1)]:
+        out = []
+        for fn in (engine._speedups.token_logs, engine._token_logs_py):
+            cache, lf, l1f = {"kept": None}, [], []
+            fn(cache, missing, packed, *args, lf, l1f)
+            out.append((cache, sorted(zip(lf, l1f))))
+        assert out[0] == out[1]
+        assert list(out[0][0]) == list(out[1][0])  # the same tokens in the same order
+        assert 0 < len(out[0][1]) < len(packed)
+    cache = {}
+    engine._speedups.token_logs(cache, ["a", "b"], {}, 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+    assert cache == {"a": None, "b": None}
+    with pytest.raises(ValueError):  # counts that cannot be packed spam << 32 | ham
+        engine._speedups.token_logs({}, ["a"], {"a": 1 << 70}, 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+    with pytest.raises(TypeError):
+        engine._speedups.token_logs({}, ["a"], {"a": "7"}, 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+    with pytest.raises(TypeError):
+        engine._speedups.token_logs({}, [], [], 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+
+
+@needs_c
 def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkeypatch):
     """Trained on half of the test messages, every message gets exactly the same probability
     from the C pass and the Python one (the sums are exact, so order does not matter)."""
@@ -171,8 +206,9 @@ def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkey
     files = list(_messages(DATA))
     raws = [p.read_bytes() for p in files]
 
-    async def run(pass_fn):
+    async def run(pass_fn, logs_fn):
         monkeypatch.setattr(engine, "_cached_logs", pass_fn)
+        monkeypatch.setattr(engine, "_token_logs", logs_fn)
         store = SQLiteStore(tmp_path / f"{pass_fn.__name__}.sqlite")
         bayes = engine.Bayes(store)
         await bayes.learn(raws[0:len(raws) // 2:2], spam=True)
@@ -182,7 +218,7 @@ def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkey
         await store.close()
         return out
 
-    c = asyncio.run(run(engine._speedups.cached_logs))
-    py = asyncio.run(run(engine._cached_logs_py))
+    c = asyncio.run(run(engine._speedups.cached_logs, engine._speedups.token_logs))
+    py = asyncio.run(run(engine._cached_logs_py, engine._token_logs_py))
     assert c == py
     assert len({round(p, 6) for p in c}) > 10  # the messages really were told apart

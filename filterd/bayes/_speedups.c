@@ -28,9 +28,19 @@
  *   token to (f, ln f, ln(1 - f)) or to None (no evidence). missing: the tokens not in cache
  *   (to be looked up); logs_f, logs_1f: ln f and ln(1 - f) of the cached tokens with
  *   evidence, in the order met. The same as engine._cached_logs_py.
+ *
+ * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
+ *            logs_f, logs_1f) -> None
+ *   The rest of that pass, for the tokens that were looked up: every token of missing goes
+ *   into cache as None (no evidence), then every learned one of them (packed: token -> counts
+ *   packed as spam << 32 | ham) that says something as (f, ln f, ln(1 - f)), its logarithms
+ *   appended to logs_f and logs_1f. f is Robinson's f(w), computed in the same operations and
+ *   order as classifier.probabilities, so that both give the same bits. The same as
+ *   engine._token_logs_py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 
 #define MIN_WORD 3
 #define MAX_WORD 20
@@ -333,6 +343,83 @@ fail:
     return NULL;
 }
 
+static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11 || !PyDict_Check(args[0]) || !PyDict_Check(args[2])
+        || !PyList_Check(args[9]) || !PyList_Check(args[10])) {
+        PyErr_SetString(PyExc_TypeError, "token_logs(cache: dict, missing, packed: dict, nspam, "
+                        "nham, robs, robx, min_dev, min_count, logs_f: list, logs_1f: list)");
+        return NULL;
+    }
+    PyObject *cache = args[0], *packed = args[2], *lf = args[9], *l1f = args[10];
+    long long nspam = PyLong_AsLongLong(args[3]), nham = PyLong_AsLongLong(args[4]);
+    double robs = PyFloat_AsDouble(args[5]), robx = PyFloat_AsDouble(args[6]);
+    double min_dev = PyFloat_AsDouble(args[7]);
+    long long min_count = PyLong_AsLongLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (nspam <= 0 || nham <= 0) {
+        PyErr_SetString(PyExc_ValueError, "token_logs: nspam and nham must be positive");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(args[1]), *tok;
+    if (it == NULL)
+        return NULL;
+    while ((tok = PyIter_Next(it)) != NULL) {
+        int rc = PyDict_SetItem(cache, tok, Py_None);
+        Py_DECREF(tok);
+        if (rc < 0) {
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    /* as classifier.probabilities, operation for operation */
+    const double prior = robs * robx, lo = 1e-9, hi = 1 - 1e-9;
+    const double dspam = (double)nspam, dham = (double)nham;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(packed, &pos, &key, &value)) {
+        if (!PyLong_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "token_logs: packed counts must be integers");
+            return NULL;
+        }
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError,
+                                "token_logs: packed counts do not fit in 64 bits");
+            return NULL;
+        }
+        long long s = v >> 32, h = v & 0xFFFFFFFFLL, n = s + h;
+        if (n <= 0 || n < min_count)
+            continue;
+        double sr = (double)s / dspam;
+        double f = (prior + (double)n * (sr / (sr + (double)h / dham))) / (robs + (double)n);
+        if (fabs(f - 0.5) < min_dev)
+            continue;
+        if (lo > f)  /* min(max(f, 1e-9), 1 - 1e-9) */
+            f = lo;
+        if (hi < f)
+            f = hi;
+        PyObject *t = Py_BuildValue("(ddd)", f, log(f), log(1.0 - f));
+        if (t == NULL)
+            return NULL;
+        int rc = PyDict_SetItem(cache, key, t);
+        if (rc == 0)
+            rc = PyList_Append(lf, PyTuple_GET_ITEM(t, 1));
+        if (rc == 0)
+            rc = PyList_Append(l1f, PyTuple_GET_ITEM(t, 2));
+        Py_DECREF(t);
+        if (rc < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
@@ -343,6 +430,10 @@ static PyMethodDef methods[] = {
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
      "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
      "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
+    {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
+     "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
+     "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "
+     "filterd/bayes/engine.py)"},
     {NULL, NULL, 0, NULL},
 };
 

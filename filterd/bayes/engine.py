@@ -44,8 +44,30 @@ def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, list, list]:
     return missing, list(log_f), list(log_1f)
 
 
-# the C pass when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1)
+def _token_logs_py(cache: dict, missing: list, packed: dict, nspam: int, nham: int,
+                   robs: float, robx: float, min_dev: float, min_count: int,
+                   log_f: list, log_1f: list) -> None:
+    """The rest of the pass, for the ``missing`` tokens once looked up (``packed``: the learned
+    ones' counts): each goes into ``cache``, as None (no evidence) or as its f(w) and
+    logarithms (:func:`~.classifier.probabilities`), which are appended to ``log_f`` and
+    ``log_1f``. The C extension's ``token_logs`` does the same without a Python loop per token
+    (the same bits: tests/test_bayes_speedups.py)."""
+    cache.update(dict.fromkeys(missing))
+    if not packed:
+        return
+    params = Params(robs=robs, robx=robx, min_dev=min_dev, min_count=min_count)
+    found = probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
+                          nspam, nham, params)
+    if found:
+        cache.update(found)
+        _, more_f, more_1f = zip(*found.values())
+        log_f.extend(more_f)
+        log_1f.extend(more_1f)
+
+
+# the C passes when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1)
 _cached_logs = getattr(_speedups, "cached_logs", None) or _cached_logs_py
+_token_logs = getattr(_speedups, "token_logs", None) or _token_logs_py
 
 
 @dataclass
@@ -115,30 +137,22 @@ class Bayes:
             self._check_format(nspam, nham)
         # one pass: the tokens to look up, and the logarithms of the cached ones with evidence
         missing, log_f, log_1f = _cached_logs(fc, toks)
+        p = self.params
         if missing:
-            packed = await self.tokens.packed(missing)
-            # f(w) with both logarithms Fisher's method sums, or None (no evidence): None for
-            # all first (most looked-up tokens were never learned), then the ones found
-            fc.update(dict.fromkeys(missing))
-            if packed:
-                found = probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
-                                      nspam, nham, self.params)
-                fc.update(found)
-                if found:
-                    _, more_f, more_1f = zip(*found.values())
-                    log_f.extend(more_f)
-                    log_1f.extend(more_1f)
-        max_tokens = self.params.max_tokens
+            # f(w) with both logarithms Fisher's method sums, or None (no evidence)
+            _token_logs(fc, missing, await self.tokens.packed(missing), nspam, nham, p.robs,
+                        p.robx, p.min_dev, p.min_count, log_f, log_1f)
+        max_tokens = p.max_tokens
         if explain or (max_tokens and len(log_f) > max_tokens):
             clues = sorted(((fc[t][0], t) for t in toks if fc[t] is not None),
                            key=lambda x: (-abs(x[0] - 0.5), x[1]))
-            res = combine([f for f, _ in clues], max_tokens, self.params.n_eff)
+            res = combine([f for f, _ in clues], max_tokens, p.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
             return res
         if not log_f:
             return combine_logs(0.0, 0.0, 0)
         # (exact sums: the result does not depend on the order the tokens came in)
-        return combine_logs(math.fsum(log_f), math.fsum(log_1f), len(log_f), self.params.n_eff)
+        return combine_logs(math.fsum(log_f), math.fsum(log_1f), len(log_f), p.n_eff)
 
     def _cache_holds(self, state: tuple) -> bool:
         """Whether the cached probabilities still serve the database as ``state`` finds it:
