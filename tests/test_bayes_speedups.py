@@ -99,16 +99,49 @@ def test_c_and_python_agree_on_random_text():
         assert c == py, repr(text)
 
 
+@needs_c
+@pytest.mark.parametrize("clause", [
+    "from mail.example.co.uk (mail.example.co.uk [192.0.2.77])",
+    "from [10.1.2.3] (helo=x) (HELO smtp.evil.com.br) (dsl-1-2.pool.net.example.org [(1.2.3.4)])",
+    "from a.b.c.d.e.f.g.h.i.j.example.com (x.y [1.2.3.4.5]) ([٣.١.٢.٤]) (1.2.3.4)",
+    "from -bad.example.com (ok-1.example.com) (a..b.com) (x.example.c0m) (X.Example.Com)",
+    "from h1.one.com h2.two.net h3.three.org h4.four.io h5.five.de h6.six.fr",
+    "from q.example.com/smtp.z.example.net=foo@bar.example.org;w.example.ac.jp,x.co.nz",
+    "from [1.2.3.4] [5.6.7.8] [9.10.11.12] [1234.5.6.7] [1.2.3] [.1.2.3.4]",
+    "", "no dots here at all", "from ..... ([]) (()) .com", "from é.example.com ü.de",
+])
+def test_received_clauses_give_the_same_tokens_either_way(clause):
+    c, py = set(), set()
+    tk._received_words_c(clause.lower(), c)
+    tk._received_words_py(clause.lower(), py)
+    assert c == py
+
+
+@needs_c
+def test_c_and_python_agree_on_random_received_clauses():
+    rng = random.Random(20261129)
+    pieces = (["a", "b", "xy", "com", "co", "uk", "net", "ac", "9", "12", "255", "1234", "-",
+               ".", ".", ".", "[", "]", "(", ")", "<", ">", ";", ",", "=", "@", "/", " ",
+               "\t", "é", "٣", "\u00a0", "x" * 30, "y" * 70, "_"])
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
+        c, py = set(), set()
+        tk._received_words_c(text, c)
+        tk._received_words_py(text, py)
+        assert c == py, text
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
-    """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter and
-    capitals check."""
-    saved = tk._split_words, tk._cased_words
-    tk._split_words, tk._cased_words = ((tk._split_words_c, tk._cased_words_c) if path == "c"
-                                        else (tk._split_words_py, tk._cased_words_py))
+    """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
+    capitals check and Received clause pass."""
+    saved = tk._split_words, tk._cased_words, tk._received_words
+    tk._split_words, tk._cased_words, tk._received_words = (
+        (tk._split_words_c, tk._cased_words_c, tk._received_words_c) if path == "c"
+        else (tk._split_words_py, tk._cased_words_py, tk._received_words_py))
     try:
         return tk.tokenize(raw)
     finally:
-        tk._split_words, tk._cased_words = saved
+        tk._split_words, tk._cased_words, tk._received_words = saved
 
 
 def _messages(root: Path):

@@ -29,6 +29,13 @@
  *   (to be looked up); logs_f, logs_1f: ln f and ln(1 - f) of the cached tokens with
  *   evidence, in the order met. The same as engine._cached_logs_py.
  *
+ * received_words(sld, low, out) -> None
+ *   The tokenizer's look at the from clause of one Received header (low: lower-cased, cut
+ *   before " by "): for each white-space separated word holding a dot, "rcvd:ip:A.B.C" for a
+ *   bracketed IPv4 address (at most 2), else "rcvd:" + the registrable domain of each host name
+ *   among its pieces (at most 4 words' worth; sld: the second-level labels of
+ *   tokenizer._SLD), added to out. The same as tokenizer._received_words_py.
+ *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
@@ -298,6 +305,176 @@ fail:
     return NULL;
 }
 
+static inline int in_chars(Py_UCS4 ch, const char *chars)
+{
+    return ch < 128 && ch != 0 && strchr(chars, (int)ch) != NULL;
+}
+
+/* _IP_RE.fullmatch on text[start:end]: four runs of 1-3 decimal digits joined by dots. Returns
+ * the end of the third run (the /24 network's text ends there), or -1. */
+static Py_ssize_t ipv4_net_end(int kind, const void *data, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_ssize_t i = start, net_end = -1;
+    for (int part = 0; part < 4; part++) {
+        Py_ssize_t digits = 0;
+        while (i < end && digits < 4 && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, data, i))) {
+            i++;
+            digits++;
+        }
+        if (digits < 1 || digits > 3)
+            return -1;
+        if (part < 3) {
+            if (i >= end || PyUnicode_READ(kind, data, i) != '.')
+                return -1;
+            if (part == 2)
+                net_end = i;
+            i++;
+        }
+    }
+    return i == end ? net_end : -1;
+}
+
+static inline int is_lower_alnum(Py_UCS4 ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9');
+}
+
+/* _HOST_RE.fullmatch on text[start:end]: labels joined by dots, the first [a-z0-9][a-z0-9-]*,
+ * the middle ones (at most 8) [a-z0-9-]+, all of them 1-63 characters, the last [a-z]{2,24}. */
+static int is_host(int kind, const void *data, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_ssize_t label_start = start;
+    int labels = 0;
+    for (Py_ssize_t i = start; i <= end; i++) {
+        if (i < end && PyUnicode_READ(kind, data, i) != '.')
+            continue;
+        Py_ssize_t n = i - label_start;
+        int last = i == end;
+        if (last) {
+            if (labels < 1 || labels > 9 || n < 2 || n > 24)
+                return 0;
+            for (Py_ssize_t j = label_start; j < i; j++) {
+                Py_UCS4 ch = PyUnicode_READ(kind, data, j);
+                if (ch < 'a' || ch > 'z')
+                    return 0;
+            }
+            return 1;
+        }
+        if (n < 1 || n > 63)
+            return 0;
+        for (Py_ssize_t j = label_start; j < i; j++) {
+            Py_UCS4 ch = PyUnicode_READ(kind, data, j);
+            if (!is_lower_alnum(ch) && (ch != '-' || (labels == 0 && j == label_start)))
+                return 0;
+        }
+        labels++;
+        label_start = i + 1;
+    }
+    return 0;
+}
+
+/* "rcvd:" + registrable_domain(text[start:end]) (tokenizer.registrable_domain): the last two
+ * labels, or three when the second-level label is in sld and the top-level one has two
+ * characters. */
+static PyObject *rcvd_domain(PyObject *text, int kind, const void *data, Py_ssize_t start,
+                             Py_ssize_t end, PyObject *sld)
+{
+    Py_ssize_t dots[3] = {-1, -1, -1};  /* the last three dots, latest first */
+    int found = 0;
+    for (Py_ssize_t i = end - 1; i >= start && found < 3; i--)
+        if (PyUnicode_READ(kind, data, i) == '.')
+            dots[found++] = i;
+    Py_ssize_t from = found >= 2 ? dots[1] + 1 : start;
+    if (found >= 2 && end - dots[0] - 1 == 2) {
+        PyObject *second = PyUnicode_Substring(text, dots[1] + 1, dots[0]);
+        if (second == NULL)
+            return NULL;
+        int in_sld = PySet_Contains(sld, second);
+        Py_DECREF(second);
+        if (in_sld < 0)
+            return NULL;
+        if (in_sld)
+            from = found >= 3 ? dots[2] + 1 : start;
+    }
+    PyObject *dom = PyUnicode_Substring(text, from, end);
+    if (dom == NULL)
+        return NULL;
+    PyObject *tok = PyUnicode_FromFormat("rcvd:%U", dom);
+    Py_DECREF(dom);
+    return tok;
+}
+
+static int add_token(PyObject *out, PyObject *tok)
+{
+    if (tok == NULL)
+        return -1;
+    int rc = PySet_Add(out, tok);
+    Py_DECREF(tok);
+    return rc;
+}
+
+static PyObject *received_words(PyObject *Py_UNUSED(self), PyObject *const *args,
+                                Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyAnySet_Check(args[0]) || !PyUnicode_Check(args[1])
+        || !PySet_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "received_words(sld: set, low: str, out: set)");
+        return NULL;
+    }
+    PyObject *sld = args[0], *out = args[2];
+    PyObject *words = PyUnicode_Split(args[1], NULL, -1);
+    if (words == NULL)
+        return NULL;
+    int hosts = 0, ips = 0;
+    Py_ssize_t nwords = PyList_GET_SIZE(words);
+    for (Py_ssize_t k = 0; k < nwords; k++) {
+        PyObject *w = PyList_GET_ITEM(words, k);
+        Py_ssize_t n = PyUnicode_GET_LENGTH(w);
+        int kind = PyUnicode_KIND(w);
+        const void *data = PyUnicode_DATA(w);
+        if (PyUnicode_FindChar(w, '.', 0, n, 1) < 0)
+            continue;
+        Py_UCS4 first = PyUnicode_READ(kind, data, 0);
+        if ((first == '[' || first == '(') && ips < 2) {
+            Py_ssize_t s = 0, e = n;  /* w.strip("[]();") */
+            while (s < e && in_chars(PyUnicode_READ(kind, data, s), "[]();"))
+                s++;
+            while (e > s && in_chars(PyUnicode_READ(kind, data, e - 1), "[]();"))
+                e--;
+            Py_ssize_t net_end = ipv4_net_end(kind, data, s, e);
+            if (net_end >= 0) {
+                PyObject *net = PyUnicode_Substring(w, s, net_end);
+                PyObject *tok = net ? PyUnicode_FromFormat("rcvd:ip:%U", net) : NULL;
+                Py_XDECREF(net);
+                if (add_token(out, tok) < 0)
+                    goto fail;
+                ips++;
+                continue;
+            }
+        }
+        if (hosts >= 4)
+            continue;
+        /* the pieces between runs of ( ) [ ] < > ; , = @ / (w holds no white space) */
+        Py_ssize_t start = 0;
+        for (Py_ssize_t i = 0; i <= n; i++) {
+            if (i < n && !in_chars(PyUnicode_READ(kind, data, i), "()[]<>;,=@/"))
+                continue;
+            if (i > start && is_host(kind, data, start, i)) {
+                if (add_token(out, rcvd_domain(w, kind, data, start, i, sld)) < 0)
+                    goto fail;
+                hosts++;
+            }
+            start = i + 1;
+        }
+    }
+    Py_DECREF(words);
+    Py_RETURN_NONE;
+
+fail:
+    Py_DECREF(words);
+    return NULL;
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -430,6 +607,9 @@ static PyMethodDef methods[] = {
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
      "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
      "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
+    {"received_words", (PyCFunction)(void (*)(void))received_words, METH_FASTCALL,
+     "received_words(sld, low, out) -> None: the rcvd: tokens of a Received header's from "
+     "clause (see filterd/bayes/tokenizer.py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "

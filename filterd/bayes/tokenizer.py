@@ -450,6 +450,12 @@ def _received_tokens(raw: str, out: set) -> None:
         cut = low.find(";")
     if cut >= 0:
         low = low[:cut]
+    _received_words(low, out)
+
+
+def _received_words_py(low: str, out: set) -> None:
+    """The tokens of :func:`_received_tokens` from the lower-cased from clause ``low``. The C
+    extension's ``received_words`` does the same without a Python loop per word."""
     hosts = ips = 0
     for w in low.split():  # split + a check per piece: cheaper than a pattern scan
         if "." not in w:
@@ -465,6 +471,10 @@ def _received_tokens(raw: str, out: set) -> None:
                 if "." in piece and piece[-1:].isalpha() and (m := _HOST_RE.fullmatch(piece)):
                     out.add("rcvd:" + registrable_domain(m.group(1)))
                     hosts += 1
+
+
+_received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
+_received_words = _received_words_c or _received_words_py
 
 
 def _shape(s: str) -> str:
