@@ -18,6 +18,8 @@ here asserts a time. Needs root (rspamd, dnsmasq, smtp-sink -u nobody).
     .venv/bin/python bench/milter_bench.py --python debian --native-floor --floor-cpu 300,600
         # + the null asyncio milter spending 300 and 600 us of Python per message: how much
         # CPU per message a milter can afford for a given ratio to rspamd on this machine
+    .venv/bin/python bench/milter_bench.py --python debian --native-floor --cpu-by-process
+        # + each run's CPU per message by process (Postfix's daemons, the milter, the sink)
 """
 from __future__ import annotations
 
@@ -239,6 +241,42 @@ def tree_cpu(pid: int | None) -> tuple[float, float]:
     return user / tick, system / tick
 
 
+def process_cpu() -> dict[tuple[int, str], tuple[str, int]]:
+    """CPU ticks (user + system) of every live process, keyed by (pid, start time), with the
+    name it is counted under: the command name, or the script for a Python process."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            s = Path(f"/proc/{d}/stat").read_text()
+            name = s[s.find("(") + 1:s.rfind(")")]
+            if name.startswith("python"):
+                argv = [a.decode(errors="replace")
+                        for a in Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")]
+                if len(argv) > 2 and argv[1] == "-c":  # the null milters: python -c CODE
+                    argv[2] = "..."
+                name = "python " + " ".join(argv[1:4])[:40]
+        except OSError:
+            continue
+        f = s.rsplit(")", 1)[1].split()
+        out[(int(d), f[19])] = (name, int(f[11]) + int(f[12]))
+    return out
+
+
+def cpu_by_process(before: dict, after: dict, messages: int) -> str:
+    """The processes that used CPU between two :func:`process_cpu` snapshots, grouped by name,
+    in ms per message (processes that ended in between are missed: smtp-source's own)."""
+    use: dict[str, float] = {}
+    for key, (name, ticks) in after.items():
+        spent = ticks - before.get(key, (name, 0))[1]
+        if spent > 0:
+            use[name] = use.get(name, 0) + spent
+    ms = 1000 / os.sysconf("SC_CLK_TCK") / messages
+    top = sorted(use.items(), key=lambda kv: -kv[1])[:10]
+    return ", ".join(f"{name} {ticks * ms:.2f}" for name, ticks in top)
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, idle) CPU seconds of the whole machine so far, from /proc/stat. Busy leaves out
     ``nice`` time: work at a lower priority (another job on the machine) is not the mail
@@ -260,9 +298,11 @@ def measure(label: str, sink: Sink, milter_spec: str | None, args,
         wait_drained(pf)
         for s in args.sessions:
             before = len(pf.log().splitlines())
+            procs0 = process_cpu() if args.cpu_by_process else None
             cpu0, m0 = tree_cpu(milter_pid), machine_cpu()
             dt = smtp_source(pf.port, s, args.messages, args.size)
             cpu1, m1 = tree_cpu(milter_pid), machine_cpu()
+            procs1 = process_cpu() if args.cpu_by_process else None
             busy, idle = m1[0] - m0[0], m1[1] - m0[1]
             user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
             cpu = user + system
@@ -278,6 +318,9 @@ def measure(label: str, sink: Sink, milter_spec: str | None, args,
                   f"machine CPU {busy / args.messages * 1000:.2f} ms/msg, "
                   f"{100 * idle / max(busy + idle, 1e-9):.0f} % idle)",
                   flush=True)
+            if procs0 is not None:
+                print(f"    CPU ms/msg by process: {cpu_by_process(procs0, procs1, args.messages)}",
+                      flush=True)
             wait_drained(pf)
     finally:
         pf.stop()
@@ -506,6 +549,9 @@ def main() -> int:
                          "a venv of Debian's /usr/bin/python3 made once in .venv-debian. The "
                          "first one gets the plain filterd-N keys, the others -py1, -py2 ...")
     ap.add_argument("--skip-rspamd", action="store_true")
+    ap.add_argument("--cpu-by-process", action="store_true",
+                    help="print each run's CPU per message by process name (Postfix's daemons, "
+                         "the milter, the sink): where the machine's time went")
     ap.add_argument("--skip-postfix-alone", action="store_true")
     ap.add_argument("--pymilter-floor", action="store_true",
                     help="also measure a pymilter milter that only adds one header: what any "
