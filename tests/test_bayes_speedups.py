@@ -131,17 +131,49 @@ def test_c_and_python_agree_on_random_received_clauses():
         assert c == py, text
 
 
+@needs_c
+@pytest.mark.parametrize("url", [
+    "http://www.example.co.uk/path/to/page.html?x=1&y=2#frag",
+    "www.example.com", "www.", "https://user:pw@host.example.net:8080/a/b", "ftp://[::1]/x",
+    "http://192.0.2.1/cgi-bin/x.cgi", "http://[10.0.0.1]:80/", "http://a@b@c.example.org/q",
+    "http://example.com./", "http://[.]/x", "http://a]./", "http:///x", "mailto:x@y",
+    "http://" + "h" * 120 + ".com/", "http://x.example.com/" + "seg/" * 100,
+    "http://x.example.com/12345/٣٤٥/²³⁴/abc_def%20ghi-jkl+mno",
+    "https://ünïcode.example.jp/päth/wörter", "abcdefghijklmnop://host/x", "http://h/a/b/c",
+])
+def test_urls_give_the_same_tokens_either_way(url):
+    c, py = set(), set()
+    tk._url_words_c(url, c)
+    tk._url_words_py(url, py)
+    assert c == py
+
+
+@needs_c
+def test_c_and_python_agree_on_random_urls():
+    rng = random.Random(20261130)
+    pieces = ["http://", "https://", "www.", "://", "a", "bc", "com", "co", "uk", ".", ".",
+              "/", "/", "?", "#", "@", ":", "8080", "[", "]", "1", "22", "333", "4444", "&",
+              "=", "+", "_", "%", "-", "ü", "٣", "²", "x" * 25, "abcdefghij"]
+    for _ in range(5000):
+        url = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30)))
+        c, py = set(), set()
+        tk._url_words_c(url, c)
+        tk._url_words_py(url, py)
+        assert c == py, url
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
-    capitals check and Received clause pass."""
-    saved = tk._split_words, tk._cased_words, tk._received_words
-    tk._split_words, tk._cased_words, tk._received_words = (
-        (tk._split_words_c, tk._cased_words_c, tk._received_words_c) if path == "c"
-        else (tk._split_words_py, tk._cased_words_py, tk._received_words_py))
+    capitals check, Received clause and URL passes."""
+    names = ("_split_words", "_cased_words", "_received_words", "_url_words")
+    saved = [getattr(tk, n) for n in names]
+    for n in names:
+        setattr(tk, n, getattr(tk, f"{n}_{path}"))
     try:
         return tk.tokenize(raw)
     finally:
-        tk._split_words, tk._cased_words, tk._received_words = saved
+        for n, fn in zip(names, saved):
+            setattr(tk, n, fn)
 
 
 def _messages(root: Path):

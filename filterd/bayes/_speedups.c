@@ -36,6 +36,11 @@
  *   among its pieces (at most 4 words' worth; sld: the second-level labels of
  *   tokenizer._SLD), added to out. The same as tokenizer._received_words_py.
  *
+ * url_words(sld, url, out) -> None
+ *   The tokens of one URL (stripped and lower-cased): url:scheme:, url:userinfo, url:port,
+ *   url:ip or url:longhost, else url:host:, url:dom: (its registrable domain) and url:p: path
+ *   words, added to out. The same as tokenizer._url_words_py.
+ *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
@@ -54,6 +59,8 @@
 
 /* ASCII classes: 1 = letter or digit, 2 = other word character (_ ' $ % . @ -), 0 = separator */
 static unsigned char ascii_class[128];
+
+static PyObject *WWW, *SCHEME_SEP;  /* "www.", "://" */
 
 static void init_tables(void)
 {
@@ -373,11 +380,11 @@ static int is_host(int kind, const void *data, Py_ssize_t start, Py_ssize_t end)
     return 0;
 }
 
-/* "rcvd:" + registrable_domain(text[start:end]) (tokenizer.registrable_domain): the last two
+/* prefix + registrable_domain(text[start:end]) (tokenizer.registrable_domain): the last two
  * labels, or three when the second-level label is in sld and the top-level one has two
  * characters. */
-static PyObject *rcvd_domain(PyObject *text, int kind, const void *data, Py_ssize_t start,
-                             Py_ssize_t end, PyObject *sld)
+static PyObject *domain_token(const char *prefix, PyObject *text, int kind, const void *data,
+                              Py_ssize_t start, Py_ssize_t end, PyObject *sld)
 {
     Py_ssize_t dots[3] = {-1, -1, -1};  /* the last three dots, latest first */
     int found = 0;
@@ -399,7 +406,7 @@ static PyObject *rcvd_domain(PyObject *text, int kind, const void *data, Py_ssiz
     PyObject *dom = PyUnicode_Substring(text, from, end);
     if (dom == NULL)
         return NULL;
-    PyObject *tok = PyUnicode_FromFormat("rcvd:%U", dom);
+    PyObject *tok = PyUnicode_FromFormat("%s%U", prefix, dom);
     Py_DECREF(dom);
     return tok;
 }
@@ -460,7 +467,7 @@ static PyObject *received_words(PyObject *Py_UNUSED(self), PyObject *const *args
             if (i < n && !in_chars(PyUnicode_READ(kind, data, i), "()[]<>;,=@/"))
                 continue;
             if (i > start && is_host(kind, data, start, i)) {
-                if (add_token(out, rcvd_domain(w, kind, data, start, i, sld)) < 0)
+                if (add_token(out, domain_token("rcvd:", w, kind, data, start, i, sld)) < 0)
                     goto fail;
                 hosts++;
             }
@@ -473,6 +480,114 @@ static PyObject *received_words(PyObject *Py_UNUSED(self), PyObject *const *args
 fail:
     Py_DECREF(words);
     return NULL;
+}
+
+/* prefix + text[start:end] into out */
+static int add_piece_token(PyObject *out, const char *prefix, PyObject *text, Py_ssize_t start,
+                           Py_ssize_t end)
+{
+    PyObject *piece = PyUnicode_Substring(text, start, end);
+    if (piece == NULL)
+        return -1;
+    PyObject *tok = PyUnicode_FromFormat("%s%U", prefix, piece);
+    Py_DECREF(piece);
+    return add_token(out, tok);
+}
+
+static PyObject *url_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyAnySet_Check(args[0]) || !PyUnicode_Check(args[1])
+        || !PySet_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "url_words(sld: set, url: str, out: set)");
+        return NULL;
+    }
+    PyObject *sld = args[0], *u = args[1], *out = args[2];
+    Py_ssize_t n = PyUnicode_GET_LENGTH(u), rest;
+    int kind = PyUnicode_KIND(u);
+    const void *data = PyUnicode_DATA(u);
+    /* the scheme: "www." means http, else what comes before "://" */
+    if (n >= 4 && PyUnicode_Tailmatch(u, WWW, 0, n, -1) == 1) {
+        if (add_token(out, PyUnicode_FromString("url:scheme:http")) < 0)
+            return NULL;
+        rest = 0;
+    } else {
+        Py_ssize_t sep = PyUnicode_Find(u, SCHEME_SEP, 0, n, 1);
+        if (sep == -2)
+            return NULL;
+        if (sep < 0)
+            Py_RETURN_NONE;
+        if (add_piece_token(out, "url:scheme:", u, 0, sep < 10 ? sep : 10) < 0)
+            return NULL;
+        rest = sep + 3;
+    }
+    /* host[:port], up to the first / ? or #, after the last @ (userinfo) */
+    Py_ssize_t hp_end = rest, at = -1, colon = -1;
+    for (; hp_end < n; hp_end++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, hp_end);
+        if (ch == '/' || ch == '?' || ch == '#')
+            break;
+        if (ch == '@')
+            at = hp_end;
+    }
+    Py_ssize_t hp_start = rest;
+    if (at >= 0) {
+        if (add_token(out, PyUnicode_FromString("url:userinfo")) < 0)
+            return NULL;
+        hp_start = at + 1;
+    }
+    for (Py_ssize_t i = hp_start; i < hp_end; i++)
+        if (PyUnicode_READ(kind, data, i) == ':') {
+            colon = i;
+            break;
+        }
+    Py_ssize_t hs = hp_start, he = colon >= 0 ? colon : hp_end;  /* .strip("[]").rstrip(".") */
+    while (hs < he && in_chars(PyUnicode_READ(kind, data, hs), "[]"))
+        hs++;
+    while (he > hs && in_chars(PyUnicode_READ(kind, data, he - 1), "[]"))
+        he--;
+    while (he > hs && PyUnicode_READ(kind, data, he - 1) == '.')
+        he--;
+    if (he == hs)
+        Py_RETURN_NONE;
+    if (colon >= 0 && colon + 1 < hp_end
+        && add_token(out, PyUnicode_FromString("url:port")) < 0)
+        return NULL;
+    if (ipv4_net_end(kind, data, hs, he) >= 0) {
+        if (add_token(out, PyUnicode_FromString("url:ip")) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (he - hs > 100) {
+        if (add_token(out, PyUnicode_FromString("url:longhost")) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (add_piece_token(out, "url:host:", u, hs, he) < 0
+        || add_token(out, domain_token("url:dom:", u, kind, data, hs, he, sld)) < 0)
+        return NULL;
+    /* the path: what follows the host part (as long as the host part after any userinfo, as
+     * the Python path slices it), its first 300 characters cut at runs of / ? & = # . + _ % -;
+     * pieces of 3-20 characters that are not all digits */
+    Py_ssize_t ps = rest + (hp_end - hp_start), pe = n;
+    if (pe - ps <= 1)
+        Py_RETURN_NONE;
+    if (pe - ps > 300)
+        pe = ps + 300;
+    Py_ssize_t start = ps;
+    for (Py_ssize_t i = ps; i <= pe; i++) {
+        if (i < pe && !in_chars(PyUnicode_READ(kind, data, i), "/?&=#.+_%-"))
+            continue;
+        Py_ssize_t len = i - start;
+        if (len >= 3 && len <= 20) {
+            int digits = 1;
+            for (Py_ssize_t j = start; j < i && digits; j++)
+                digits = Py_UNICODE_ISDIGIT(PyUnicode_READ(kind, data, j));
+            if (!digits && add_piece_token(out, "url:p:", u, start, i) < 0)
+                return NULL;
+        }
+        start = i + 1;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
@@ -610,6 +725,9 @@ static PyMethodDef methods[] = {
     {"received_words", (PyCFunction)(void (*)(void))received_words, METH_FASTCALL,
      "received_words(sld, low, out) -> None: the rcvd: tokens of a Received header's from "
      "clause (see filterd/bayes/tokenizer.py)"},
+    {"url_words", (PyCFunction)(void (*)(void))url_words, METH_FASTCALL,
+     "url_words(sld, url, out) -> None: the url: tokens of one URL (see "
+     "filterd/bayes/tokenizer.py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "
@@ -627,5 +745,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void)
 {
     init_tables();
+    if ((WWW = PyUnicode_InternFromString("www.")) == NULL
+        || (SCHEME_SEP = PyUnicode_InternFromString("://")) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -206,7 +206,12 @@ _NONWORD = bytes(i if i >= 128 or chr(i).isalnum() or chr(i) in "_'$%.@-" else 3
 
 
 def _url_tokens(url: str, out: set) -> None:
-    u = url.strip().rstrip(".,;:!?)'\"").lower()
+    _url_words(url.strip().rstrip(".,;:!?)'\"").lower(), out)
+
+
+def _url_words_py(u: str, out: set) -> None:
+    """The ``url:`` tokens of one URL ``u`` (stripped and lower-cased). The C extension's
+    ``url_words`` does the same in one pass over the URL."""
     if u.startswith("www."):
         scheme, rest = "http", u
     elif "://" in u:
@@ -473,8 +478,13 @@ def _received_words_py(low: str, out: set) -> None:
                     hosts += 1
 
 
+
+
+# the C passes over a Received clause and a URL when the extension is built (see _speedups)
 _received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
 _received_words = _received_words_c or _received_words_py
+_url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
+_url_words = _url_words_c or _url_words_py
 
 
 def _shape(s: str) -> str:
