@@ -190,3 +190,28 @@ def test_received_tokens_come_from_the_from_clause_only():
     toks = tokenize(raw)
     assert {"rcvd:sender-isp.example", "rcvd:ip:192.0.2"} <= toks
     assert not any("our-gateway" in t for t in toks if t.startswith("rcvd:"))
+
+
+def test_urls_are_found_as_the_url_pattern_finds_them():
+    """find_urls looks for "://" and "www." first; it must give exactly the pattern's matches,
+    in order and without overlaps, on real text and on text built to confuse it."""
+    import random
+    from pathlib import Path
+
+    samples = ["see http://a.example.com/x and www.b.example.org, https://www.c.example.net/",
+               "xhttps://q.example ftp://f.example/p hxxp://no.example wwww.d.example",
+               "www.http://nested.example/ then https:// alone and www. alone",
+               "://x www.www.e.example (http://p.example/a) <https://q.example/b>"
+               + " http://" + "z" * 500]
+    for p in sorted((Path(__file__).parent / "data").rglob("*")):
+        if p.is_file():
+            samples.append(p.read_bytes().decode("latin-1").lower())
+    rng = random.Random(20261129)
+    pieces = ["http", "https", "ftp", "://", "www.", "w", "h", "s", ".", "/", "a", "b", " ",
+              "\n", "<", ">", '"', "'", ")", "]", "é"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60)))
+                for _ in range(3000)]
+    for text in samples:
+        assert tk.find_urls(text, 200) == tk._URL_RE.findall(text)[:200], text[:200]
+    text = " ".join(f"http://h{i}.example/" for i in range(300))
+    assert tk.find_urls(text, 5) == tk._URL_RE.findall(text)[:5]
