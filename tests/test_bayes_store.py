@@ -216,3 +216,37 @@ async def test_engine_fast_path_agrees_with_the_reference_classifier(tmp_path):
             assert got == pytest.approx(want, abs=1e-12)
     finally:
         await store.close()
+
+
+async def test_the_database_state_is_read_again_only_after_a_write_from_anywhere(tmp_path):
+    """The per-message read of the message counts is skipped while SQLite says nothing was
+    committed since: by this connection (its own learning) or by another one (another process:
+    `filterd bayes train`, another milter worker)."""
+    path = tmp_path / "bayes.sqlite"
+    mine, other = SQLiteStore(path), SQLiteStore(path)
+    try:
+        a, b = Bayes(mine), Bayes(other)
+        assert await a.tokens.state() == (0, 0, 0)
+        reads = []
+        real = mine.hget_many
+
+        async def counting(key, fields):
+            if key == a.tokens.k_meta:  # (learning reads the seen-index too)
+                reads.append(key)
+            return await real(key, fields)
+
+        mine.hget_many = counting
+        assert (await a.tokens.state())[:2] == (0, 0)
+        assert reads == []  # nothing written: the counts it read are kept
+        await b.learn([synth("spam", 1), synth("spam", 2)], spam=True)  # the other connection
+        assert (await a.tokens.state())[:2] == (2, 0)
+        assert len(reads) == 1
+        await a.learn([synth("ham", 1)], spam=False)  # its own connection
+        assert (await a.tokens.state())[:2] == (2, 1)
+        assert (await a.tokens.state())[:2] == (2, 1)
+        assert len(reads) == 2
+        await b.forget(synth("spam", 1))
+        assert (await a.tokens.state())[:2] == (1, 1)
+    finally:
+        await mine.close()
+        await other.close()

@@ -59,13 +59,23 @@ class TokenStore:
         self.k_seen = namespace + "seen"
         # messages learned with the current token format, as of the last state()
         self.format_messages = 0
+        self._state: tuple[int, int, int] = (0, 0, 0)
+        self._version: object | None = None  # the store's data_version() at that read
 
     async def state(self) -> tuple[int, int, int]:
         """(nspam, nham, generation): one small read per message (it also refreshes
-        :attr:`format_messages`)."""
+        :attr:`format_messages`), skipped while the store's
+        :meth:`~filterd.store.Store.data_version` says nothing was written since the last one
+        (SQLite: no commit by any process; these keys never expire)."""
+        version = self.store.data_version()  # (before the read: a write after it is seen)
+        if version is not None and version == self._version:
+            return self._state
         meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen", FORMAT_FIELD))
         self.format_messages = int(meta.get(FORMAT_FIELD, 0))
-        return int(meta.get("nspam", 0)), int(meta.get("nham", 0)), int(meta.get("gen", 0))
+        self._state = (int(meta.get("nspam", 0)), int(meta.get("nham", 0)),
+                       int(meta.get("gen", 0)))
+        self._version = version
+        return self._state
 
     def outdated(self, nspam: int, nham: int) -> int:
         """How many of the ``nspam + nham`` learned messages were learned with an older token

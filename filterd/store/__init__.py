@@ -150,6 +150,13 @@ class Store:
     async def ping(self) -> bool:
         raise NotImplementedError
 
+    def data_version(self) -> object | None:
+        """A cheap marker of the data as this process sees it: it changes whenever anything
+        may have been written since, by this process or another, so a caller can keep what it
+        read while the marker holds. None: the backend cannot tell cheaply (read again). Expiry
+        does not change it: only data that never expires may be kept this way."""
+        return None
+
     # state reported to plugins: None when the configured backend answers, else "fallback"
     # (working on the embedded store) or "skip" (store calls raise StoreUnavailable)
     degraded: str | None = None

@@ -143,6 +143,14 @@ class SQLiteStore(Store):
             self._x("ROLLBACK")
             raise
 
+    def data_version(self):
+        # PRAGMA data_version changes when another connection (another process) commits; this
+        # connection's own writes count in total_changes
+        try:
+            return self.db.execute("PRAGMA data_version").fetchone()[0], self.db.total_changes
+        except sqlite3.Error:
+            return None
+
     async def hget_many(self, key, fields: Iterable[str]):
         fields = fields if isinstance(fields, (list, tuple)) else list(fields)
         out: dict[str, int] = {}
