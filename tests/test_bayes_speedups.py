@@ -162,10 +162,21 @@ def test_c_and_python_agree_on_random_urls():
         assert c == py, url
 
 
+@needs_c
+def test_header_shapes_are_the_same_either_way():
+    rng = random.Random(20261129)
+    samples = ["<20021008.A1b2@x>", "Tue, 8 Oct 2002 12:00:00 +0200 (CEST)", "", "aaa999AAA",
+               "é日本\ud800\U0001F600x", "\x00\x7f 9a", "a" * 300, "Ab" * 200]
+    samples += ["".join(rng.choice(ALPHABET) for _ in range(rng.randrange(0, 40)))
+                for _ in range(3000)]
+    for text in samples:
+        assert tk._shape_c(text) == tk._shape_py(text), repr(text)
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
-    capitals check, Received clause and URL passes."""
-    names = ("_split_words", "_cased_words", "_received_words", "_url_words")
+    capitals check, Received clause, URL and header shape passes."""
+    names = ("_split_words", "_cased_words", "_received_words", "_url_words", "_shape")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

@@ -41,6 +41,11 @@
  *   url:ip or url:longhost, else url:host:, url:dom: (its registrable domain) and url:p: path
  *   words, added to out. The same as tokenizer._url_words_py.
  *
+ * shape(text) -> str
+ *   A header's format with its content taken out: each run of digits becomes 9, of lower-case
+ *   ASCII letters a, of capitals A; other non-ASCII characters ?. The same as
+ *   tokenizer._shape_py.
+ *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
@@ -590,6 +595,33 @@ static PyObject *url_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_
     Py_RETURN_NONE;
 }
 
+static PyObject *shape(PyObject *Py_UNUSED(self), PyObject *arg)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "shape(text: str)");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(arg), k = 0;
+    int kind = PyUnicode_KIND(arg);
+    const void *data = PyUnicode_DATA(arg);
+    char small[256] = {0};
+    char *buf = n <= (Py_ssize_t)sizeof(small) ? small : PyMem_Malloc(n ? n : 1);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        char c = ch >= 128 ? '?' : ch >= '0' && ch <= '9' ? '9' : ch >= 'a' && ch <= 'z' ? 'a'
+                 : ch >= 'A' && ch <= 'Z' ? 'A' : (char)ch;
+        if ((c == '9' || c == 'a' || c == 'A') && k > 0 && buf[k - 1] == c)
+            continue;  /* a run of one class: one character */
+        buf[k++] = c;
+    }
+    PyObject *out = PyUnicode_DecodeASCII(buf, k, NULL);
+    if (buf != small)
+        PyMem_Free(buf);
+    return out;
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -728,6 +760,8 @@ static PyMethodDef methods[] = {
     {"url_words", (PyCFunction)(void (*)(void))url_words, METH_FASTCALL,
      "url_words(sld, url, out) -> None: the url: tokens of one URL (see "
      "filterd/bayes/tokenizer.py)"},
+    {"shape", (PyCFunction)shape, METH_O,
+     "shape(text) -> str: the text's format (see tokenizer._shape)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "

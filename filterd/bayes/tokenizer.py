@@ -521,9 +521,10 @@ _url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
 _url_words = _url_words_c or _url_words_py
 
 
-def _shape(s: str) -> str:
+def _shape_py(s: str) -> str:
     """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content
-    (non-ASCII characters become ``?``)."""
+    (non-ASCII characters become ``?``). The C extension's ``shape`` does the same in one
+    pass."""
     b = s.encode("ascii", "replace").translate(_SHAPE_TABLE)
     # one pass per class with a literal replacement: a group reference (rb"\1") in the
     # replacement is expanded by Python code for every match, several times slower
@@ -535,6 +536,8 @@ def _shape(s: str) -> str:
 _SHAPE_TABLE = bytes(57 if 48 <= i <= 57 else 97 if 97 <= i <= 122 else 65 if 65 <= i <= 90
                      else i for i in range(256))  # digit -> 9, lower -> a, upper -> A
 _SHAPE_RUNS = [(re.compile(c + rb"{2,}"), c) for c in (b"9", b"a", b"A")]
+_shape_c = _c.shape if _c else None
+_shape = _shape_c or _shape_py
 _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 
 
