@@ -215,3 +215,24 @@ def test_urls_are_found_as_the_url_pattern_finds_them():
         assert tk.find_urls(text, 200) == tk._URL_RE.findall(text)[:200], text[:200]
     text = " ".join(f"http://h{i}.example/" for i in range(300))
     assert tk.find_urls(text, 5) == tk._URL_RE.findall(text)[:5]
+
+
+def test_attribute_names_are_found_as_tag_by_tag():
+    """The attribute hints come from one pattern pass over all tags' texts joined by NUL: the
+    same names as looking at each tag alone, also where a tag's text ends or starts the way a
+    name or an "=" would continue it."""
+    import random
+
+    rng = random.Random(20261129)
+    pieces = ["<a", "<img", "<p", "<x1", ">", " ", "\n", "href", "src", "=", '"', "'", "x",
+              "-", "on-click", "\0", "data-y", "  =", "=z", "< b", "<!--", "-->"]
+    for _ in range(3000):
+        markup = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 50)))
+        tags = tk._TAG_RE.findall(markup.lower())[:5000]
+        one_by_one = set()
+        for _, rest in tags:
+            if "=" in rest:
+                one_by_one.update(tk._ATTR_RE.findall(rest))
+        out = set()
+        tk._html_tokens(markup, markup.lower(), out)
+        assert {t[5:] for t in out if t.startswith("attr:")} == one_by_one, markup
