@@ -99,6 +99,21 @@ def test_c_and_python_agree_on_random_text():
         assert c == py, repr(text)
 
 
+def _both_passes(name: str, text: str) -> tuple[set, set]:
+    """The tokens that tokenizer's ``<name>_c`` and ``<name>_py`` add for ``text``."""
+    c, py = set(), set()
+    getattr(tk, f"{name}_c")(text, c)
+    getattr(tk, f"{name}_py")(text, py)
+    return c, py
+
+
+def _random_texts(seed: int, pieces: list[str], count: int, longest: int):
+    """``count`` texts of 1 to ``longest`` pieces chosen at random (the same every run)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield "".join(rng.choice(pieces) for _ in range(rng.randrange(1, longest)))
+
+
 @needs_c
 @pytest.mark.parametrize("clause", [
     "from mail.example.co.uk (mail.example.co.uk [192.0.2.77])",
@@ -111,23 +126,17 @@ def test_c_and_python_agree_on_random_text():
     "", "no dots here at all", "from ..... ([]) (()) .com", "from é.example.com ü.de",
 ])
 def test_received_clauses_give_the_same_tokens_either_way(clause):
-    c, py = set(), set()
-    tk._received_words_c(clause.lower(), c)
-    tk._received_words_py(clause.lower(), py)
+    c, py = _both_passes("_received_words", clause.lower())
     assert c == py
 
 
 @needs_c
 def test_c_and_python_agree_on_random_received_clauses():
-    rng = random.Random(20261129)
-    pieces = (["a", "b", "xy", "com", "co", "uk", "net", "ac", "9", "12", "255", "1234", "-",
-               ".", ".", ".", "[", "]", "(", ")", "<", ">", ";", ",", "=", "@", "/", " ",
-               "\t", "é", "٣", "\u00a0", "x" * 30, "y" * 70, "_"])
-    for _ in range(3000):
-        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
-        c, py = set(), set()
-        tk._received_words_c(text, c)
-        tk._received_words_py(text, py)
+    pieces = ["a", "b", "xy", "com", "co", "uk", "net", "ac", "9", "12", "255", "1234", "-",
+              ".", ".", ".", "[", "]", "(", ")", "<", ">", ";", ",", "=", "@", "/", " ", "\t",
+              "é", "٣", "\u00a0", "x" * 30, "y" * 70, "_"]
+    for text in _random_texts(20261129, pieces, 3000, 40):
+        c, py = _both_passes("_received_words", text)
         assert c == py, text
 
 
@@ -142,23 +151,17 @@ def test_c_and_python_agree_on_random_received_clauses():
     "https://ünïcode.example.jp/päth/wörter", "abcdefghijklmnop://host/x", "http://h/a/b/c",
 ])
 def test_urls_give_the_same_tokens_either_way(url):
-    c, py = set(), set()
-    tk._url_words_c(url, c)
-    tk._url_words_py(url, py)
+    c, py = _both_passes("_url_words", url)
     assert c == py
 
 
 @needs_c
 def test_c_and_python_agree_on_random_urls():
-    rng = random.Random(20261130)
     pieces = ["http://", "https://", "www.", "://", "a", "bc", "com", "co", "uk", ".", ".",
               "/", "/", "?", "#", "@", ":", "8080", "[", "]", "1", "22", "333", "4444", "&",
               "=", "+", "_", "%", "-", "ü", "٣", "²", "x" * 25, "abcdefghij"]
-    for _ in range(5000):
-        url = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30)))
-        c, py = set(), set()
-        tk._url_words_c(url, c)
-        tk._url_words_py(url, py)
+    for url in _random_texts(20261130, pieces, 5000, 30):
+        c, py = _both_passes("_url_words", url)
         assert c == py, url
 
 
