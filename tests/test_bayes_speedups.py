@@ -176,10 +176,27 @@ def test_header_shapes_are_the_same_either_way():
         assert tk._shape_c(text) == tk._shape_py(text), repr(text)
 
 
+@needs_c
+def test_header_lines_are_the_same_either_way():
+    samples = ["Subject: hi\nFrom:  a@b  \n", "", "\n", "no colon here\nX-A :v\nX-B\t:\tw\n",
+               "N" * 80 + ": exactly 80\n" + "M" * 81 + ": too long\nok: 1", ":empty name\n",
+               "Bad Name: v\nGood-Name: v \u3000\nx:\r\ny: \x85v\x85\n\n\nz:last",
+               "é: not ascii\na\x7f: del\n~!: sym"]
+    pieces = ["A", "b", "-", ":", " ", "\t", "\n", "\n", "é", "\r", "x" * 79, "\x00", "~",
+              "\u00a0", "=?"]
+    samples += list(_random_texts(20261131, pieces, 3000, 30))
+    for text in samples:
+        assert tk._header_lines_c(text, 120) == tk._header_lines_py(text, 120), repr(text)
+    many = "".join(f"h{i}: {i}\n" for i in range(200))
+    assert tk._header_lines_c(many, 120) == tk._header_lines_py(many, 120)
+    assert len(tk._header_lines_c(many, 120)) == 120
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
-    capitals check, Received clause, URL and header shape passes."""
-    names = ("_split_words", "_cased_words", "_received_words", "_url_words", "_shape")
+    capitals check, Received clause, URL, header shape and header line passes."""
+    names = ("_split_words", "_cased_words", "_received_words", "_url_words", "_shape",
+             "_header_lines")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

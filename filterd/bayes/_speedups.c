@@ -46,6 +46,12 @@
  *   ASCII letters a, of capitals A; other non-ASCII characters ?. The same as
  *   tokenizer._shape_py.
  *
+ * header_lines(text, most) -> list of (name, value)
+ *   The `name: value` lines of an unfolded header block (LF line ends), at most `most`: a
+ *   name is 1-80 printable ASCII characters other than the colon, blanks may come before the
+ *   colon, the value is the rest of the line, stripped. Other lines are skipped. The same as
+ *   tokenizer._header_lines_py.
+ *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
@@ -622,6 +628,77 @@ static PyObject *shape(PyObject *Py_UNUSED(self), PyObject *arg)
     return out;
 }
 
+/* Python's str.strip() bounds of text[start:end] */
+static void strip_bounds(int kind, const void *data, Py_ssize_t *start, Py_ssize_t *end)
+{
+    while (*start < *end && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, *start)))
+        (*start)++;
+    while (*end > *start && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, *end - 1)))
+        (*end)--;
+}
+
+static PyObject *header_lines(PyObject *Py_UNUSED(self), PyObject *const *args,
+                              Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "header_lines(text: str, most: int)");
+        return NULL;
+    }
+    PyObject *text = args[0];
+    Py_ssize_t most = PyLong_AsSsize_t(args[1]);
+    if (most == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    /* a line start: the text's start (the "\n" the Python path puts before it) or after a \n */
+    Py_ssize_t line = 0;
+    while (line <= n && PyList_GET_SIZE(out) < most) {
+        Py_ssize_t i = line;
+        while (i < n && i - line <= 80) {  /* the name: printable ASCII but the colon */
+            Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+            if (ch < 0x21 || ch > 0x7e || ch == ':')
+                break;
+            i++;
+        }
+        Py_ssize_t name_end = i;
+        int ok = name_end > line && name_end - line <= 80;
+        if (ok) {
+            while (i < n && (PyUnicode_READ(kind, data, i) == ' '
+                             || PyUnicode_READ(kind, data, i) == '\t'))
+                i++;
+            ok = i < n && PyUnicode_READ(kind, data, i) == ':';
+        }
+        Py_ssize_t eol = PyUnicode_FindChar(text, '\n', ok ? i + 1 : i, n, 1);
+        if (eol == -2)
+            goto fail;
+        if (eol < 0)
+            eol = n;
+        if (ok) {
+            Py_ssize_t vs = i + 1, ve = eol;
+            strip_bounds(kind, data, &vs, &ve);
+            PyObject *name = PyUnicode_Substring(text, line, name_end);
+            PyObject *value = name ? PyUnicode_Substring(text, vs, ve) : NULL;
+            PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            int rc = pair ? PyList_Append(out, pair) : -1;
+            Py_XDECREF(pair);
+            if (rc < 0)
+                goto fail;
+        }
+        line = eol + 1;
+    }
+    return out;
+
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -762,6 +839,9 @@ static PyMethodDef methods[] = {
      "filterd/bayes/tokenizer.py)"},
     {"shape", (PyCFunction)shape, METH_O,
      "shape(text) -> str: the text's format (see tokenizer._shape)"},
+    {"header_lines", (PyCFunction)(void (*)(void))header_lines, METH_FASTCALL,
+     "header_lines(text, most) -> [(name, value)]: the header lines of an unfolded header "
+     "block (see tokenizer._header_lines_py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "

@@ -347,14 +347,22 @@ def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]
         text = text.replace("\r\n", "\n")
     if "\n " in text or "\n\t" in text:
         text = _UNFOLD_RE.sub(" ", text)
-    # One pattern pass over the block instead of a Python loop per line: a name is printable
-    # ASCII without spaces or colons (at most 80 characters; blanks before the colon are
-    # dropped), the value is the rest of the line (the same lines the loop this replaces took)
+    return _header_lines(text, MAX_HEADERS)
+
+
+def _header_lines_py(text: str, most: int) -> list[tuple[str, str]]:
+    """The ``name: value`` lines of the unfolded header block ``text``, at most ``most``: a
+    name is printable ASCII without spaces or colons (at most 80 characters; blanks before the
+    colon are dropped), the value is the rest of the line, stripped. One pattern pass over the
+    block instead of a Python loop per line; the C extension's ``header_lines`` does the same
+    without the pattern and the list of pairs to strip."""
     return [(name, value.strip())
-            for name, value in _HEADER_LINE_RE.findall("\n" + text)[:MAX_HEADERS]]
+            for name, value in _HEADER_LINE_RE.findall("\n" + text)[:most]]
 
 
 _HEADER_LINE_RE = re.compile(r"\n([\x21-\x39\x3b-\x7e]{1,80})[ \t]*:([^\n]*)")
+_header_lines_c = _c.header_lines if _c else None
+_header_lines = _header_lines_c or _header_lines_py
 
 
 # -- a small MIME walker: only what the tokenizer needs, straight from the bytes -----------------
