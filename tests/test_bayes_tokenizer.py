@@ -236,3 +236,27 @@ def test_attribute_names_are_found_as_tag_by_tag():
         out = set()
         tk._html_tokens(markup, markup.lower(), out)
         assert {t[5:] for t in out if t.startswith("attr:")} == one_by_one, markup
+
+
+def test_links_in_markup_are_found_as_the_link_pattern_finds_them():
+    """find_hrefs tries the link pattern only at "href", "src" and "action": the same links as
+    the pattern's own scan, also with an end position that cuts a link."""
+    import random
+    from pathlib import Path
+
+    samples = ['<a href="http://x.example/a">x</a><img src=\'y.png\'><form action=/post>',
+               "hrefsrcaction = x href=  'a b' src=>", "<a HREF=X>", "hhref=1 ssrc=2 aaction=3"]
+    for p in sorted((Path(__file__).parent / "data").rglob("*")):
+        if p.is_file():
+            samples.append(p.read_bytes().decode("latin-1").lower())
+    rng = random.Random(20261129)
+    pieces = ["href", "src", "action", "=", " ", '"', "'", ">", "h", "s", "a", "x", "/", "\n",
+              "hre", "sr", "actio", "é"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60)))
+                for _ in range(3000)]
+    for text in samples:
+        for end in (len(text), len(text) // 2, 7):
+            assert tk.find_hrefs(text, 200, end) == tk._HREF_RE.findall(text, 0, end)[:200], \
+                text[:200]
+    many = " ".join(f"href=h{i}" for i in range(300))
+    assert tk.find_hrefs(many, 5, len(many)) == tk._HREF_RE.findall(many)[:5]

@@ -224,15 +224,36 @@ def find_urls(text: str, limit: int) -> list[str]:
     while i >= 0:
         starts.append(i)
         i = text.find("www.", i + 4)
+    return _matches_at(_URL_RE, text, starts, limit, len(text))
+
+
+def find_hrefs(markup: str, limit: int, endpos: int) -> list[str]:
+    """``_HREF_RE.findall(markup, 0, endpos)[:limit]``, tried only at each "href", "src" and
+    "action" (the pattern alone stops at every h, s and a), the same way as :func:`find_urls`."""
+    starts = []
+    for word in ("href", "src", "action"):  # (none overlaps itself or starts like another)
+        i = markup.find(word, 0, endpos)
+        while i >= 0:
+            starts.append(i)
+            i = markup.find(word, i + len(word), endpos)
+    return _matches_at(_HREF_RE, markup, starts, limit, endpos)
+
+
+def _matches_at(pattern: re.Pattern, text: str, starts: list[int], limit: int,
+                endpos: int) -> list[str]:
+    """What ``pattern.findall(text, 0, endpos)[:limit]`` gives when every match of
+    ``pattern`` begins at one of ``starts``: a match is tried at each start in order, skipping
+    those inside the match before (its one group, or the whole match without a group)."""
     out: list[str] = []
     end = 0
-    match = _URL_RE.match
+    match = pattern.match
+    group = pattern.groups
     for s in sorted(starts):
         if s < end:
-            continue  # inside the URL found before (or the same start twice)
-        m = match(text, s)
+            continue  # inside the match found before
+        m = match(text, s, endpos)
         if m is not None:
-            out.append(m.group())
+            out.append(m.group(group))
             end = m.end()
             if len(out) >= limit:
                 break
@@ -652,7 +673,7 @@ def tokenize(message: Message | bytes) -> set[str]:
             lower = text.lower()
             if len(urls) < MAX_URLS:
                 urls.extend(_html.unescape(u) if "&" in u else u
-                            for u in _HREF_RE.findall(lower, 0, MAX_HTML)[:MAX_URLS])
+                            for u in find_hrefs(lower, MAX_URLS, MAX_HTML))
             text = _html_tokens(text, lower, out)
         else:
             out.add("body:plain")
