@@ -192,11 +192,23 @@ def test_header_lines_are_the_same_either_way():
     assert len(tk._header_lines_c(many, 120)) == 120
 
 
+@needs_c
+def test_html_attribute_names_are_the_same_either_way():
+    samples = [' href="x" src = y  data-id=1 -x=2 a=3 abcdefghijklmnopqrstu=4 '
+               'abcdefghijklmnopqrstuv=5 x y= \0 z=6 é=7 ÿa=8 \u3000b=9', "", "=", " =", " a="]
+    pieces = [" ", "\t", "\n", "\u00a0", "\u3000", "=", "a", "Z", "-", "x" * 20, "é", '"',
+              "\0", "1"]
+    samples += list(_random_texts(20261132, pieces, 5000, 25))
+    for text in samples:
+        assert tk._attr_names_c(text) == tk._attr_names_py(text), repr(text)
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
-    capitals check, Received clause, URL, header shape and header line passes."""
+    capitals check and its Received clause, URL, header shape, header line and HTML attribute
+    passes."""
     names = ("_split_words", "_cased_words", "_received_words", "_url_words", "_shape",
-             "_header_lines")
+             "_header_lines", "_attr_names")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

@@ -52,6 +52,11 @@
  *   colon, the value is the rest of the line, stripped. Other lines are skipped. The same as
  *   tokenizer._header_lines_py.
  *
+ * attr_names(text) -> set
+ *   The names of tokenizer._ATTR_RE (a blank, a name of an ASCII letter and up to 20 more
+ *   letters or hyphens, blanks, "="): found from each "=" backwards instead of trying the
+ *   pattern at every blank. The same set as tokenizer._attr_names_py.
+ *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
@@ -699,6 +704,54 @@ fail:
     return NULL;
 }
 
+static inline int is_ascii_letter(Py_UCS4 ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
+}
+
+static PyObject *attr_names(PyObject *Py_UNUSED(self), PyObject *arg)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "attr_names(text: str)");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
+    int kind = PyUnicode_KIND(arg);
+    const void *data = PyUnicode_DATA(arg);
+    PyObject *out = PySet_New(NULL);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t e = -1;
+    while ((e = PyUnicode_FindChar(arg, '=', e + 1, n, 1)) >= 0) {
+        /* back over the blanks before the "=", then over the name */
+        Py_ssize_t q = e;
+        while (q > 0 && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, q - 1)))
+            q--;
+        Py_ssize_t r = q;
+        while (r > 0) {
+            Py_UCS4 ch = PyUnicode_READ(kind, data, r - 1);
+            if (!is_ascii_letter(ch) && ch != '-')
+                break;
+            r--;
+        }
+        if (r == q || q - r > 21 || r == 0 || !is_ascii_letter(PyUnicode_READ(kind, data, r))
+            || !Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, r - 1)))
+            continue;
+        PyObject *name = PyUnicode_Substring(arg, r, q);
+        int rc = name ? PySet_Add(out, name) : -1;
+        Py_XDECREF(name);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    if (e == -2) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -842,6 +895,8 @@ static PyMethodDef methods[] = {
     {"header_lines", (PyCFunction)(void (*)(void))header_lines, METH_FASTCALL,
      "header_lines(text, most) -> [(name, value)]: the header lines of an unfolded header "
      "block (see tokenizer._header_lines_py)"},
+    {"attr_names", (PyCFunction)attr_names, METH_O,
+     "attr_names(text) -> set: the attribute names in tag text (see tokenizer._attr_names_py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "

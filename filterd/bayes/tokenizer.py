@@ -39,6 +39,7 @@ from __future__ import annotations
 import binascii
 import functools
 import html as _html
+import operator
 import os
 import re
 import urllib.parse
@@ -73,6 +74,13 @@ _WORD_RE = re.compile(r"[^\W_](?:[\w'$€£%.@-]*[\w$€£%])?")
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{2,}")
 _TAG_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b([^>]{0,2000})>")
 _ATTR_RE = re.compile(r"\s([a-zA-Z][a-zA-Z-]{0,20})\s*=")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _attr_names_py(text: str) -> set[str]:
+    """The attribute names :data:`_ATTR_RE` finds in ``text`` (the C extension's
+    ``attr_names`` finds the same from each "=" backwards)."""
+    return set(_ATTR_RE.findall(text))
 # (character classes, not (?i): a case-insensitive pattern is several times slower)
 _STRIP_RE = re.compile(r"(?s)<([sS][cC][rR][iI][pP][tT]|[sS][tT][yY][lL][eE])\b.*?</\1\s*>"
                        r"|<!--.*?-->|<[^>]*>")
@@ -305,12 +313,14 @@ def _html_tokens(markup: str, lower: str, out: set) -> str:
     markup = markup[:MAX_HTML]
     lower = lower[:MAX_HTML]
     tags = _TAG_RE.findall(lower)[:5000]
-    out.update({"tag:" + t for t, _ in tags})
+    # (the names and texts picked out of the (name, text) pairs at C speed: a message has
+    # hundreds of tags and a dozen distinct names)
+    out.update(["tag:" + t for t in set(map(_FIRST, tags))])
     # the attribute names of all tags in one pattern pass: a NUL between two tags' texts is
     # neither a space nor part of a name, so no match spans it and the names found are those
     # of the tags one by one (a pattern call per tag cost more than the pass)
-    attrs = set(_ATTR_RE.findall("\0".join([rest for _, rest in tags if "=" in rest])))
-    out.update({"attr:" + a for a in attrs})
+    attrs = _attr_names("\0".join(map(_SECOND, tags)))
+    out.update(["attr:" + a for a in attrs])
     if "display:none" in lower or "visibility:hidden" in lower:
         out.add("html:hidden")
     if lower.count("<!--") > 20:
@@ -565,6 +575,8 @@ def _shape_py(s: str) -> str:
 _SHAPE_TABLE = bytes(57 if 48 <= i <= 57 else 97 if 97 <= i <= 122 else 65 if 65 <= i <= 90
                      else i for i in range(256))  # digit -> 9, lower -> a, upper -> A
 _SHAPE_RUNS = [(re.compile(c + rb"{2,}"), c) for c in (b"9", b"a", b"A")]
+_attr_names_c = _c.attr_names if _c else None
+_attr_names = _attr_names_c or _attr_names_py
 _shape_c = _c.shape if _c else None
 _shape = _shape_c or _shape_py
 _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
