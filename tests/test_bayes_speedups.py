@@ -203,12 +203,30 @@ def test_html_attribute_names_are_the_same_either_way():
         assert tk._attr_names_c(text) == tk._attr_names_py(text), repr(text)
 
 
+@needs_c
+def test_addresses_are_the_same_either_way():
+    long = "l" * 70
+    samples = ['"Bob" <bob.smith+tag@mail.example.co.uk>, alice@example.org', "", "@", "a@",
+               "@b", f"{long}@example.com", "a@" + "d" * 70 + "@c.example",
+               "x@a.b.c.d.e.f.g.h.i.j.k",
+               "a@b..c x@-y.z o'neil=x@host_1.example é@ü.example ٣@٤ a@b.", "a@@b a@b@c",
+               "user@" + ".".join(["l" * 63] * 3) + ".x" * 3, "q@w" + "." * 5]
+    pieces = ["a", "Z", "1", "_", ".", "+", "'", "=", "-", "@", "@", " ", "<", ">", ",", "é",
+              "٣", "x" * 30, "y" * 63, "\u00a0"]
+    samples += list(_random_texts(20261133, pieces, 5000, 25))
+    for text in samples:
+        assert tk._addresses_c(text, 50) == tk._addresses_py(text, 50), repr(text)
+    many = ", ".join(f"u{i}@h{i}.example" for i in range(80))
+    assert tk._addresses_c(many, 50) == tk._addresses_py(many, 50)
+    assert len(tk._addresses_c(many, 50)) == 50
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
-    capitals check and its Received clause, URL, header shape, header line and HTML attribute
-    passes."""
+    capitals check and its Received clause, URL, header shape, header line, HTML attribute and
+    address passes."""
     names = ("_split_words", "_cased_words", "_received_words", "_url_words", "_shape",
-             "_header_lines", "_attr_names")
+             "_header_lines", "_attr_names", "_addresses")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

@@ -57,6 +57,10 @@
  *   letters or hyphens, blanks, "="): found from each "=" backwards instead of trying the
  *   pattern at every blank. The same set as tokenizer._attr_names_py.
  *
+ * addresses(text, most) -> list of (local, domain)
+ *   tokenizer._ADDR_RE.findall(text)[:most], found from each "@" instead of trying the
+ *   pattern at every word character. The same as tokenizer._addresses_py.
+ *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
@@ -752,6 +756,92 @@ static PyObject *attr_names(PyObject *Py_UNUSED(self), PyObject *arg)
     return out;
 }
 
+static inline int is_word_char(Py_UCS4 ch)  /* the pattern module's \w for str */
+{
+    return ch == '_' || Py_UNICODE_ISALNUM(ch);
+}
+
+static inline int is_local_char(Py_UCS4 ch)  /* [\w.+'=-] */
+{
+    return is_word_char(ch) || ch == '.' || ch == '+' || ch == '\'' || ch == '=' || ch == '-';
+}
+
+static inline int is_domain_char(Py_UCS4 ch)  /* [\w-] */
+{
+    return is_word_char(ch) || ch == '-';
+}
+
+/* The end of the run of domain characters at text[i:], at most max long (i when none). */
+static Py_ssize_t domain_run(int kind, const void *data, Py_ssize_t i, Py_ssize_t n,
+                             Py_ssize_t max)
+{
+    Py_ssize_t j = i;
+    while (j < n && j - i < max && is_domain_char(PyUnicode_READ(kind, data, j)))
+        j++;
+    return j;
+}
+
+static PyObject *addresses(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "addresses(text: str, most: int)");
+        return NULL;
+    }
+    PyObject *text = args[0];
+    Py_ssize_t most = PyLong_AsSsize_t(args[1]);
+    if (most == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    /* Every match holds exactly one "@" (no class of the pattern has it), so each "@" is tried
+     * in turn. Its local part is the run of local characters right before it, from where the
+     * scan stands (the end of the match before), cut to its last 64: the leftmost start from
+     * which the greedy {1,64} reaches the "@". The domain: up to 63 domain characters, then
+     * up to 8 times a dot and up to 63 more (greedy, nothing after it to give back for). */
+    Py_ssize_t pos = 0, at;
+    while (PyList_GET_SIZE(out) < most
+           && (at = PyUnicode_FindChar(text, '@', pos, n, 1)) >= 0) {
+        Py_ssize_t start = at;
+        while (start > pos && is_local_char(PyUnicode_READ(kind, data, start - 1)))
+            start--;
+        if (at - start > 64)
+            start = at - 64;
+        Py_ssize_t end = domain_run(kind, data, at + 1, n, 63);
+        if (start == at || end == at + 1) {
+            pos = at + 1;  /* no match with this "@" */
+            continue;
+        }
+        for (int labels = 0; labels < 8 && end + 1 < n
+                             && PyUnicode_READ(kind, data, end) == '.'; labels++) {
+            Py_ssize_t next = domain_run(kind, data, end + 1, n, 63);
+            if (next == end + 1)
+                break;
+            end = next;
+        }
+        PyObject *local = PyUnicode_Substring(text, start, at);
+        PyObject *domain = local ? PyUnicode_Substring(text, at + 1, end) : NULL;
+        PyObject *pair = domain ? PyTuple_Pack(2, local, domain) : NULL;
+        Py_XDECREF(local);
+        Py_XDECREF(domain);
+        int rc = pair ? PyList_Append(out, pair) : -1;
+        Py_XDECREF(pair);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        pos = end;
+    }
+    if (PyErr_Occurred()) {  /* (PyUnicode_FindChar's -2) */
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -897,6 +987,9 @@ static PyMethodDef methods[] = {
      "block (see tokenizer._header_lines_py)"},
     {"attr_names", (PyCFunction)attr_names, METH_O,
      "attr_names(text) -> set: the attribute names in tag text (see tokenizer._attr_names_py)"},
+    {"addresses", (PyCFunction)(void (*)(void))addresses, METH_FASTCALL,
+     "addresses(text, most) -> [(local, domain)]: the e-mail addresses in a header value (see "
+     "tokenizer._addresses_py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "

@@ -329,11 +329,17 @@ def _html_tokens(markup: str, lower: str, out: set) -> str:
     return _html.unescape(text) if "&" in text else text
 
 
+def _addresses_py(text: str, most: int) -> list[tuple[str, str]]:
+    """The first ``most`` (local part, domain) pairs :data:`_ADDR_RE` finds in ``text`` (the C
+    extension's ``addresses`` finds the same from each "@")."""
+    return _ADDR_RE.findall(text)[:most]
+
+
 def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) -> int:
     n = 0
     if "@" not in value:
         return 0
-    for local, dom in _ADDR_RE.findall(value)[:50]:
+    for local, dom in _addresses(value, 50):
         dom = dom.lower()
         n += 1
         out.add(f"{prefix}dom:{dom}")
@@ -575,6 +581,8 @@ def _shape_py(s: str) -> str:
 _SHAPE_TABLE = bytes(57 if 48 <= i <= 57 else 97 if 97 <= i <= 122 else 65 if 65 <= i <= 90
                      else i for i in range(256))  # digit -> 9, lower -> a, upper -> A
 _SHAPE_RUNS = [(re.compile(c + rb"{2,}"), c) for c in (b"9", b"a", b"A")]
+_addresses_c = _c.addresses if _c else None
+_addresses = _addresses_c or _addresses_py
 _attr_names_c = _c.attr_names if _c else None
 _attr_names = _attr_names_c or _attr_names_py
 _shape_c = _c.shape if _c else None
