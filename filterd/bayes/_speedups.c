@@ -177,6 +177,45 @@ static int other_chunk(PyObject *text, int kind, const void *data, Py_ssize_t st
     return 0;
 }
 
+/* The next chunk of text from *pos on: returns its start (-1: none left) and leaves its end
+ * in *pos; whether it is all alphanumeric (*alnum) and all ASCII (*ascii); *cjk is set when it
+ * holds a CJK character. Always inlined, so that a constant kind (one byte per character, most
+ * text) takes the per-character kind switch out of the loop. */
+static inline __attribute__((always_inline)) Py_ssize_t
+next_chunk(int kind, const void *data, Py_ssize_t len, Py_ssize_t *pos, int *alnum, int *ascii,
+           int *cjk)
+{
+    Py_ssize_t i = *pos;
+    while (i < len && is_separator(PyUnicode_READ(kind, data, i)))
+        i++;
+    if (i >= len) {
+        *pos = i;
+        return -1;
+    }
+    Py_ssize_t start = i;
+    *alnum = *ascii = 1;
+    for (; i < len; i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        if (ch < 128) {
+            unsigned char c = ascii_class[ch];
+            if (c == 0)
+                break;
+            if (c == 2)
+                *alnum = 0;
+        } else {
+            if (is_separator(ch))
+                break;
+            *ascii = 0;
+            if (!*cjk && is_cjk(ch))
+                *cjk = 1;
+            if (*alnum && !Py_UNICODE_ISALNUM(ch))
+                *alnum = 0;
+        }
+    }
+    *pos = i;
+    return start;
+}
+
 static PyObject *split_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyUnicode_Check(args[1])) {
@@ -196,34 +235,14 @@ static PyObject *split_words(PyObject *Py_UNUSED(self), PyObject *const *args, P
     if (words == NULL || longs == NULL || others == NULL)
         goto fail;
 
-    int cjk = 0;
+    int cjk = 0, alnum, ascii;
     Py_ssize_t i = 0;
-    while (i < len) {
-        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
-        if (is_separator(ch)) {
-            i++;
-            continue;
-        }
-        Py_ssize_t start = i;
-        int alnum = 1, ascii = 1;
-        for (; i < len; i++) {
-            ch = PyUnicode_READ(kind, data, i);
-            if (ch < 128) {
-                unsigned char c = ascii_class[ch];
-                if (c == 0)
-                    break;
-                if (c == 2)
-                    alnum = 0;
-            } else {
-                if (is_separator(ch))
-                    break;
-                ascii = 0;
-                if (!cjk && is_cjk(ch))
-                    cjk = 1;
-                if (alnum && !Py_UNICODE_ISALNUM(ch))
-                    alnum = 0;
-            }
-        }
+    for (;;) {
+        Py_ssize_t start = kind == PyUnicode_1BYTE_KIND
+            ? next_chunk(PyUnicode_1BYTE_KIND, data, len, &i, &alnum, &ascii, &cjk)
+            : next_chunk(kind, data, len, &i, &alnum, &ascii, &cjk);
+        if (start < 0)
+            break;
         Py_ssize_t n = i - start;
         if (n < MIN_WORD)
             continue;
