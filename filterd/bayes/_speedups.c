@@ -351,11 +351,6 @@ fail:
     return NULL;
 }
 
-static inline int in_chars(Py_UCS4 ch, const char *chars)
-{
-    return ch < 128 && ch != 0 && strchr(chars, (int)ch) != NULL;
-}
-
 /* _IP_RE.fullmatch on text[start:end]: four runs of 1-3 decimal digits joined by dots. Returns
  * the end of the third run (the /24 network's text ends there), or -1. */
 static Py_ssize_t ipv4_net_end(int kind, const void *data, Py_ssize_t start, Py_ssize_t end)
@@ -483,9 +478,9 @@ static PyObject *received_words(PyObject *Py_UNUSED(self), PyObject *const *args
         Py_UCS4 first = PyUnicode_READ(kind, data, 0);
         if ((first == '[' || first == '(') && ips < 2) {
             Py_ssize_t s = 0, e = n;  /* w.strip("[]();") */
-            while (s < e && in_chars(PyUnicode_READ(kind, data, s), "[]();"))
+            while (s < e && in_set(PyUnicode_READ(kind, data, s), "[]();"))
                 s++;
-            while (e > s && in_chars(PyUnicode_READ(kind, data, e - 1), "[]();"))
+            while (e > s && in_set(PyUnicode_READ(kind, data, e - 1), "[]();"))
                 e--;
             Py_ssize_t net_end = ipv4_net_end(kind, data, s, e);
             if (net_end >= 0) {
@@ -503,7 +498,7 @@ static PyObject *received_words(PyObject *Py_UNUSED(self), PyObject *const *args
         /* the pieces between runs of ( ) [ ] < > ; , = @ / (w holds no white space) */
         Py_ssize_t start = 0;
         for (Py_ssize_t i = 0; i <= n; i++) {
-            if (i < n && !in_chars(PyUnicode_READ(kind, data, i), "()[]<>;,=@/"))
+            if (i < n && !in_set(PyUnicode_READ(kind, data, i), "()[]<>;,=@/"))
                 continue;
             if (i > start && is_host(kind, data, start, i)) {
                 if (add_token(out, domain_token("rcvd:", w, kind, data, start, i, sld)) < 0)
@@ -580,9 +575,9 @@ static PyObject *url_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_
             break;
         }
     Py_ssize_t hs = hp_start, he = colon >= 0 ? colon : hp_end;  /* .strip("[]").rstrip(".") */
-    while (hs < he && in_chars(PyUnicode_READ(kind, data, hs), "[]"))
+    while (hs < he && in_set(PyUnicode_READ(kind, data, hs), "[]"))
         hs++;
-    while (he > hs && in_chars(PyUnicode_READ(kind, data, he - 1), "[]"))
+    while (he > hs && in_set(PyUnicode_READ(kind, data, he - 1), "[]"))
         he--;
     while (he > hs && PyUnicode_READ(kind, data, he - 1) == '.')
         he--;
@@ -614,7 +609,7 @@ static PyObject *url_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_
         pe = ps + 300;
     Py_ssize_t start = ps;
     for (Py_ssize_t i = ps; i <= pe; i++) {
-        if (i < pe && !in_chars(PyUnicode_READ(kind, data, i), "/?&=#.+_%-"))
+        if (i < pe && !in_set(PyUnicode_READ(kind, data, i), "/?&=#.+_%-"))
             continue;
         Py_ssize_t len = i - start;
         if (len >= 3 && len <= 20) {
@@ -665,17 +660,40 @@ static void strip_bounds(int kind, const void *data, Py_ssize_t *start, Py_ssize
         (*end)--;
 }
 
+/* The (text: str, most: int) arguments of header_lines and addresses; -1 with an error set
+ * when they are not that. */
+static int text_and_most(PyObject *const *args, Py_ssize_t nargs, const char *usage,
+                         Py_ssize_t *most)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    *most = PyLong_AsSsize_t(args[1]);
+    return *most == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* (text[s1:e1], text[s2:e2]) appended to the list out */
+static int append_pair(PyObject *out, PyObject *text, Py_ssize_t s1, Py_ssize_t e1,
+                       Py_ssize_t s2, Py_ssize_t e2)
+{
+    PyObject *first = PyUnicode_Substring(text, s1, e1);
+    PyObject *second = first ? PyUnicode_Substring(text, s2, e2) : NULL;
+    PyObject *pair = second ? PyTuple_Pack(2, first, second) : NULL;
+    Py_XDECREF(first);
+    Py_XDECREF(second);
+    int rc = pair ? PyList_Append(out, pair) : -1;
+    Py_XDECREF(pair);
+    return rc;
+}
+
 static PyObject *header_lines(PyObject *Py_UNUSED(self), PyObject *const *args,
                               Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "header_lines(text: str, most: int)");
+    Py_ssize_t most;
+    if (text_and_most(args, nargs, "header_lines(text: str, most: int)", &most) < 0)
         return NULL;
-    }
     PyObject *text = args[0];
-    Py_ssize_t most = PyLong_AsSsize_t(args[1]);
-    if (most == -1 && PyErr_Occurred())
-        return NULL;
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
@@ -708,14 +726,7 @@ static PyObject *header_lines(PyObject *Py_UNUSED(self), PyObject *const *args,
         if (ok) {
             Py_ssize_t vs = i + 1, ve = eol;
             strip_bounds(kind, data, &vs, &ve);
-            PyObject *name = PyUnicode_Substring(text, line, name_end);
-            PyObject *value = name ? PyUnicode_Substring(text, vs, ve) : NULL;
-            PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
-            Py_XDECREF(name);
-            Py_XDECREF(value);
-            int rc = pair ? PyList_Append(out, pair) : -1;
-            Py_XDECREF(pair);
-            if (rc < 0)
+            if (append_pair(out, text, line, name_end, vs, ve) < 0)
                 goto fail;
         }
         line = eol + 1;
@@ -802,14 +813,10 @@ static Py_ssize_t domain_run(int kind, const void *data, Py_ssize_t i, Py_ssize_
 
 static PyObject *addresses(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "addresses(text: str, most: int)");
+    Py_ssize_t most;
+    if (text_and_most(args, nargs, "addresses(text: str, most: int)", &most) < 0)
         return NULL;
-    }
     PyObject *text = args[0];
-    Py_ssize_t most = PyLong_AsSsize_t(args[1]);
-    if (most == -1 && PyErr_Occurred())
-        return NULL;
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
@@ -841,14 +848,7 @@ static PyObject *addresses(PyObject *Py_UNUSED(self), PyObject *const *args, Py_
                 break;
             end = next;
         }
-        PyObject *local = PyUnicode_Substring(text, start, at);
-        PyObject *domain = local ? PyUnicode_Substring(text, at + 1, end) : NULL;
-        PyObject *pair = domain ? PyTuple_Pack(2, local, domain) : NULL;
-        Py_XDECREF(local);
-        Py_XDECREF(domain);
-        int rc = pair ? PyList_Append(out, pair) : -1;
-        Py_XDECREF(pair);
-        if (rc < 0) {
+        if (append_pair(out, text, start, at, at + 1, end) < 0) {
             Py_DECREF(out);
             return NULL;
         }
