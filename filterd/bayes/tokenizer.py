@@ -75,12 +75,6 @@ _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf9
 _TAG_RE = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b([^>]{0,2000})>")
 _ATTR_RE = re.compile(r"\s([a-zA-Z][a-zA-Z-]{0,20})\s*=")
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
-
-
-def _attr_names_py(text: str) -> set[str]:
-    """The attribute names :data:`_ATTR_RE` finds in ``text`` (the C extension's
-    ``attr_names`` finds the same from each "=" backwards)."""
-    return set(_ATTR_RE.findall(text))
 # (character classes, not (?i): a case-insensitive pattern is several times slower)
 _STRIP_RE = re.compile(r"(?s)<([sS][cC][rR][iI][pP][tT]|[sS][tT][yY][lL][eE])\b.*?</\1\s*>"
                        r"|<!--.*?-->|<[^>]*>")
@@ -307,6 +301,12 @@ def _url_words_py(u: str, out: set) -> None:
                 out.add("url:p:" + piece)
 
 
+def _attr_names_py(text: str) -> set[str]:
+    """The attribute names :data:`_ATTR_RE` finds in ``text`` (the C extension's
+    ``attr_names`` finds the same from each "=" backwards)."""
+    return set(_ATTR_RE.findall(text))
+
+
 def _html_tokens(markup: str, lower: str, out: set) -> str:
     """Add tag/attribute hints and return the visible text (as written; ``lower`` is the
     lower-cased ``markup``)."""
@@ -398,8 +398,6 @@ def _header_lines_py(text: str, most: int) -> list[tuple[str, str]]:
 
 
 _HEADER_LINE_RE = re.compile(r"\n([\x21-\x39\x3b-\x7e]{1,80})[ \t]*:([^\n]*)")
-_header_lines_c = _c.header_lines if _c else None
-_header_lines = _header_lines_c or _header_lines_py
 
 
 # -- a small MIME walker: only what the tokenizer needs, straight from the bytes -----------------
@@ -557,15 +555,6 @@ def _received_words_py(low: str, out: set) -> None:
                     hosts += 1
 
 
-
-
-# the C passes over a Received clause and a URL when the extension is built (see _speedups)
-_received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
-_received_words = _received_words_c or _received_words_py
-_url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
-_url_words = _url_words_c or _url_words_py
-
-
 def _shape_py(s: str) -> str:
     """``<20021008.a1B@x>`` -> ``<9.9a9A@a>``: a header's format without its content
     (non-ASCII characters become ``?``). The C extension's ``shape`` does the same in one
@@ -581,12 +570,6 @@ def _shape_py(s: str) -> str:
 _SHAPE_TABLE = bytes(57 if 48 <= i <= 57 else 97 if 97 <= i <= 122 else 65 if 65 <= i <= 90
                      else i for i in range(256))  # digit -> 9, lower -> a, upper -> A
 _SHAPE_RUNS = [(re.compile(c + rb"{2,}"), c) for c in (b"9", b"a", b"A")]
-_addresses_c = _c.addresses if _c else None
-_addresses = _addresses_c or _addresses_py
-_attr_names_c = _c.attr_names if _c else None
-_attr_names = _attr_names_c or _attr_names_py
-_shape_c = _c.shape if _c else None
-_shape = _shape_c or _shape_py
 _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 
 
@@ -733,3 +716,20 @@ def _part_text(part, out: set) -> str:
         if not cs:
             out.add("charset:undeclared8bit")
         return data.decode("latin-1")[:MAX_TEXT]
+
+
+# The tokenizer's other passes in C when the extension is built (see _speedups): each
+# ``<pass>_c`` gives the same as its ``<pass>_py`` (tests/test_bayes_speedups.py), and
+# ``<pass>`` is the one in use.
+_header_lines_c = _c.header_lines if _c else None
+_addresses_c = _c.addresses if _c else None
+_received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
+_url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
+_attr_names_c = _c.attr_names if _c else None
+_shape_c = _c.shape if _c else None
+_header_lines = _header_lines_c or _header_lines_py
+_addresses = _addresses_c or _addresses_py
+_received_words = _received_words_c or _received_words_py
+_url_words = _url_words_c or _url_words_py
+_attr_names = _attr_names_c or _attr_names_py
+_shape = _shape_c or _shape_py
