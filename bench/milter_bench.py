@@ -217,19 +217,27 @@ class NullMilter:
         self.proc.wait(5)
 
 
+def proc_stats() -> dict[int, tuple[str, list[str]]]:
+    """Every live process: pid -> (its command name, the fields of /proc/PID/stat after the
+    name: [0] state, [1] ppid, [11] utime, [12] stime, [19] start time)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                s = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            out[int(d)] = (s[s.find("(") + 1:s.rfind(")")], s.rsplit(")", 1)[1].split())
+    return out
+
+
 def tree_cpu(pid: int | None) -> tuple[float, float]:
     """CPU seconds (user, system) used so far by process ``pid`` and its live descendants
     (the milter and its forked workers); zeros without a pid."""
     if not pid:
         return 0.0, 0.0
-    stats = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(d)] = (int(f[1]), int(f[11]), int(f[12]))  # ppid, utime, stime
+    stats = {p: (int(f[1]), int(f[11]), int(f[12]))  # ppid, utime, stime
+             for p, (_, f) in proc_stats().items()}
     user = system = 0
     todo = [pid]
     while todo:
@@ -245,22 +253,17 @@ def process_cpu() -> dict[tuple[int, str], tuple[str, int]]:
     """CPU ticks (user + system) of every live process, keyed by (pid, start time), with the
     name it is counted under: the command name, or the script for a Python process."""
     out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            s = Path(f"/proc/{d}/stat").read_text()
-            name = s[s.find("(") + 1:s.rfind(")")]
-            if name.startswith("python"):
+    for pid, (name, f) in proc_stats().items():
+        if name.startswith("python"):
+            try:
                 argv = [a.decode(errors="replace")
-                        for a in Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")]
-                if len(argv) > 2 and argv[1] == "-c":  # the null milters: python -c CODE
-                    argv[2] = "..."
-                name = "python " + " ".join(argv[1:4])[:40]
-        except OSError:
-            continue
-        f = s.rsplit(")", 1)[1].split()
-        out[(int(d), f[19])] = (name, int(f[11]) + int(f[12]))
+                        for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            except OSError:
+                continue
+            if len(argv) > 2 and argv[1] == "-c":  # the null milters: python -c CODE
+                argv[2] = "..."
+            name = "python " + " ".join(argv[1:4])[:40]
+        out[(pid, f[19])] = (name, int(f[11]) + int(f[12]))
     return out
 
 
