@@ -326,9 +326,38 @@ def test_looked_up_tokens_get_the_same_bits_either_way():
 
 
 @needs_c
+def test_fishers_combination_gives_the_same_bits_either_way():
+    """The C combination (exact sums, the chi-square tail) equals combine_logs over
+    math.fsum to the bit: for no tokens, one, many, more than n_eff, sums whose rounding
+    math.fsum corrects across partials, and probabilities near both ends."""
+    import math
+
+    from filterd.bayes import engine
+
+    rng = random.Random(20261130)
+    cases = [([], []), ([-1e-9], [-20.7]), ([1e-16, 1.0, 1e16], [-1e16, 1.0, -1e-16])]
+    for n in (1, 2, 3, 49, 50, 51, 183, 1000, 4000):
+        for skew in (1, 3, 12):
+            f = [min(max(rng.random() ** skew, 1e-9), 1 - 1e-9) for _ in range(n)]
+            cases.append(([math.log(x) for x in f], [math.log(1.0 - x) for x in f]))
+    for log_f, log_1f in cases:
+        for n_eff in (0, 1, 5, 50, 10_000):
+            c = engine._fisher(log_f, log_1f, n_eff)
+            assert c == engine._fisher_py(log_f, log_1f, n_eff), (len(log_f), n_eff)
+            assert 0.0 <= c[0] <= 1.0 and c[3] == len(log_f)
+    assert engine._fisher([], [], 50) == (0.5, 0.0, 0.0, 0)
+    with pytest.raises(ValueError):  # one list longer than the other
+        engine._fisher([-1.0], [], 50)
+    with pytest.raises(ValueError):  # not a finite logarithm
+        engine._fisher([float("-inf")], [-1.0], 50)
+    with pytest.raises(TypeError):
+        engine._fisher((-1.0,), [-1.0], 50)
+
+
+@needs_c
 def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkeypatch):
     """Trained on half of the test messages, every message gets exactly the same probability
-    from the C pass and the Python one (the sums are exact, so order does not matter)."""
+    from the C passes and the Python ones (the sums are exact, so order does not matter)."""
     import asyncio
 
     from filterd.bayes import engine
@@ -337,9 +366,10 @@ def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkey
     files = list(_messages(DATA))
     raws = [p.read_bytes() for p in files]
 
-    async def run(pass_fn, logs_fn):
+    async def run(pass_fn, logs_fn, fisher_fn):
         monkeypatch.setattr(engine, "_cached_logs", pass_fn)
         monkeypatch.setattr(engine, "_token_logs", logs_fn)
+        monkeypatch.setattr(engine, "_fisher", fisher_fn)
         store = SQLiteStore(tmp_path / f"{pass_fn.__name__}.sqlite")
         bayes = engine.Bayes(store)
         await bayes.learn(raws[0:len(raws) // 2:2], spam=True)
@@ -349,7 +379,8 @@ def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkey
         await store.close()
         return out
 
-    c = asyncio.run(run(engine._speedups.cached_logs, engine._speedups.token_logs))
-    py = asyncio.run(run(engine._cached_logs_py, engine._token_logs_py))
+    c = asyncio.run(run(engine._speedups.cached_logs, engine._speedups.token_logs,
+                        engine._fisher))
+    py = asyncio.run(run(engine._cached_logs_py, engine._token_logs_py, engine._fisher_py))
     assert c == py
     assert len({round(p, 6) for p in c}) > 10  # the messages really were told apart

@@ -1,5 +1,6 @@
 /* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words (and
- * cased_words), and the classifier's pass over a message's tokens (cached_logs).
+ * cased_words), and the classifier's pass over a message's tokens (cached_logs, token_logs,
+ * fisher).
  *
  * It does exactly what the pure-Python path of filterd/bayes/tokenizer.py (_split_words_py)
  * does, in one pass over the text instead of a chain of copies (encode, translate, decode,
@@ -60,6 +61,14 @@
  * addresses(text, most) -> list of (local, domain)
  *   tokenizer._ADDR_RE.findall(text)[:most], found from each "@" instead of trying the
  *   pattern at every word character. The same as tokenizer._addresses_py.
+ *
+ * fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n)
+ *   Fisher's combination of the logarithms the two passes above collected:
+ *   classifier.combine_logs(math.fsum(logs_f), math.fsum(logs_1f), len(logs_f), n_eff), as
+ *   a tuple. The sums are exact (Shewchuk's partials, as math.fsum: a correctly rounded sum
+ *   is one number, so both give the same bits) and the chi-square tail is
+ *   classifier._chi2q_log operation for operation, with lgamma the Python math.lgamma (whose
+ *   own bits the C library's need not match). The same as engine._fisher_py.
  *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
  *            logs_f, logs_1f) -> None
@@ -983,6 +992,156 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
+/* The sum of a list of floats, correctly rounded: the algorithm of CPython's math.fsum
+ * (Shewchuk's non-overlapping partials, then the half-even fix-up across partials). Finite
+ * inputs only: an infinite or NaN item, or an intermediate overflow, is a ValueError. -1.0
+ * with an exception set on error. */
+#define FSUM_PARTIALS 64  /* finite doubles never need more than about 40 */
+static double exact_sum(PyObject *list, const char *what)
+{
+    double p[FSUM_PARTIALS], x, y, t, hi, yr, lo = 0.0;
+    Py_ssize_t n = 0, count = PyList_GET_SIZE(list);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *item = PyList_GET_ITEM(list, k);
+        x = PyFloat_Check(item) ? PyFloat_AS_DOUBLE(item) : PyFloat_AsDouble(item);
+        if (x == -1.0 && PyErr_Occurred())
+            return -1.0;
+        if (!isfinite(x))
+            goto not_finite;
+        Py_ssize_t i = 0;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            y = p[j];
+            if (fabs(x) < fabs(y)) {
+                t = x;
+                x = y;
+                y = t;
+            }
+            hi = x + y;
+            yr = hi - x;
+            lo = y - yr;
+            if (lo != 0.0)
+                p[i++] = lo;
+            x = hi;
+        }
+        n = i;
+        if (x != 0.0) {
+            if (!isfinite(x))
+                goto not_finite;
+            if (n >= FSUM_PARTIALS) {
+                PyErr_Format(PyExc_ValueError, "fisher: too many partials summing %s", what);
+                return -1.0;
+            }
+            p[n++] = x;
+        }
+    }
+    hi = 0.0;
+    if (n > 0) {
+        hi = p[--n];
+        while (n > 0) {
+            x = hi;
+            y = p[--n];
+            hi = x + y;
+            yr = hi - x;
+            lo = y - yr;
+            if (lo != 0.0)
+                break;
+        }
+        if (n > 0 && ((lo < 0.0 && p[n - 1] < 0.0) || (lo > 0.0 && p[n - 1] > 0.0))) {
+            y = lo * 2.0;
+            x = hi + y;
+            yr = x - hi;
+            if (y == yr)
+                hi = x;
+        }
+    }
+    return hi;
+not_finite:
+    PyErr_Format(PyExc_ValueError, "fisher: %s holds a value that is not finite, or its sum "
+                 "overflows", what);
+    return -1.0;
+}
+
+/* classifier._chi2q_log, operation for operation; lgamma: Python's math.lgamma. -1.0 with an
+ * exception set on error. */
+static double chi2q_log(double log_sum, long long n, PyObject *lgamma)
+{
+    double m = -log_sum;
+    if (m <= 0)
+        return 1.0;
+    long long k = (long long)m;  /* int(m): m > 0, so truncation is the floor */
+    if (n - 1 < k)
+        k = n - 1;
+    PyObject *arg = PyLong_FromLongLong(k + 1);
+    if (arg == NULL)
+        return -1.0;
+    PyObject *lg = PyObject_CallOneArg(lgamma, arg);
+    Py_DECREF(arg);
+    if (lg == NULL)
+        return -1.0;
+    double g = PyFloat_AsDouble(lg);
+    Py_DECREF(lg);
+    if (g == -1.0 && PyErr_Occurred())
+        return -1.0;
+    double t0 = exp((-m + (double)k * log(m)) - g);
+    if (t0 == 0.0)
+        return 0.0;
+    double total = t0, t = t0;
+    for (long long i = k; i > 0; i--) {
+        t *= (double)i / m;
+        total += t;
+        if (t < total * 1e-17)
+            break;
+    }
+    t = t0;
+    for (long long i = k + 1; i < n; i++) {
+        t *= m / (double)i;
+        total += t;
+        if (t < total * 1e-17)
+            break;
+    }
+    return total < 1.0 ? total : 1.0;
+}
+
+static PyObject *fisher(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyCallable_Check(args[0]) || !PyList_Check(args[1])
+        || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fisher(lgamma, logs_f: list, logs_1f: list, n_eff: int)");
+        return NULL;
+    }
+    long long n = PyList_GET_SIZE(args[1]), n_eff = PyLong_AsLongLong(args[3]);
+    if (n_eff == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyList_GET_SIZE(args[2]) != n) {
+        PyErr_SetString(PyExc_ValueError, "fisher: logs_f and logs_1f differ in length");
+        return NULL;
+    }
+    if (n <= 0)  /* as combine_logs: no evidence */
+        return Py_BuildValue("(dddi)", 0.5, 0.0, 0.0, 0);
+    double log_h = exact_sum(args[1], "logs_f");
+    if (log_h == -1.0 && PyErr_Occurred())
+        return NULL;
+    double log_s = exact_sum(args[2], "logs_1f");
+    if (log_s == -1.0 && PyErr_Occurred())
+        return NULL;
+    long long dof = n;
+    if (0 < n_eff && n_eff < n) {
+        double scale = (double)n_eff / (double)n;
+        log_h *= scale;
+        log_s *= scale;
+        dof = n_eff;
+    }
+    double q_s = chi2q_log(log_s, dof, args[0]);
+    if (q_s == -1.0 && PyErr_Occurred())
+        return NULL;
+    double q_h = chi2q_log(log_h, dof, args[0]);
+    if (q_h == -1.0 && PyErr_Occurred())
+        return NULL;
+    double spam_ev = 1.0 - q_s, ham_ev = 1.0 - q_h;
+    return Py_BuildValue("(dddL)", (1.0 + spam_ev - ham_ev) / 2.0, spam_ev, ham_ev, n);
+}
+
 static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
@@ -1013,6 +1172,9 @@ static PyMethodDef methods[] = {
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
      "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "
      "filterd/bayes/engine.py)"},
+    {"fisher", (PyCFunction)(void (*)(void))fisher, METH_FASTCALL,
+     "fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n): "
+     "Fisher's combination of the logs (see filterd/bayes/engine.py)"},
     {NULL, NULL, 0, NULL},
 };
 

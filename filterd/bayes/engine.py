@@ -6,6 +6,7 @@ once and moves it when it is relearned as the other class.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -65,9 +66,19 @@ def _token_logs_py(cache: dict, missing: list, packed: dict, nspam: int, nham: i
         log_1f.extend(more_1f)
 
 
+def _fisher_py(log_f: list, log_1f: list, n_eff: int) -> tuple[float, float, float, int]:
+    """Fisher's combination of the logarithms the pass collected, as (probability, spam
+    evidence, ham evidence, tokens used): the sums are exact (the result does not depend on
+    the order the tokens came in). The C extension's ``fisher`` gives the same bits
+    (tests/test_bayes_speedups.py)."""
+    r = combine_logs(math.fsum(log_f), math.fsum(log_1f), len(log_f), n_eff)
+    return r.probability, r.spam_evidence, r.ham_evidence, r.tokens_used
+
+
 # the C passes when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1)
 _cached_logs = getattr(_speedups, "cached_logs", None) or _cached_logs_py
 _token_logs = getattr(_speedups, "token_logs", None) or _token_logs_py
+_fisher = functools.partial(_speedups.fisher, math.lgamma) if _speedups else _fisher_py
 
 
 @dataclass
@@ -149,10 +160,7 @@ class Bayes:
             res = combine([f for f, _ in clues], max_tokens, p.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
             return res
-        if not log_f:
-            return combine_logs(0.0, 0.0, 0)
-        # (exact sums: the result does not depend on the order the tokens came in)
-        return combine_logs(math.fsum(log_f), math.fsum(log_1f), len(log_f), p.n_eff)
+        return Result(*_fisher(log_f, log_1f, p.n_eff))
 
     def _cache_holds(self, state: tuple) -> bool:
         """Whether the cached probabilities still serve the database as ``state`` finds it:
