@@ -183,7 +183,7 @@ class Plugin:
         for kind in sorted(kinds):
             for raw in originals:
                 results.append(await learn_message(self.services.store, raw, kind == "spam",
-                                                   options))
+                                                   options, bayes=self.bayes))
                 self._state = None
         ctx.data["bayes_learned"] = {"kinds": sorted(kinds), "results": results}
         log.info("bayes: learn message id=%s from user=%r ip=%s: %d message(s) as %s: %s",
@@ -257,7 +257,8 @@ class Plugin:
             ctx.data["bayes_autolearned"] = ""
             return
         try:
-            outcome = await learn_message(self.services.store, ctx.message, spam, options)
+            outcome = await learn_message(self.services.store, ctx.message, spam, options,
+                                          bayes=self.bayes)
             self._state = None
         except StoreError as exc:
             log.warning("bayes: autolearn of id=%s failed: %s", ctx.transaction.id, exc)

@@ -39,6 +39,11 @@ def test_train_stats_classify_learn(tmp_path):
     assert "15/15 100%" in p.stderr.decode()  # the progress bar
     st = json.loads(run_filterd("bayes", "stats", "--db", db, "--json", check=True).stdout)
     assert st["spam_messages"] == 15 and st["ham_messages"] == 16 and st["tokens"] > 50
+    # the presence filter holds the tokens: a few hundred of its 8 million bits
+    assert 0 < st["presence_filter_fill"] < 0.001
+    assert 0 < st["presence_filter_false_positive_rate"] < 1e-9
+    assert "never-learned tokens is looked up anyway" in run_filterd(
+        "bayes", "stats", "--db", db, check=True).stdout.decode()
 
     test_spam, test_ham = tmp_path / "t-spam.eml", tmp_path / "t-ham.eml"
     test_spam.write_bytes(synth("spam", 77, seed=5))

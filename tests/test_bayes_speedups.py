@@ -355,6 +355,41 @@ def test_fishers_combination_gives_the_same_bits_either_way():
 
 
 @needs_c
+def test_the_presence_filter_sets_and_finds_the_same_bits_either_way():
+    """presence_positions and presence_filter in C agree with the Python ones (zlib's CRC-32)
+    on ASCII, other scripts, lone surrogates and the empty token; a learned token always
+    passes, and so do very few others; a copy of the filter spares the tokens it holds."""
+    from filterd.bayes import presence
+
+    rng = random.Random(20261130)
+    learned = [f"t{rng.random()}" for _ in range(20000)] + ["", "cs:Ü", "subj:日本語", "x\udcff"]
+    positions = presence._c.presence_positions(learned)
+    assert positions == presence._positions_py(learned) and len(positions) == 4 * len(learned)
+    assert len({n >> 9 for n in positions[:4]}) == 1  # a token's bits: in one 512-bit block
+    bitmap = bytearray(presence.PRESENCE_BYTES)
+    presence.set_bits(bitmap, positions)
+    probe = learned[::7] + [f"n{rng.random()}" for _ in range(100_000)] + ["ü" * 40]
+    kept = presence._c.presence_filter(bitmap, probe)
+    assert kept == presence._filter_py(bitmap, probe) == presence._filter_py(bytes(bitmap), probe)
+    assert kept[:len(learned[::7])] == learned[::7]
+    assert len(kept) - len(learned[::7]) < 20  # false positives: about 1 in 10**5 here
+    more = learned[:50] + [f"new{i}" for i in range(50)]
+    for known in (bitmap, bytes(bitmap)):
+        assert (presence._c.presence_positions(more, known)
+                == presence._positions_py(more, known) == presence._positions_py(more[50:]))
+    for fn in (presence._c.presence_filter, presence._filter_py):
+        with pytest.raises(TypeError):
+            fn(bitmap[:100], ["t"])
+        with pytest.raises(TypeError):
+            fn(bitmap, ("t",))  # a list
+    for fn in (presence._c.presence_positions, presence._positions_py):
+        with pytest.raises(TypeError):
+            fn(["t"], bitmap[:100])
+    with pytest.raises(TypeError):
+        presence._c.presence_positions(["t", b"bytes"])
+
+
+@needs_c
 def test_classification_is_bit_identical_with_either_token_pass(tmp_path, monkeypatch):
     """Trained on half of the test messages, every message gets exactly the same probability
     from the C passes and the Python ones (the sums are exact, so order does not matter)."""

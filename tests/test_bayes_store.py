@@ -250,3 +250,121 @@ async def test_the_database_state_is_read_again_only_after_a_write_from_anywhere
     finally:
         await mine.close()
         await other.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_the_presence_filter_spares_lookups_and_changes_no_probability(
+        tmp_path, redis_store, backend):
+    """Only tokens the presence filter says may have been learned are looked up: every
+    learned one still is (the same probabilities as without the filter), and most of a new
+    message's never-learned tokens are not."""
+    from filterd.bayes import presence, tokenize
+
+    store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
+    bayes = Bayes(store)
+    await train(bayes, 20)
+    assert bayes.tokens.presence_complete
+    bitmap = await bayes.tokens.presence()
+    learned = list(await bayes.tokens.all_tokens())
+    assert presence.may_hold(bitmap, learned) == learned
+    looked_up = []
+    real = store.hget_many
+
+    async def counting(key, fields):
+        if key == bayes.tokens.k_tokens:
+            looked_up.extend(fields)
+        return await real(key, fields)
+
+    store.hget_many = counting
+    probes = [synth(kind, i, seed=5) + b"\nunheardof%d zqxw%d\n" % (i, i)
+              for kind in ("spam", "ham") for i in range(200, 210)]
+    with_filter = [(await bayes.classify(p)).probability for p in probes]
+    never = {t for p in probes for t in tokenize(p)} - set(learned)
+    assert len(never) >= 40
+    assert not never & set(looked_up)  # (no false positive among these few)
+    plain = Bayes(store)
+    plain.tokens.presence = _no_presence
+    assert [(await plain.classify(p)).probability for p in probes] == with_filter
+    if backend == "sqlite":
+        await store.close()
+
+
+async def _no_presence(into=None):
+    return None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_database_learned_before_the_presence_filter_gets_it_at_the_next_learn(
+        tmp_path, redis_store, backend, caplog):
+    """A token database from a filterd without the filter (no bitmap, no marker) is classified
+    by looking every token up, and the next learn adds all its tokens to the filter, once."""
+    from filterd.bayes import presence
+
+    store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
+    old = Bayes(store)
+    await train(old, 10)
+    learned = list(await old.tokens.all_tokens())
+    await store.delete(old.tokens.k_presence)  # as an older filterd leaves it
+    await store.hincr(old.tokens.k_meta, {presence.MARKER: -old.tokens.presence_epoch})
+    probe = synth("spam", 77, seed=8)
+    fresh = Bayes(store)
+    before = (await fresh.classify(probe)).probability
+    assert not fresh.tokens.presence_complete and fresh._presence is None
+    with caplog.at_level("INFO", logger="filterd.bayes"):
+        await fresh.learn([synth("ham", 500, seed=8)], spam=False)
+    assert f"from the {len(learned)} tokens learned before" in caplog.text
+    assert fresh.tokens.presence_complete
+    assert presence.may_hold(await fresh.tokens.presence(), learned) == learned
+    caplog.clear()
+    with caplog.at_level("INFO", logger="filterd.bayes"):
+        await fresh.learn([synth("ham", 501, seed=8)], spam=False)
+    assert "presence filter built" not in caplog.text  # once per database
+    await fresh.forget(synth("ham", 500, seed=8))
+    await fresh.forget(synth("ham", 501, seed=8))
+    assert (await Bayes(store).classify(probe)).probability == before
+    await fresh.tokens.clear()  # a new, empty database gets a new filter
+    assert await store.bitmap_get(fresh.tokens.k_presence) == b""
+    await train(fresh, 3)
+    assert fresh.tokens.presence_complete
+    if backend == "sqlite":
+        await store.close()
+
+
+async def test_the_copy_of_the_presence_filter_is_read_again_only_after_another_writer(
+        tmp_path):
+    """A classifier's own learning adds its bits to its copy of the filter (its new tokens
+    count at once, and the copy is not read again); a write by another node or process makes
+    it read the filter again when its cache starts afresh."""
+    path = tmp_path / "t.sqlite"
+    mine, other = SQLiteStore(path), SQLiteStore(path)
+    try:
+        a = Bayes(mine, cache_drift=0)  # (any change starts the token cache afresh)
+        b = Bayes(other)
+        await train(a, 10)
+        reads = []
+        real = a.tokens.presence
+
+        async def counting(into=None):
+            reads.append(1)
+            return await real(into)
+
+        a.tokens.presence = counting
+        await a.classify(synth("ham", 300))
+        assert len(reads) == 1
+
+        def probe(word):
+            return synth("ham", 301).replace(b"Subject: ", b"Subject: " + word + b" ")
+
+        before = await a.classify(probe(b"zzfirstword"), explain=500)
+        assert "subj:zzfirstword" not in dict(before.clues)
+        await a.learn([probe(b"zzfirstword")], spam=True)
+        res = await a.classify(probe(b"zzfirstword"), explain=500)
+        assert len(reads) == 1  # its own write: the copy has the bits
+        assert "subj:zzfirstword" in dict(res.clues)
+        await b.learn([probe(b"zzsecondword")], spam=True)
+        res = await a.classify(probe(b"zzsecondword"), explain=500)
+        assert len(reads) == 2  # another writer: read again
+        assert "subj:zzsecondword" in dict(res.clues)
+    finally:
+        await mine.close()
+        await other.close()

@@ -301,6 +301,40 @@ async def test_fetch_reads_values_and_hashes_in_one_call(store):
     assert await store.fetch([], []) == ([], [])
 
 
+async def test_bitmaps_only_ever_gain_bits_and_read_back_whole(store):
+    """bitmap_set sets bits and keeps those already set (its own and earlier writers'), in
+    small writes (SQLite: logged, then folded into the bitmap) and large ones; bit n is byte
+    n >> 3 under mask 0x80 >> (n & 7) on both backends; a bitmap reads back at least up to
+    its last set byte, also into a caller's buffer of another length, and deleting the key
+    empties it."""
+    import random
+
+    assert await store.bitmap_get("bm:none") == b""
+    rng = random.Random(7)
+    want = bytearray(40_000)
+    sizes = [1, 30, 5000] + [rng.randrange(1, 60) for _ in range(1100)]  # past a fold
+    for size in sizes:
+        positions = [rng.randrange(len(want) * 8) for _ in range(size)]
+        await store.bitmap_set("bm:x", positions)
+        for n in positions:
+            want[n >> 3] |= 0x80 >> (n & 7)
+    got = await store.bitmap_get("bm:x")
+    assert got.rstrip(b"\0") == bytes(want).rstrip(b"\0")
+    into = bytearray(b"\xff" * 50_000)  # longer: zero-filled
+    assert await store.bitmap_get("bm:x", into) is into
+    assert into == want + bytes(10_000)
+    short = bytearray(100)  # shorter: cut
+    await store.bitmap_get("bm:x", short)
+    assert short == want[:100]
+    await store.bitmap_set("bm:x", [])  # nothing set: nothing changes
+    assert (await store.bitmap_get("bm:x")).rstrip(b"\0") == bytes(want).rstrip(b"\0")
+    await store.bitmap_set("bm:bit9", [9])
+    assert (await store.bitmap_get("bm:bit9"))[:2] == b"\x00\x40"  # SETBIT numbering: bit 9
+    assert "bm:x" in await store.keys("bm:")
+    await store.delete("bm:x")
+    assert await store.bitmap_get("bm:x") == b""
+
+
 async def test_window_check_many_decides_each_key(store):
     t = 3_000_000.0
     await store.window_check("m:full", 60, t, limit=1)
@@ -383,7 +417,8 @@ GENERIC = [test_values_round_trip_and_missing_keys_are_none, test_values_expire_
            test_window_check_refuses_over_the_limit_without_recording,
            test_window_check_is_atomic_under_concurrency, test_json_records_and_key_listing,
            test_hash_fields_can_be_deleted, test_fetch_reads_values_and_hashes_in_one_call,
-           test_window_check_many_decides_each_key]
+           test_window_check_many_decides_each_key,
+           test_bitmaps_only_ever_gain_bits_and_read_back_whole]
 
 
 @pytest.mark.parametrize("case", GENERIC, ids=lambda f: f.__name__[5:])

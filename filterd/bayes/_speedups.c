@@ -1,6 +1,7 @@
 /* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words (and
- * cased_words), and the classifier's pass over a message's tokens (cached_logs, token_logs,
- * fisher).
+ * cased_words), the classifier's pass over a message's tokens (cached_logs, token_logs,
+ * fisher) and the presence filter of learned tokens (presence_positions,
+ * presence_filter).
  *
  * It does exactly what the pure-Python path of filterd/bayes/tokenizer.py (_split_words_py)
  * does, in one pass over the text instead of a chain of copies (encode, translate, decode,
@@ -62,6 +63,18 @@
  *   tokenizer._ADDR_RE.findall(text)[:most], found from each "@" instead of trying the
  *   pattern at every word character. The same as tokenizer._addresses_py.
  *
+ * presence_positions(tokens, known=None) -> list
+ * presence_filter(bitmap, tokens) -> list
+ *   The presence filter of learned tokens (filterd/bayes/presence.py): a Bloom filter of
+ *   PRESENCE_BITS bits in which a token sets 4 bits inside one 512-bit block, chosen by the
+ *   CRC-32 of its UTF-8 bytes (zlib's) and the CRC-32 of those bytes reversed.
+ *   presence_positions gives the numbers of the tokens' bits, 4 per token, leaving out the
+ *   tokens whose bits are all set in known (a copy of the filter read before: they need no
+ *   write). presence_filter keeps the tokens whose 4 bits are all set in bitmap, in their
+ *   order. A filter is PRESENCE_BITS / 8 bytes (bytes or a bytearray); bit n is byte n >> 3,
+ *   mask 0x80 >> (n & 7), as Redis numbers them. The same as presence._positions_py and
+ *   _filter_py.
+ *
  * fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n)
  *   Fisher's combination of the logarithms the two passes above collected:
  *   classifier.combine_logs(math.fsum(logs_f), math.fsum(logs_1f), len(logs_f), n_eff), as
@@ -82,6 +95,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
 
 #define MIN_WORD 3
 #define MAX_WORD 20
@@ -1142,6 +1156,141 @@ static PyObject *fisher(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     return Py_BuildValue("(dddL)", (1.0 + spam_ev - ham_ev) / 2.0, spam_ev, ham_ev, n);
 }
 
+/* -- the presence filter -------------------------------------------------------------------- */
+#define PRESENCE_BYTES (1 << 20)  /* presence.PRESENCE_BITS / 8 */
+static uint32_t crc_table[256];
+
+static void init_crc_table(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+/* The 4 bit numbers of a token (presence._bits); -1 with an exception set on error. */
+static int presence_bits(PyObject *tok, uint32_t bits[4])
+{
+    if (!PyUnicode_Check(tok)) {
+        PyErr_SetString(PyExc_TypeError, "presence: tokens must be str");
+        return -1;
+    }
+    PyObject *encoded = NULL;
+    const unsigned char *b;
+    Py_ssize_t n;
+    if (PyUnicode_IS_ASCII(tok)) {
+        b = PyUnicode_1BYTE_DATA(tok);
+        n = PyUnicode_GET_LENGTH(tok);
+    } else {
+        encoded = PyUnicode_AsEncodedString(tok, "utf-8", "surrogatepass");
+        if (encoded == NULL)
+            return -1;
+        b = (const unsigned char *)PyBytes_AS_STRING(encoded);
+        n = PyBytes_GET_SIZE(encoded);
+    }
+    uint32_t h1 = 0xFFFFFFFFu, h2 = 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h1 = crc_table[(h1 ^ b[i]) & 0xFF] ^ (h1 >> 8);
+        h2 = crc_table[(h2 ^ b[n - 1 - i]) & 0xFF] ^ (h2 >> 8);
+    }
+    Py_XDECREF(encoded);
+    h1 ^= 0xFFFFFFFFu;
+    h2 ^= 0xFFFFFFFFu;
+    uint32_t base = (h1 >> 18) << 9;
+    bits[0] = base | (h1 & 511);
+    bits[1] = base | ((h1 >> 9) & 511);
+    bits[2] = base | (h2 & 511);
+    bits[3] = base | ((h2 >> 9) & 511);
+    return 0;
+}
+
+/* The bytes of a filter: bytes or a bytearray of PRESENCE_BYTES, else NULL. */
+static const unsigned char *filter_bytes(PyObject *o)
+{
+    if (PyBytes_Check(o) && PyBytes_GET_SIZE(o) == PRESENCE_BYTES)
+        return (const unsigned char *)PyBytes_AS_STRING(o);
+    if (PyByteArray_Check(o) && PyByteArray_GET_SIZE(o) == PRESENCE_BYTES)
+        return (const unsigned char *)PyByteArray_AS_STRING(o);
+    return NULL;
+}
+
+/* Whether all 4 bits are set in map (PRESENCE_BYTES long). */
+static inline int all_set(const unsigned char *map, const uint32_t bits[4])
+{
+    for (int i = 0; i < 4; i++)
+        if (!(map[bits[i] >> 3] & (0x80 >> (bits[i] & 7))))
+            return 0;
+    return 1;
+}
+
+static PyObject *presence_positions(PyObject *Py_UNUSED(self), PyObject *const *args,
+                                    Py_ssize_t nargs)
+{
+    const unsigned char *known = nargs == 2 && args[1] != Py_None ? filter_bytes(args[1]) : NULL;
+    if (nargs < 1 || nargs > 2 || (nargs == 2 && args[1] != Py_None && known == NULL)) {
+        PyErr_SetString(PyExc_TypeError, "presence_positions(tokens, known: the filter's "
+                        "PRESENCE_BITS / 8 bytes or None = None)");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(args[0]), *tok, *out = PyList_New(0);
+    if (it == NULL || out == NULL)
+        goto error;
+    uint32_t bits[4];
+    while ((tok = PyIter_Next(it)) != NULL) {
+        int rc = presence_bits(tok, bits);
+        Py_DECREF(tok);
+        if (rc < 0)
+            goto error;
+        if (known != NULL && all_set(known, bits))
+            continue;
+        for (int i = 0; i < 4; i++) {
+            PyObject *n = PyLong_FromUnsignedLong(bits[i]);
+            if (n == NULL || PyList_Append(out, n) < 0) {
+                Py_XDECREF(n);
+                goto error;
+            }
+            Py_DECREF(n);
+        }
+    }
+    if (PyErr_Occurred())
+        goto error;
+    Py_DECREF(it);
+    return out;
+error:
+    Py_XDECREF(it);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *presence_filter(PyObject *Py_UNUSED(self), PyObject *const *args,
+                                 Py_ssize_t nargs)
+{
+    const unsigned char *map = nargs == 2 ? filter_bytes(args[0]) : NULL;
+    if (map == NULL || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "presence_filter(bitmap: the filter's PRESENCE_BITS / 8 bytes, tokens: list)");
+        return NULL;
+    }
+    PyObject *tokens = args[1], *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    uint32_t bits[4];
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(tokens); k++) {
+        PyObject *tok = PyList_GET_ITEM(tokens, k);
+        if (presence_bits(tok, bits) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (all_set(map, bits) && PyList_Append(out, tok) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
@@ -1175,6 +1324,12 @@ static PyMethodDef methods[] = {
     {"fisher", (PyCFunction)(void (*)(void))fisher, METH_FASTCALL,
      "fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n): "
      "Fisher's combination of the logs (see filterd/bayes/engine.py)"},
+    {"presence_positions", (PyCFunction)(void (*)(void))presence_positions, METH_FASTCALL,
+     "presence_positions(tokens, known=None) -> list: the numbers of the tokens' bits in the "
+     "presence filter (see filterd/bayes/presence.py)"},
+    {"presence_filter", (PyCFunction)(void (*)(void))presence_filter, METH_FASTCALL,
+     "presence_filter(bitmap, tokens) -> list: the tokens whose bits are all set (see "
+     "filterd/bayes/presence.py)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1188,6 +1343,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void)
 {
     init_tables();
+    init_crc_table();
     if ((WWW = PyUnicode_InternFromString("www.")) == NULL
         || (SCHEME_SEP = PyUnicode_InternFromString("://")) == NULL)
         return NULL;

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import Message
+from . import presence
 from .classifier import Params, Result, combine, combine_logs, probabilities
 from .store import HAM, MASK, SHIFT, SPAM, TokenStore, digest
 from .tokenizer import _c as _speedups
@@ -114,6 +115,12 @@ class Bayes:
         self._fcache: dict[str, tuple[float, float, float] | None] = {}
         self._fstate: tuple | None = None
         self._fborn = 0.0  # when the cache was started (monotonic)
+        # A copy of the presence filter (None: not complete yet), its epoch, and the database
+        # generation it holds every bit of: read when the cache is started, unless the only
+        # writes since were this object's own, whose bits it adds to the copy
+        self._presence: bytearray | None = None
+        self._presence_epoch = 0
+        self._presence_gen = -1
         self.cache_drift = cache_drift
         self.cache_age = cache_age
         self._warned_at = 0.0  # when the outdated-database warning was last logged
@@ -146,13 +153,23 @@ class Bayes:
             self._fstate = state
             self._fborn = time.monotonic()
             self._check_format(nspam, nham)
+            if not self._presence_holds(state):
+                # (read with the cache: a token learned since elsewhere is missed as the cache
+                # misses it)
+                self._presence = await self.tokens.presence(self._presence)
+                self._presence_epoch = self.tokens.presence_epoch
+                self._presence_gen = state[2]
         # one pass: the tokens to look up, and the logarithms of the cached ones with evidence
         missing, log_f, log_1f = _cached_logs(fc, toks)
         p = self.params
         if missing:
-            # f(w) with both logarithms Fisher's method sums, or None (no evidence)
-            _token_logs(fc, missing, await self.tokens.packed(missing), nspam, nham, p.robs,
-                        p.robx, p.min_dev, p.min_count, log_f, log_1f)
+            # looked up: the tokens the presence filter says may have been learned (about
+            # half of them); f(w) with both logarithms Fisher's method sums, or None (no
+            # evidence), goes into the cache for all
+            look = missing if self._presence is None else presence.may_hold(self._presence,
+                                                                             missing)
+            _token_logs(fc, missing, await self.tokens.packed(look) if look else {}, nspam,
+                        nham, p.robs, p.robx, p.min_dev, p.min_count, log_f, log_1f)
         max_tokens = p.max_tokens
         if explain or (max_tokens and len(log_f) > max_tokens):
             clues = sorted(((fc[t][0], t) for t in toks if fc[t] is not None),
@@ -172,6 +189,12 @@ class Bayes:
         s0, h0 = self._fstate[0], self._fstate[1]
         drift = self.cache_drift
         return abs(state[0] - s0) <= drift * s0 and abs(state[1] - h0) <= drift * h0
+
+    def _presence_holds(self, state: tuple) -> bool:
+        """Whether the copy of the presence filter still has every bit: the database has the
+        epoch it was read under, and no writer but this object has written since."""
+        return (self._presence is not None and self._presence_epoch == self.tokens.presence_epoch
+                and self._presence_gen == state[2])
 
     def _check_format(self, nspam: int, nham: int) -> None:
         """Log (at most hourly) when the database holds messages learned with an older token
@@ -208,6 +231,15 @@ class Bayes:
         cls = SPAM if spam else HAM
         other = HAM if spam else SPAM
         stats = LearnStats()
+        await self.tokens.state()
+        if not self.tokens.presence_complete:
+            n = await self.tokens.build_presence()
+            if n:
+                log.info("bayes: presence filter built from the %d tokens learned before it "
+                         "existed (%s; once per database)", n, self.tokens.ns)
+        # the filter this classifier read: its tokens need no write (not after a clear)
+        known = self._presence if self._presence_epoch == self.tokens.presence_epoch else None
+        gen = self.tokens._state[2]
         seen = await self.tokens.seen([d for d, _ in pending])
         deltas: dict[str, int] = {}
         seen_d: dict[str, int] = {}
@@ -235,7 +267,10 @@ class Bayes:
                 nham += 1
             seen_d[dig] = cls - prev
             seen[dig] = cls  # a duplicate later in the same batch is "already"
-        await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned)
+        if await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned,
+                                   known=known):
+            if known is not None and self._presence_gen == gen:
+                self._presence_gen = gen + 1  # (the copy has this write's bits too)
         return stats
 
     async def forget(self, message: Message | bytes) -> bool:
@@ -253,13 +288,15 @@ class Bayes:
 
 
 async def learn_message(services_or_store, raw: bytes | Message, spam: bool,
-                        options: dict | None = None) -> str:
+                        options: dict | None = None, bayes: Bayes | None = None) -> str:
     """THE learn path: learn one message as spam (``spam=True``) or ham.
 
     ``services_or_store`` is a :class:`filterd.services.Services` (the token store and the
     ``[bayes]`` options come from it) or a :class:`filterd.store.Store`. Returns ``"learned"``,
     ``"relearned"`` (it was learned as the other class and was moved) or ``"already"``.
-    Quarantine release calls this with ``spam=False`` for released mail.
+    Quarantine release calls this with ``spam=False`` for released mail. ``bayes``: the
+    classifier of the caller (the Bayes plugin's) on the same store, whose copy of the presence
+    filter spares writing the bits of tokens learned before.
     """
     store = services_or_store
     if hasattr(services_or_store, "config") and hasattr(services_or_store, "store"):
@@ -267,7 +304,8 @@ async def learn_message(services_or_store, raw: bytes | Message, spam: bool,
         if options is None:
             sect = services_or_store.config.section("bayes")
             options = sect if isinstance(sect, dict) else {}
-    bayes = Bayes.from_options(store, options or {})
+    if bayes is None or bayes.tokens.store is not store:
+        bayes = Bayes.from_options(store, options or {})
     stats = await bayes.learn([raw], spam)
     outcome = stats.outcome
     log.info("bayes: message learned as %s (%s)", "spam" if spam else "ham", outcome)

@@ -17,12 +17,17 @@ Layout under a namespace (default ``bayes:``):
 - ``<ns>seen`` — hash, field = message digest, value 1 (learned as spam) or 2 (as ham), so a
   message is never counted twice and learning it as the other class moves it (SpamAssassin's
   behaviour).
+- ``<ns>presence1`` — bitmap: the presence filter of every learned token
+  (:mod:`filterd.bayes.presence`), used while ``<ns>meta`` holds ``presence1``: it covers every
+  token; its value is an epoch drawn when the filter was built.
 """
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 from ..store import Store
+from . import presence
 from .tokenizer import TOKEN_FORMAT
 
 FORMAT_FIELD = f"fmt{TOKEN_FORMAT}"
@@ -57,6 +62,10 @@ class TokenStore:
         self.k_tokens = namespace + "tokens"
         self.k_meta = namespace + "meta"
         self.k_seen = namespace + "seen"
+        self.k_presence = namespace + presence.MARKER
+        # the presence filter's epoch as of the last state(): 0 while it does not cover every
+        # learned token, else a number drawn when it was built (a new one after a clear)
+        self.presence_epoch = 0
         # messages learned with the current token format, as of the last state()
         self.format_messages = 0
         self._state: tuple[int, int, int] = (0, 0, 0)
@@ -70,8 +79,10 @@ class TokenStore:
         version = self.store.data_version()  # (before the read: a write after it is seen)
         if version is not None and version == self._version:
             return self._state
-        meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen", FORMAT_FIELD))
+        meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen", FORMAT_FIELD,
+                                                        presence.MARKER))
         self.format_messages = int(meta.get(FORMAT_FIELD, 0))
+        self.presence_epoch = int(meta.get(presence.MARKER, 0))
         self._state = (int(meta.get("nspam", 0)), int(meta.get("nham", 0)),
                        int(meta.get("gen", 0)))
         self._version = version
@@ -95,6 +106,38 @@ class TokenStore:
         nspam, nham, _ = await self.state()
         return nspam, nham
 
+    @property
+    def presence_complete(self) -> bool:
+        """Whether the presence filter covers every learned token (as of the last
+        :meth:`state`)."""
+        return self.presence_epoch > 0
+
+    async def presence(self, into: bytearray | None = None) -> bytearray | None:
+        """A copy of the presence filter (:data:`~.presence.PRESENCE_BYTES`), or None while it
+        does not cover every learned token (as of the last :meth:`state`). ``into``: the copy
+        read before, refilled (1 MB of fresh memory costs more than reading it)."""
+        if not self.presence_complete:
+            return None
+        if into is None or len(into) != presence.PRESENCE_BYTES:
+            into = bytearray(presence.PRESENCE_BYTES)
+        return await self.store.bitmap_get(self.k_presence, into)
+
+    async def build_presence(self) -> int:
+        """Add every learned token to the presence filter and mark it complete; returns how
+        many tokens there were. Done once per database, by the first learn of a filterd that
+        has the filter (a new database: at once; an older one: one pass over its tokens).
+        Bits set meanwhile by other learners are kept (the bitmap is only ever OR-ed)."""
+        tokens = list(await self.store.hgetall(self.k_tokens))
+        for i in range(0, len(tokens), 50_000):  # (4 positions a token: in slices)
+            await self.store.bitmap_set(self.k_presence,
+                                        presence.positions(tokens[i:i + 50_000]))
+        # the epoch: a copy of the filter read under another one (before a clear) is not used
+        # to skip writes (see apply)
+        epoch = secrets.randbelow(1 << 30) + 1
+        await self.store.hincr(self.k_meta, {presence.MARKER: epoch})
+        self.presence_epoch = epoch
+        return len(tokens)
+
     async def packed(self, tokens) -> dict[str, int]:
         """Packed counts (``spam << 32 | ham``) of the tokens that were ever learned."""
         return await self.store.hget_many(self.k_tokens, tokens)
@@ -108,11 +151,20 @@ class TokenStore:
         return await self.store.hget_many(self.k_seen, digests)
 
     async def apply(self, token_deltas: dict[str, int], nspam: int, nham: int,
-                    seen_deltas: dict[str, int], learned: int = 0) -> None:
+                    seen_deltas: dict[str, int], learned: int = 0,
+                    known: bytearray | None = None) -> bool:
         """Add packed token deltas, message-count deltas and seen-index deltas in one batch;
-        ``learned``: change in the number of messages learned with the current token format."""
+        ``learned``: change in the number of messages learned with the current token format.
+        ``known``: a copy of the presence filter read under the current epoch: the tokens whose
+        bits it holds need no write (bits are only ever set), and the bits written are added
+        to it. Returns whether anything was written (the generation moved on by one)."""
         items: dict[str, dict[str, int]] = {}
         deltas = {t: d for t, d in token_deltas.items() if d}
+        bits = None
+        if deltas and (nspam > 0 or nham > 0):
+            # learning: the tokens' presence bits, written before (SQLite: with) the counts so
+            # that no reader finds counts without them (a forget leaves the bits)
+            bits = presence.positions(deltas, known)
         if deltas:
             items[self.k_tokens] = deltas
         meta = {k: v for k, v in (("nspam", nspam), ("nham", nham), (FORMAT_FIELD, learned))
@@ -123,8 +175,12 @@ class TokenStore:
         seen = {k: v for k, v in seen_deltas.items() if v}
         if seen:
             items[self.k_seen] = seen
-        if items:
-            await self.store.mhincr(items)
+        if not items:
+            return False
+        await self.store.mhincr(items, bitmaps={self.k_presence: bits} if bits else None)
+        if bits and known is not None:
+            presence.set_bits(known, bits)
+        return True
 
     async def all_tokens(self) -> dict[str, tuple[int, int]]:
         """Every token (admin tools: stats, export; not for the hot path)."""
@@ -132,4 +188,5 @@ class TokenStore:
         return {t: unpack(v) for t, v in raw.items() if v}
 
     async def clear(self) -> None:
-        await self.store.delete(self.k_tokens, self.k_meta, self.k_seen)
+        await self.store.delete(self.k_tokens, self.k_meta, self.k_seen, self.k_presence)
+        self.presence_epoch = 0

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..bayes import Bayes
+from ..bayes import Bayes, presence
 from ..bayes.classifier import band
 from ..bayes.engine import LearnStats
 from ..bayes.tokenizer import TOKEN_FORMAT
@@ -385,6 +385,7 @@ async def cmd_stats(args) -> int:
         nspam, nham = await db.bayes.tokens.totals()
         old = db.bayes.tokens.outdated(nspam, nham)
         toks = await db.bayes.tokens.all_tokens()
+        bitmap = await db.bayes.tokens.presence()
     finally:
         await db.close()
     only_spam = sum(1 for s, h in toks.values() if s and not h)
@@ -393,8 +394,17 @@ async def cmd_stats(args) -> int:
          "ham_messages": nham, "tokens": len(toks), "tokens_only_in_spam": only_spam,
          "tokens_only_in_ham": only_ham, "token_format": TOKEN_FORMAT,
          "messages_learned_with_older_format": old,
+         "presence_filter_fill": round(presence.fill(bitmap), 4) if bitmap else None,
+         "presence_filter_false_positive_rate":
+             presence.false_positive_rate(bitmap) if bitmap else None,
          "trained": nspam >= int(db.options.get("min_spam", 100))
          and nham >= int(db.options.get("min_ham", 100))}
+    if bitmap is None:
+        filt = "not built yet (the next learn builds it; until then every token is looked up)"
+    else:
+        fill, fpr = presence.fill(bitmap), presence.false_positive_rate(bitmap)
+        filt = (f"{fill:.1%} of its bits set (about 1 in {max(1, round(1 / fpr)):,} "
+                "never-learned tokens is looked up anyway)" if fpr else "empty")
     if args.top:
         d["top_spam"] = [[t, s, h] for t, (s, h) in
                          sorted(toks.items(), key=lambda kv: -kv[1][0])[:args.top]]
@@ -412,6 +422,7 @@ async def cmd_stats(args) -> int:
         print(f"tokenizer:     OUTDATED: {db.bayes.tokens.outdated_note(old, nspam + nham)}")
     else:
         print(f"tokenizer:     token format {TOKEN_FORMAT} (current)")
+    print(f"presence filter: {filt}")
     for key, label in (("top_spam", "spam"), ("top_ham", "ham")):
         if key in d:
             print(f"most frequent in {label}:")

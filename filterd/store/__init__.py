@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 _log = logging.getLogger("filterd.store")
@@ -80,14 +80,33 @@ class Store:
         """Remove fields of a hash; returns how many existed."""
         raise NotImplementedError
 
-    async def mhincr(self, items: dict[str, dict[str, int]], ttl: float | None = None) -> None:
-        """Many :meth:`hincr` in one round trip: ``{key: {field: amount}}``."""
+    async def mhincr(self, items: dict[str, dict[str, int]], ttl: float | None = None,
+                     bitmaps: dict[str, Sequence[int]] | None = None) -> None:
+        """Many :meth:`hincr` in one round trip: ``{key: {field: amount}}``. ``bitmaps``:
+        ``{key: positions}`` for :meth:`bitmap_set`, done first (SQLite: in the same
+        transaction), so that no reader sees the counters without the bits."""
+        for key, positions in (bitmaps or {}).items():
+            await self.bitmap_set(key, positions)
         for key, counts in items.items():
             await self.hincr(key, counts, ttl)
 
     async def mhgetall(self, keys: list[str]) -> list[dict[str, int]]:
         """Many :meth:`hgetall` in one round trip (Bayes looks up hundreds of tokens)."""
         return [await self.hgetall(k) for k in keys]
+
+    # -- bitmaps (the Bayes presence filter) -----------------------------------------------
+    # Bit n is byte n >> 3, mask 0x80 >> (n & 7): Redis's SETBIT/GETBIT numbering. Bits are
+    # only ever set (or the key deleted), so a reader's copy lacks at most bits set since.
+    async def bitmap_get(self, key: str, into: bytearray | None = None) -> bytes | bytearray:
+        """The whole bitmap, at least up to its last set byte (empty when there is none). With
+        ``into``, it is copied into that bytearray, cut or zero-filled to its length, which is
+        returned: a reader that keeps a large bitmap refills the same memory."""
+        raise NotImplementedError
+
+    async def bitmap_set(self, key: str, positions: Sequence[int]) -> None:
+        """Set the bits at ``positions``; the bits already set stay set, also those another
+        writer sets at the same time."""
+        raise NotImplementedError
 
     # -- sets ---------------------------------------------------------------------------------
     async def sadd(self, key: str, *members: str, ttl: float | None = None) -> int:
@@ -167,9 +186,9 @@ class Store:
 
 # Every data method of the interface; ResilientStore delegates exactly these.
 DATA_METHODS = ("get", "set", "delete", "exists", "expire", "incr", "get_int", "hincr",
-                "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "sadd", "srem", "smembers",
-                "sismember", "window_hit", "window_count", "window_check", "window_check_many",
-                "fetch", "get_json", "set_json", "keys")
+                "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "bitmap_get", "bitmap_set",
+                "sadd", "srem", "smembers", "sismember", "window_hit", "window_count",
+                "window_check", "window_check_many", "fetch", "get_json", "set_json", "keys")
 
 
 class ResilientStore(Store):

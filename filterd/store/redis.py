@@ -95,6 +95,14 @@ return 1
 """
 
 
+# SETBIT of every ARGV position (one key: works on a cluster)
+_BITMAP_SET = """
+local k = KEYS[1]
+for i = 1, #ARGV do redis.call('SETBIT', k, ARGV[i], 1) end
+return 1
+"""
+_BITMAP_SET_ARGS = 50_000  # positions per script call
+
 _NODE = secrets.token_hex(6)  # tells this process's window members from other processes'
 _SEQ = itertools.count()
 
@@ -160,6 +168,7 @@ class RedisStore(Store):
         self._window_check_many = self.r.register_script(_WINDOW_CHECK_MANY)
         self._fetch = self.r.register_script(_FETCH)
         self._mhincr = self.r.register_script(_MHINCR)
+        self._bitmap_set = self.r.register_script(_BITMAP_SET)
 
     async def _initialize(self) -> None:
         async with self._init_lock:
@@ -272,7 +281,9 @@ class RedisStore(Store):
         await self.mhincr({key: counts}, ttl)
 
     @_wrap
-    async def mhincr(self, items, ttl=None):
+    async def mhincr(self, items, ttl=None, bitmaps=None):
+        for key, positions in (bitmaps or {}).items():  # (first: no reader sees counts
+            await self.bitmap_set(key, positions)  # without the bits)
         if not items:
             return
         if self._scripts:
@@ -290,6 +301,22 @@ class RedisStore(Store):
                 if ttl:
                     p.pexpire(self.k(key), self._ms(ttl))
             await p.execute()
+
+    @_wrap
+    async def bitmap_get(self, key, into=None):
+        data = await self.r.get(self.k(key)) or b""
+        if into is None:
+            return data
+        n = min(len(data), len(into))
+        into[:n] = data[:n]
+        into[n:] = bytes(len(into) - n)
+        return into
+
+    @_wrap
+    async def bitmap_set(self, key, positions):
+        positions = list(positions)
+        for i in range(0, len(positions), _BITMAP_SET_ARGS):
+            await self._bitmap_set(keys=[self.k(key)], args=positions[i:i + _BITMAP_SET_ARGS])
 
     @_wrap
     async def hget_many(self, key, fields):

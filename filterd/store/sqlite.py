@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,8 @@ CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB, exp REAL);
 CREATE TABLE IF NOT EXISTS hash (k TEXT, f TEXT, n INTEGER, PRIMARY KEY (k, f)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hexp (k TEXT PRIMARY KEY, exp REAL);
 CREATE TABLE IF NOT EXISTS sets (k TEXT, m TEXT, PRIMARY KEY (k, m)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bitmap (k TEXT PRIMARY KEY, v BLOB);
+CREATE TABLE IF NOT EXISTS bitmap_log (id INTEGER PRIMARY KEY, k TEXT, bits BLOB);
 CREATE TABLE IF NOT EXISTS win (k TEXT, t REAL, n INTEGER);
 CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
 """
@@ -37,6 +40,43 @@ _HGET_SQL = {
 # the statement size for n fields (n <= _HGET_MAX): the smallest that holds them
 _HGET_SIZE = [min(size for size in _HGET_SQL if size >= n) for n in range(_HGET_MAX + 1)]
 _NULLS = (None,) * _HGET_MAX
+# A bitmap is one row, its bytes one BLOB, plus a log of the bits set since it was last
+# written: a small write (one learned message sets the bits of a dozen new tokens, scattered
+# over the whole bitmap) appends one row to the log, one page, where setting them in the BLOB
+# would rewrite a page per bit; a reader sets the logged bits in what it reads; a writer folds
+# the log into the BLOB once it holds _LOG_FOLD rows of the key, and a large write (bulk
+# learning) goes to the BLOB at once, with the log.
+_LOG_FOLD = 1024
+_LOG_DIRECT = 4096  # positions from which a write goes to the BLOB
+
+
+def _pack(positions) -> bytes:
+    return struct.pack(f">{len(positions)}I", *positions)
+
+
+def _set_bits(buf: bytearray, packed: bytes, grow: bool) -> None:
+    """Set the bits whose positions ``packed`` holds; past the end of ``buf``: ``grow`` it, or
+    leave them."""
+    positions = struct.unpack(f">{len(packed) // 4}I", packed)
+    if grow and positions:
+        end = (max(positions) >> 3) + 1
+        if end > len(buf):
+            buf.extend(bytes(end - len(buf)))
+    size = len(buf)
+    for n in positions:
+        if n >> 3 < size:
+            buf[n >> 3] |= 0x80 >> (n & 7)
+
+
+_ZEROS = memoryview(bytes(65536))
+
+
+def _zero_fill(buf: bytearray, start: int, end: int) -> None:
+    """Zero ``buf[start:end]`` in place (no new memory the size of the range)."""
+    while start < end:
+        step = min(end - start, len(_ZEROS))
+        buf[start:start + step] = _ZEROS[:step]
+        start += step
 
 
 class SQLiteStore(Store):
@@ -91,7 +131,7 @@ class SQLiteStore(Store):
     async def delete(self, *keys):
         n = 0
         for k in keys:
-            for table in ("kv", "hash", "sets", "win", "hexp"):
+            for table in ("kv", "hash", "sets", "win", "hexp", "bitmap", "bitmap_log"):
                 n += self._x(f"DELETE FROM {table} WHERE k=?", (k,)).rowcount
         return n
 
@@ -128,9 +168,11 @@ class SQLiteStore(Store):
     async def hincr(self, key, counts, ttl=None):
         await self.mhincr({key: counts}, ttl)
 
-    async def mhincr(self, items, ttl=None):
+    async def mhincr(self, items, ttl=None, bitmaps=None):
         self._x("BEGIN IMMEDIATE")
         try:
+            for key, positions in (bitmaps or {}).items():
+                self._bitmap_set(key, positions)
             for key, counts in items.items():
                 self._hash_alive(key)
                 self.db.executemany(
@@ -183,6 +225,59 @@ class SQLiteStore(Store):
             for k, f, n in self._x(f"SELECT k, f, n FROM hash WHERE k IN ({q})", chunk):
                 out[k][f] = n
         return [out[k] for k in keys]
+
+    # bitmaps
+    async def bitmap_get(self, key, into=None):
+        self._x("BEGIN")  # (the BLOB and its log as of one moment: no fold in between)
+        try:
+            row = self._x("SELECT v FROM bitmap WHERE k=?", (key,)).fetchone()
+            log = self._x("SELECT bits FROM bitmap_log WHERE k=? ORDER BY id", (key,)).fetchall()
+        finally:
+            self._x("COMMIT")
+        data = row[0] if row else b""
+        grow = into is None  # (a caller's buffer keeps its length)
+        if into is None:
+            into = bytearray(data)
+        else:
+            n = min(len(data), len(into))
+            into[:n] = data[:n]
+            _zero_fill(into, n, len(into))
+        for (packed,) in log:
+            _set_bits(into, packed, grow)
+        return into
+
+    async def bitmap_set(self, key, positions):
+        self._x("BEGIN IMMEDIATE")
+        try:
+            self._bitmap_set(key, positions)
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+
+    def _bitmap_set(self, key, positions) -> None:
+        """:meth:`bitmap_set` inside the caller's write transaction."""
+        if not positions:
+            return
+        packed = _pack(positions)
+        if len(positions) >= _LOG_DIRECT:
+            self._bitmap_fold(key, packed)
+            return
+        rowid = self._x("INSERT INTO bitmap_log (k, bits) VALUES (?, ?)", (key, packed)).lastrowid
+        if rowid % 64 == 0 and self._x("SELECT count(*) FROM bitmap_log WHERE k=?",
+                                       (key,)).fetchone()[0] >= _LOG_FOLD:
+            self._bitmap_fold(key)
+
+    def _bitmap_fold(self, key, more: bytes = b"") -> None:
+        """Write the BLOB with the bits of its log (and the ``more`` packed positions) set;
+        empty the log."""
+        row = self._x("SELECT v FROM bitmap WHERE k=?", (key,)).fetchone()
+        buf = bytearray(row[0] if row else b"")
+        for (packed,) in self._x("SELECT bits FROM bitmap_log WHERE k=? ORDER BY id", (key,)):
+            _set_bits(buf, packed, grow=True)
+        _set_bits(buf, more, grow=True)
+        self._x("INSERT OR REPLACE INTO bitmap VALUES (?, ?)", (key, bytes(buf)))
+        self._x("DELETE FROM bitmap_log WHERE k=?", (key,))
 
     # sets
     async def sadd(self, key, *members, ttl=None):
@@ -269,7 +364,7 @@ class SQLiteStore(Store):
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         now = time.time()
         found = set()
-        for table in ("kv", "hash", "sets", "win"):
+        for table in ("kv", "hash", "sets", "win", "bitmap", "bitmap_log"):
             extra = " AND (exp IS NULL OR exp>=?)" if table == "kv" else ""
             args = (like, now) if extra else (like,)
             for (k,) in self._x(f"SELECT DISTINCT k FROM {table} WHERE k LIKE ? ESCAPE '\\'{extra}",
