@@ -165,14 +165,16 @@ class Bayes:
         if missing:
             # looked up: the tokens the presence filter says may have been learned (about
             # half of them); f(w) with both logarithms Fisher's method sums, or None (no
-            # evidence), goes into the cache for all
+            # evidence), goes into the cache for these (the others, mostly a message's own
+            # words, would only swell it: the filter answers for them again)
             look = missing if self._presence is None else presence.may_hold(self._presence,
                                                                              missing)
-            _token_logs(fc, missing, await self.tokens.packed(look) if look else {}, nspam,
-                        nham, p.robs, p.robx, p.min_dev, p.min_count, log_f, log_1f)
+            if look:
+                _token_logs(fc, look, await self.tokens.packed(look), nspam, nham, p.robs,
+                            p.robx, p.min_dev, p.min_count, log_f, log_1f)
         max_tokens = p.max_tokens
         if explain or (max_tokens and len(log_f) > max_tokens):
-            clues = sorted(((fc[t][0], t) for t in toks if fc[t] is not None),
+            clues = sorted(((fc[t][0], t) for t in toks if fc.get(t) is not None),
                            key=lambda x: (-abs(x[0] - 0.5), x[1]))
             res = combine([f for f, _ in clues], max_tokens, p.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
