@@ -72,6 +72,20 @@ def test_words_written_with_capitals_are_found_the_same_way():
     assert c_low == py_low
     assert sorted(c_cs) == sorted(py_cs)
     assert "subj:cs:ABC" in c_cs and "subj:cs:abc" not in c_cs and "abc" in c_low
+    # the one pass the tokenizer uses adds the same tokens as the two steps
+    rng = random.Random(20261130)
+    letters = "aAbBzZßẞİıσςΣǅǆǄﬁÉéΟοДдĲĳ1_'"
+    for prefix in ("", "subj:", "from:name:"):
+        for sample in [words] + [{"".join(rng.choice(letters) for _ in range(rng.randint(1, 8)))
+                                  for _ in range(rng.randint(1, 40))} for _ in range(300)]:
+            c, py = {"kept"}, {"kept"}
+            tk._cased_into_c(prefix, prefix + "cs:", sample, c)
+            tk._cased_into_py(prefix, prefix + "cs:", sample, py)
+            assert c == py, (prefix, sample)
+    with pytest.raises(TypeError):
+        tk._cased_into_c("", "cs:", {"a", 1}, set())
+    with pytest.raises(TypeError):
+        tk._cased_into_c("", "cs:", {"a"}, frozenset())
 
 
 @needs_c
@@ -230,8 +244,8 @@ def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and
     address passes."""
-    names = ("_split_words", "_cased_words", "_received_words", "_url_words", "_shape",
-             "_header_lines", "_attr_names", "_addresses")
+    names = ("_split_words", "_cased_words", "_cased_into", "_received_words", "_url_words",
+             "_shape", "_header_lines", "_attr_names", "_addresses")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

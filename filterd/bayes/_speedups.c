@@ -25,6 +25,11 @@
  *   low: the set of the words in lower case (str.lower()); written: prefix + word for every
  *   word that is not in low (written with capitals), the `cs:` tokens.
  *
+ * cased_into(prefix, prefix_cs, words, out) -> None
+ *   What the tokenizer does with cased_words' result, in one pass: prefix + each word of low,
+ *   and the written tokens (prefix_cs + word), added to out. The same as
+ *   tokenizer._cased_into_py.
+ *
  * cached_logs(cache, tokens) -> (missing, logs_f, logs_1f)
  *   The classifier's one pass over a message's tokens (filterd/bayes/engine.py): cache maps a
  *   token to (f, ln f, ln(1 - f)) or to None (no evidence). missing: the tokens not in cache
@@ -372,6 +377,64 @@ fail:
     Py_XDECREF(low);
     Py_XDECREF(written);
     return NULL;
+}
+
+/* cased_into(prefix, prefix_cs, words, out): what _words does with cased_words' result, in
+ * one pass: every word in lower case, behind prefix, into out, and prefix_cs + the word as
+ * written for every word not all in lower case. (A word is in cased_words' low set exactly when
+ * it equals its own lower case, str.lower being idempotent: tests/test_bayes_speedups.py.) */
+static PyObject *cased_into(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])
+        || !PyAnySet_Check(args[2]) || !PySet_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "cased_into(prefix: str, prefix_cs: str, words: set, out: set)");
+        return NULL;
+    }
+    PyObject *prefix = args[0], *prefix_cs = args[1], *out = args[3], *w;
+    int plain = PyUnicode_GET_LENGTH(prefix) == 0;
+    PyObject *it = PyObject_GetIter(args[2]);
+    if (it == NULL)
+        return NULL;
+    while ((w = PyIter_Next(it)) != NULL) {
+        PyObject *lw = PyUnicode_Check(w) ? lower(w) : NULL, *tok = NULL, *cs = NULL;
+        int rc = -1;
+        if (lw == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "words must be strings");
+            goto next;
+        }
+        int same = lw == w;
+        if (!same) {
+            same = PyUnicode_Compare(lw, w) == 0;
+            if (PyErr_Occurred())
+                goto next;
+        }
+        if (plain) {
+            tok = lw;
+            Py_INCREF(tok);
+        } else if ((tok = PyUnicode_Concat(prefix, lw)) == NULL) {
+            goto next;
+        }
+        rc = PySet_Add(out, tok);
+        if (rc == 0 && !same) {
+            cs = PyUnicode_Concat(prefix_cs, w);
+            rc = cs == NULL ? -1 : PySet_Add(out, cs);
+        }
+    next:
+        Py_XDECREF(cs);
+        Py_XDECREF(tok);
+        Py_XDECREF(lw);
+        Py_DECREF(w);
+        if (rc < 0) {
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* _IP_RE.fullmatch on text[start:end]: four runs of 1-3 decimal digits joined by dots. Returns
@@ -1298,6 +1361,9 @@ static PyMethodDef methods[] = {
     {"cased_words", (PyCFunction)(void (*)(void))cased_words, METH_FASTCALL,
      "cased_words(prefix, words) -> (low: set, written: list): the words in lower case, and "
      "prefix + each word written with capitals"},
+    {"cased_into", (PyCFunction)(void (*)(void))cased_into, METH_FASTCALL,
+     "cased_into(prefix, prefix_cs, words, out) -> None: the words in lower case and those "
+     "written with capitals, as tokens into out (see tokenizer._words)"},
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
      "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
      "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},

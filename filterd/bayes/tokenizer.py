@@ -123,12 +123,10 @@ def _words(text: str, prefix: str, out: set, cased: bool = False) -> None:
         text = text.lower()
     words, long, cjk = _split_words(text)
     if cased and words:
-        words, written = _cased_words(prefix + "cs:", words)
-        if written:
-            out.update(written)
+        _cased_into(prefix, prefix + "cs:", words, out)
         if long:
             long = [w.lower() for w in long]
-    if prefix:
+    elif prefix:
         out.update({prefix + w for w in words})
     else:
         out.update(words)
@@ -178,6 +176,14 @@ def _cased_words_py(prefix: str, words: set[str]) -> tuple[set[str], list[str]]:
     return low, [prefix + w for w in words - low]
 
 
+def _cased_into_py(prefix: str, prefix_cs: str, words: set[str], out: set) -> None:
+    """The words in lower case (behind ``prefix``) and ``prefix_cs`` + each word written with
+    capitals, into ``out``. The C extension's ``cased_into`` does the same in one pass."""
+    low, written = _cased_words(prefix_cs, words)
+    out.update(written)
+    out.update({prefix + w for w in low} if prefix else low)
+
+
 def _speedups():
     """The C word splitter (filterd/bayes/_speedups.c, built with the package when a compiler
     is there), or None: not built, or FILTERD_PURE_PYTHON=1 in the environment."""
@@ -199,6 +205,8 @@ _split_words_c = functools.partial(_c.split_words, _WORD_RE.findall) if _c else 
 _cased_words_c = _c.cased_words if _c else None
 _split_words = _split_words_c or _split_words_py
 _cased_words = _cased_words_c or _cased_words_py
+_cased_into_c = _c.cased_into if _c else None
+_cased_into = _cased_into_c or _cased_into_py
 
 _SPLIT_RE = re.compile(r"[.@/-]+")
 _URL_PATH_SPLIT_RE = re.compile(r"[/?&=#.+_%-]+")
