@@ -79,7 +79,8 @@ def _fisher_py(log_f: list, log_1f: list, n_eff: int) -> tuple[float, float, flo
 # the C passes when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1)
 _cached_logs = getattr(_speedups, "cached_logs", None) or _cached_logs_py
 _token_logs = getattr(_speedups, "token_logs", None) or _token_logs_py
-_fisher = functools.partial(_speedups.fisher, math.lgamma) if _speedups else _fisher_py
+_fisher = (functools.partial(_speedups.fisher, math.lgamma) if getattr(_speedups, "fisher", None)
+           else _fisher_py)
 
 
 @dataclass
@@ -233,7 +234,7 @@ class Bayes:
         cls = SPAM if spam else HAM
         other = HAM if spam else SPAM
         stats = LearnStats()
-        await self.tokens.state()
+        gen = (await self.tokens.state())[2]
         if not self.tokens.presence_complete:
             n = await self.tokens.build_presence()
             if n:
@@ -241,7 +242,6 @@ class Bayes:
                          "existed (%s; once per database)", n, self.tokens.ns)
         # the filter this classifier read: its tokens need no write (not after a clear)
         known = self._presence if self._presence_epoch == self.tokens.presence_epoch else None
-        gen = self.tokens._state[2]
         seen = await self.tokens.seen([d for d, _ in pending])
         deltas: dict[str, int] = {}
         seen_d: dict[str, int] = {}

@@ -9,13 +9,15 @@ them, from one bitmap read into memory when the token cache starts afresh.
 - **Layout.** :data:`PRESENCE_BITS` bits (1 MiB). A token sets 4 bits inside one 512-bit
   block: the block and the bits come from the CRC-32 of the token's UTF-8 bytes and the CRC-32
   of those bytes reversed (:func:`_bits`). Bit ``n`` is byte ``n >> 3``, mask ``0x80 >> (n & 7)``,
-  Redis's SETBIT numbering, so the Redis string and the SQLite blocks hold the same bytes.
+  Redis's SETBIT numbering, so the Redis string and the SQLite BLOB (with its log of recent
+  writes, see :mod:`filterd.store.sqlite`) hold the same bytes.
 - **False positives** only cost a look-up that finds nothing, never a wrong result (measured:
   1 never-learned token in 60,000 passes with 100,000 tokens learned, 1 in 2,700 with 300,000,
   2 % with a million, a third with three million: then the filter saves little, and nothing
   is wrong). ``filterd bayes stats`` shows how full it is.
 - **Writers** (:meth:`~filterd.bayes.store.TokenStore.apply`) set a message's bits *before*
-  adding its counts, so no reader finds counts whose bits are missing. Bits are never cleared:
+  adding its counts (SQLite: in the same transaction), so no reader finds counts whose bits
+  are missing. Bits are never cleared:
   forgetting a message leaves its tokens' bits (a false positive or two).
 - **Completeness.** The filter is used only when the database says it covers every token:
   the meta field :data:`MARKER` is set once the tokens learned before the filter existed (by an
@@ -24,8 +26,9 @@ them, from one bitmap read into memory when the token cache starts afresh.
   filterd and learning after that adds tokens without bits: upgrade every node that learns
   before the first learn with this one, or run ``filterd bayes train`` again afterwards.
 - **Staleness.** A classifier reads the bitmap when its token cache starts afresh (see
-  :class:`filterd.bayes.engine.Bayes`): a token learned since is then missed until the next
-  start, exactly as the cache keeps a token it found unlearned.
+  :class:`filterd.bayes.engine.Bayes`), and not even then while no other writer has written;
+  its own learning adds the bits to its copy at once. A token first learned by another node
+  or process is then missed until the next start, as the cache keeps a token's old counts.
 
 The C extension's ``presence_positions`` and ``presence_filter`` do what
 :func:`_positions_py` and :func:`_filter_py` do (tests/test_bayes_speedups.py).

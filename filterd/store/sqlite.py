@@ -43,7 +43,8 @@ _NULLS = (None,) * _HGET_MAX
 # A bitmap is one row, its bytes one BLOB, plus a log of the bits set since it was last
 # written: a small write (one learned message sets the bits of a dozen new tokens, scattered
 # over the whole bitmap) appends one row to the log, one page, where setting them in the BLOB
-# would rewrite a page per bit; a reader sets the logged bits in what it reads; a writer folds
+# would rewrite a page for each token; a reader sets the logged bits in what it reads (in one
+# read transaction with the BLOB); a writer folds
 # the log into the BLOB once it holds _LOG_FOLD rows of the key, and a large write (bulk
 # learning) goes to the BLOB at once, with the log.
 _LOG_FOLD = 1024
