@@ -44,9 +44,8 @@ _NULLS = (None,) * _HGET_MAX
 # written: a small write (one learned message sets the bits of a dozen new tokens, scattered
 # over the whole bitmap) appends one row to the log, one page, where setting them in the BLOB
 # would rewrite a page for each token; a reader sets the logged bits in what it reads (in one
-# read transaction with the BLOB); a writer folds
-# the log into the BLOB once it holds _LOG_FOLD rows of the key, and a large write (bulk
-# learning) goes to the BLOB at once, with the log.
+# read transaction with the BLOB); a writer folds the log into the BLOB once it holds _LOG_FOLD
+# rows of the key, and a large write (bulk learning) goes to the BLOB at once, with the log.
 _LOG_FOLD = 1024
 _LOG_DIRECT = 4096  # positions from which a write goes to the BLOB
 
