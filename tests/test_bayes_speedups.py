@@ -201,6 +201,18 @@ def test_header_shapes_are_the_same_either_way():
 
 
 @needs_c
+def test_folded_header_blocks_are_unfolded_the_same_either_way():
+    texts = ["", "a", "\n", "\n ", " \n", "\n\t\t x", "a\n b\n\tc\n\n d", "a\r\n b",
+             "Subject: x\n  \t y\nTo: z\n", "ü\n  ü", "日本\n\t語", "😀\n 😀\n", "\n \n \n"]
+    texts += _random_texts(11, ["\n", " ", "\t", "\r", "a", "Ü", "語", "😀", ": "], 500, 30)
+    for got, text in zip(_same_either_way("_unfold", texts), texts):
+        assert got == text or len(got) < len(text)  # (same object kind: equal compares work)
+        assert got.isascii() == text.isascii()
+    with pytest.raises(TypeError):
+        tk._unfold_c(b"bytes")
+
+
+@needs_c
 def test_header_lines_are_the_same_either_way():
     samples = ["Subject: hi\nFrom:  a@b  \n", "", "\n", "no colon here\nX-A :v\nX-B\t:\tw\n",
                "N" * 80 + ": exactly 80\n" + "M" * 81 + ": too long\nok: 1", ":empty name\n",
@@ -245,7 +257,7 @@ def _all_tokens(raw: bytes, path: str) -> set[str]:
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and
     address passes."""
     names = ("_split_words", "_cased_words", "_cased_into", "_received_words", "_url_words",
-             "_shape", "_header_lines", "_attr_names", "_addresses")
+             "_shape", "_unfold", "_header_lines", "_attr_names", "_addresses")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

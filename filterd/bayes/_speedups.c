@@ -53,6 +53,11 @@
  *   ASCII letters a, of capitals A; other non-ASCII characters ?. The same as
  *   tokenizer._shape_py.
  *
+ * unfold(text) -> str
+ *   Each line break followed by blanks (tokenizer._UNFOLD_RE, "\n[ \t]+") replaced by one
+ *   space, in one pass: the continuation lines of a header block joined to their lines. The
+ *   same as tokenizer._unfold_py.
+ *
  * header_lines(text, most) -> list of (name, value)
  *   The `name: value` lines of an unfolded header block (LF line ends), at most `most`: a
  *   name is 1-80 printable ASCII characters other than the colon, blanks may come before the
@@ -437,6 +442,44 @@ static PyObject *cased_into(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
+/* unfold(text): every line break followed by blanks (the pattern "\n[ \t]+") as one space:
+ * the continuation lines of a header block joined to their header's line. */
+static PyObject *unfold(PyObject *Py_UNUSED(self), PyObject *text)
+{
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "unfold(text: str)");
+        return NULL;
+    }
+    if (PyUnicode_READY(text) < 0)
+        return NULL;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(text), n = 0;
+    PyObject *out = PyUnicode_New(len, PyUnicode_MAX_CHAR_VALUE(text));
+    if (out == NULL)
+        return NULL;
+    void *dst = PyUnicode_DATA(out);
+    for (Py_ssize_t i = 0; i < len; i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        if (ch == '\n' && i + 1 < len) {
+            Py_UCS4 next = PyUnicode_READ(kind, data, i + 1);
+            if (next == ' ' || next == '\t') {
+                while (i + 1 < len && ((next = PyUnicode_READ(kind, data, i + 1)) == ' '
+                                       || next == '\t'))
+                    i++;
+                ch = ' ';
+            }
+        }
+        PyUnicode_WRITE(kind, dst, n, ch);
+        n++;
+    }
+    if (n == len)
+        return out;
+    PyObject *cut = PyUnicode_Substring(out, 0, n);
+    Py_DECREF(out);
+    return cut;
+}
+
 /* _IP_RE.fullmatch on text[start:end]: four runs of 1-3 decimal digits joined by dots. Returns
  * the end of the third run (the /24 network's text ends there), or -1. */
 static Py_ssize_t ipv4_net_end(int kind, const void *data, Py_ssize_t start, Py_ssize_t end)
@@ -601,6 +644,7 @@ fail:
     Py_DECREF(words);
     return NULL;
 }
+
 
 /* prefix + text[start:end] into out */
 static int add_piece_token(PyObject *out, const char *prefix, PyObject *text, Py_ssize_t start,
@@ -1364,6 +1408,9 @@ static PyMethodDef methods[] = {
     {"cased_into", (PyCFunction)(void (*)(void))cased_into, METH_FASTCALL,
      "cased_into(prefix, prefix_cs, words, out) -> None: the words in lower case and those "
      "written with capitals, as tokens into out (see tokenizer._words)"},
+    {"unfold", (PyCFunction)unfold, METH_O,
+     "unfold(text) -> str: each line break followed by blanks as one space (see "
+     "tokenizer.raw_headers)"},
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
      "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
      "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},

@@ -357,6 +357,9 @@ def _address_tokens(value: str, prefix: str, out: set, with_local: bool = True) 
 
 
 _UNFOLD_RE = re.compile(r"\n[ \t]+")
+# the continuation lines of a header block joined to their lines (the C extension's unfold
+# does the same in one pass)
+_unfold_py = functools.partial(_UNFOLD_RE.sub, " ")
 
 
 def split_head(data: bytes) -> tuple[bytes, bytes]:
@@ -391,7 +394,7 @@ def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     if "\n " in text or "\n\t" in text:
-        text = _UNFOLD_RE.sub(" ", text)
+        text = _unfold(text)
     return _header_lines(text, MAX_HEADERS)
 
 
@@ -730,12 +733,14 @@ def _part_text(part, out: set) -> str:
 # ``<pass>_c`` gives the same as its ``<pass>_py`` (tests/test_bayes_speedups.py), and
 # ``<pass>`` is the one in use.
 _header_lines_c = _c.header_lines if _c else None
+_unfold_c = _c.unfold if _c else None
 _addresses_c = _c.addresses if _c else None
 _received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
 _url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
 _attr_names_c = _c.attr_names if _c else None
 _shape_c = _c.shape if _c else None
 _header_lines = _header_lines_c or _header_lines_py
+_unfold = _unfold_c or _unfold_py
 _addresses = _addresses_c or _addresses_py
 _received_words = _received_words_c or _received_words_py
 _url_words = _url_words_c or _url_words_py
