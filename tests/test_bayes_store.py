@@ -368,3 +368,30 @@ async def test_the_copy_of_the_presence_filter_is_read_again_only_after_another_
     finally:
         await mine.close()
         await other.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_lost_presence_filter_is_not_trusted_and_the_next_learn_rebuilds_it(
+        tmp_path, redis_store, backend, caplog):
+    """A presence filter that vanished (a Redis evicting keys, a hand-made delete) while the
+    database says it is complete would hide every token: it is noticed, every token is looked
+    up, and the next learn builds it again."""
+    from filterd.bayes import presence
+
+    store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
+    bayes = Bayes(store)
+    await train(bayes, 10)
+    probe = synth("spam", 88, seed=4)
+    want = (await Bayes(store).classify(probe)).probability
+    await store.delete(bayes.tokens.k_presence)
+    fresh = Bayes(store)
+    with caplog.at_level("WARNING", logger="filterd.bayes"):
+        assert (await fresh.classify(probe)).probability == want
+    assert "presence filter" in caplog.text and "empty although 20 messages" in caplog.text
+    assert fresh._presence is None
+    await fresh.learn([synth("ham", 600, seed=4)], spam=False)
+    assert fresh.tokens.presence_complete
+    learned = list(await fresh.tokens.all_tokens())
+    assert presence.may_hold(await fresh.tokens.presence(), learned) == learned
+    if backend == "sqlite":
+        await store.close()

@@ -24,7 +24,9 @@ them, from one bitmap read into memory when the token cache starts afresh.
   older filterd) have been added, which the first learn of this version does
   (:meth:`~filterd.bayes.store.TokenStore.build_presence`). A node still running an older
   filterd and learning after that adds tokens without bits: upgrade every node that learns
-  before the first learn with this one, or run ``filterd bayes train`` again afterwards.
+  before the first learn with this one, or run ``filterd bayes train`` again afterwards. A
+  filter found empty while messages were learned (a Redis that evicts keys) is not used, and
+  the next learn builds it again.
 - **Staleness.** A classifier reads the bitmap when its token cache starts afresh (see
   :class:`filterd.bayes.engine.Bayes`), and not even then while no other writer has written;
   its own learning adds the bits to its copy at once. A token first learned by another node

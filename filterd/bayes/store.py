@@ -24,11 +24,14 @@ Layout under a namespace (default ``bayes:``):
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 
 from ..store import Store
 from . import presence
 from .tokenizer import TOKEN_FORMAT
+
+log = logging.getLogger("filterd.bayes")
 
 FORMAT_FIELD = f"fmt{TOKEN_FORMAT}"
 
@@ -120,7 +123,19 @@ class TokenStore:
             return None
         if into is None or len(into) != presence.PRESENCE_BYTES:
             into = bytearray(presence.PRESENCE_BYTES)
-        return await self.store.bitmap_get(self.k_presence, into)
+        await self.store.bitmap_get(self.k_presence, into)
+        if (self._state[0] > 0 or self._state[1] > 0) and into.count(0) == len(into):
+            # messages learned but not a bit set: the filter was lost (a Redis that evicts
+            # keys, a hand-made delete). Trusting it would hide every token: look them all up,
+            # and have the next learn build it again.
+            log.warning("bayes: the presence filter %s is empty although %d messages were "
+                        "learned (evicted or deleted?); every token is looked up until the "
+                        "next learn builds it again", self.k_presence,
+                        self._state[0] + self._state[1])
+            await self.store.hincr(self.k_meta, {presence.MARKER: -self.presence_epoch})
+            self.presence_epoch = 0
+            return None
+        return into
 
     async def build_presence(self) -> int:
         """Add every learned token to the presence filter and mark it complete; returns how
