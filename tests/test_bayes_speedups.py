@@ -201,6 +201,24 @@ def test_header_shapes_are_the_same_either_way():
 
 
 @needs_c
+def test_html_is_stripped_of_scripts_comments_and_tags_the_same_either_way():
+    texts = ["", "<", ">", "<>", "a<b>c", "<b", "x<script>var a='<b>';</script>y",
+             "<SCRIPT>a</script>b</SCRIPT >c", "<Script>a</Script\n\t>b", "<scripts>x</scripts>",
+             "<script_>x</script_>", "<scripté>x</scripté>", "<style>p{}</style\u2003>q",
+             "<!---->", "<!-->", "<!-- a -- b -->c<!-- d", "<!-- x", "a<!--b-->c<d>e",
+             "<script>no end", "<style>", "<scr<b>ipt>", "<script>a</script", "<p\nclass=x>t</p>",
+             "<a href='x>y'>z</a>", "ü<ü>ü", "日本<b>語</b>", "😀<i>😀</i>", "<<>>", "<script>"]
+    pieces = ["<", ">", "/", "!", "--", "-", "script", "SCRIPT", "Script", "style", "STYLE",
+              "</", "</script", "</style", " ", "\n", "\t", "\u2003", "a", "b", "_", "é", "=",
+              "'", '"', "p", "语"]
+    texts += _random_texts(12, pieces, 4000, 25)
+    for got, text in zip(_same_either_way("_strip_tags", texts), texts):
+        assert got == text or "<" in text
+    with pytest.raises(TypeError):
+        tk._strip_tags_c(b"<b>")
+
+
+@needs_c
 def test_folded_header_blocks_are_unfolded_the_same_either_way():
     texts = ["", "a", "\n", "\n ", " \n", "\n\t\t x", "a\n b\n\tc\n\n d", "a\r\n b",
              "Subject: x\n  \t y\nTo: z\n", "ü\n  ü", "日本\n\t語", "😀\n 😀\n", "\n \n \n"]
@@ -257,7 +275,7 @@ def _all_tokens(raw: bytes, path: str) -> set[str]:
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and
     address passes."""
     names = ("_split_words", "_cased_words", "_cased_into", "_received_words", "_url_words",
-             "_shape", "_unfold", "_header_lines", "_attr_names", "_addresses")
+             "_shape", "_unfold", "_strip_tags", "_header_lines", "_attr_names", "_addresses")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

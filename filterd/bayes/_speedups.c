@@ -53,6 +53,12 @@
  *   ASCII letters a, of capitals A; other non-ASCII characters ?. The same as
  *   tokenizer._shape_py.
  *
+ * strip_tags(markup) -> str
+ *   tokenizer._STRIP_RE.sub(" ", markup) without the pattern: at each "<", a script or style
+ *   element (the name in any case, then no word character, then the first "</" + the name as
+ *   written there + blanks + ">"), else a comment ("<!--" to the first "-->"), else a tag ("<"
+ *   to the first ">") is replaced by one space. The same as tokenizer._strip_tags_py.
+ *
  * unfold(text) -> str
  *   Each line break followed by blanks (tokenizer._UNFOLD_RE, "\n[ \t]+") replaced by one
  *   space, in one pass: the continuation lines of a header block joined to their lines. The
@@ -106,6 +112,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MIN_WORD 3
 #define MAX_WORD 20
@@ -478,6 +485,136 @@ static PyObject *unfold(PyObject *Py_UNUSED(self), PyObject *text)
     PyObject *cut = PyUnicode_Substring(out, 0, n);
     Py_DECREF(out);
     return cut;
+}
+
+/* strip_tags(markup): tokenizer._STRIP_RE.sub(" ", markup): each script or style element,
+ * comment and tag replaced by one space, found the way the pattern's alternatives are tried at
+ * each "<" (see the top of the file). The text between replacements is joined with spaces. */
+static int is_word(Py_UCS4 ch)  /* the pattern module's \w for str: alphanumeric or _ */
+{
+    return ch == '_' || Py_UNICODE_ISALNUM(ch);
+}
+
+/* The end of "</" + name + blanks + ">" starting at k, or -1. */
+static Py_ssize_t close_tag_end(int kind, const void *data, Py_ssize_t len, Py_ssize_t k,
+                                Py_ssize_t name_start, Py_ssize_t name_len)
+{
+    Py_ssize_t j = k + 2 + name_len;
+    if (j > len)
+        return -1;
+    for (Py_ssize_t m = 0; m < name_len; m++)
+        if (PyUnicode_READ(kind, data, k + 2 + m) != PyUnicode_READ(kind, data, name_start + m))
+            return -1;
+    while (j < len && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, j)))
+        j++;
+    return j < len && PyUnicode_READ(kind, data, j) == '>' ? j + 1 : -1;
+}
+
+/* The end of the match at i (text[i] is "<"), or -1 when none of the alternatives matches.
+ * *no_gt, *no_comment_end: from where on there is no ">" / "-->" (-1: not known yet). */
+static Py_ssize_t strip_match(PyObject *text, int kind, const void *data, Py_ssize_t len,
+                              Py_ssize_t i, Py_ssize_t *no_gt, Py_ssize_t *no_comment_end)
+{
+    /* 1: <script ...</script> or <style ...</style> (the name's case as written, both) */
+    static const char *names[2] = {"script", "style"};
+    for (int w = 0; w < 2; w++) {
+        Py_ssize_t n = (Py_ssize_t)strlen(names[w]), m = 0;
+        if (i + 1 + n > len)
+            continue;
+        for (; m < n; m++) {
+            Py_UCS4 ch = PyUnicode_READ(kind, data, i + 1 + m);
+            if (ch != (Py_UCS4)names[w][m] && ch != (Py_UCS4)(names[w][m] - 32))
+                break;
+        }
+        if (m < n)
+            continue;
+        Py_ssize_t p = i + 1 + n;
+        if (p < len && is_word(PyUnicode_READ(kind, data, p)))
+            break;  /* no \b after the name: the other name cannot match either */
+        for (Py_ssize_t k = p; k + 1 < len; k++) {
+            if (PyUnicode_READ(kind, data, k) != '<' || PyUnicode_READ(kind, data, k + 1) != '/')
+                continue;
+            Py_ssize_t end = close_tag_end(kind, data, len, k, i + 1, n);
+            if (end >= 0)
+                return end;
+        }
+        break;
+    }
+    /* 2: <!-- ... --> */
+    if (i + 4 <= len && PyUnicode_READ(kind, data, i + 1) == '!'
+        && PyUnicode_READ(kind, data, i + 2) == '-' && PyUnicode_READ(kind, data, i + 3) == '-'
+        && (*no_comment_end < 0 || i + 4 < *no_comment_end)) {
+        for (Py_ssize_t k = i + 4; k + 2 < len; k++)
+            if (PyUnicode_READ(kind, data, k) == '-' && PyUnicode_READ(kind, data, k + 1) == '-'
+                && PyUnicode_READ(kind, data, k + 2) == '>')
+                return k + 3;
+        *no_comment_end = i + 4;
+    }
+    /* 3: <...> */
+    if (*no_gt >= 0 && i + 1 >= *no_gt)
+        return -1;
+    Py_ssize_t gt = PyUnicode_FindChar(text, '>', i + 1, len, 1);
+    if (gt < 0) {
+        if (gt == -1)
+            *no_gt = i + 1;
+        return gt == -1 ? -1 : -2;
+    }
+    return gt + 1;
+}
+
+static PyObject *strip_tags(PyObject *Py_UNUSED(self), PyObject *text)
+{
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "strip_tags(markup: str)");
+        return NULL;
+    }
+    if (PyUnicode_READY(text) < 0)
+        return NULL;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(text), seg = 0, i = 0;
+    Py_ssize_t no_gt = -1, no_comment_end = -1;
+    PyObject *pieces = PyList_New(0), *sep = NULL, *out = NULL;
+    if (pieces == NULL)
+        return NULL;
+    while (i < len) {
+        Py_ssize_t lt = PyUnicode_FindChar(text, '<', i, len, 1);
+        if (lt == -2)
+            goto done;
+        if (lt < 0)
+            break;
+        Py_ssize_t end = strip_match(text, kind, data, len, lt, &no_gt, &no_comment_end);
+        if (end == -2)
+            goto done;
+        if (end < 0) {
+            i = lt + 1;
+            continue;
+        }
+        PyObject *piece = PyUnicode_Substring(text, seg, lt);
+        if (piece == NULL || PyList_Append(pieces, piece) < 0) {
+            Py_XDECREF(piece);
+            goto done;
+        }
+        Py_DECREF(piece);
+        seg = i = end;
+    }
+    if (seg == 0) {  /* nothing matched */
+        Py_INCREF(text);
+        out = text;
+        goto done;
+    }
+    PyObject *rest = PyUnicode_Substring(text, seg, len);
+    if (rest == NULL || PyList_Append(pieces, rest) < 0) {
+        Py_XDECREF(rest);
+        goto done;
+    }
+    Py_DECREF(rest);
+    if ((sep = PyUnicode_FromString(" ")) != NULL)
+        out = PyUnicode_Join(sep, pieces);
+done:
+    Py_XDECREF(sep);
+    Py_DECREF(pieces);
+    return out;
 }
 
 /* _IP_RE.fullmatch on text[start:end]: four runs of 1-3 decimal digits joined by dots. Returns
@@ -1411,6 +1548,9 @@ static PyMethodDef methods[] = {
     {"unfold", (PyCFunction)unfold, METH_O,
      "unfold(text) -> str: each line break followed by blanks as one space (see "
      "tokenizer.raw_headers)"},
+    {"strip_tags", (PyCFunction)strip_tags, METH_O,
+     "strip_tags(markup) -> str: scripts, styles, comments and tags replaced by a space each "
+     "(see tokenizer._strip_tags_py)"},
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
      "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
      "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},

@@ -78,6 +78,9 @@ _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 # (character classes, not (?i): a case-insensitive pattern is several times slower)
 _STRIP_RE = re.compile(r"(?s)<([sS][cC][rR][iI][pP][tT]|[sS][tT][yY][lL][eE])\b.*?</\1\s*>"
                        r"|<!--.*?-->|<[^>]*>")
+# scripts, styles, comments and tags each replaced by a space (the C extension's strip_tags
+# does the same without the pattern)
+_strip_tags_py = functools.partial(_STRIP_RE.sub, " ")
 _URL_RE = re.compile(r"""(?:https?://|ftp://|www\.)[^\s<>"'\)\]]{1,400}""")
 _HREF_RE = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]{1,400})""")
 _ENCWORD_RE = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?")
@@ -333,7 +336,7 @@ def _html_tokens(markup: str, lower: str, out: set) -> str:
         out.add("html:hidden")
     if lower.count("<!--") > 20:
         out.add("html:manycomments")
-    text = _STRIP_RE.sub(" ", markup)
+    text = _strip_tags(markup)
     return _html.unescape(text) if "&" in text else text
 
 
@@ -734,6 +737,7 @@ def _part_text(part, out: set) -> str:
 # ``<pass>`` is the one in use.
 _header_lines_c = _c.header_lines if _c else None
 _unfold_c = _c.unfold if _c else None
+_strip_tags_c = _c.strip_tags if _c else None
 _addresses_c = _c.addresses if _c else None
 _received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
 _url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
@@ -741,6 +745,7 @@ _attr_names_c = _c.attr_names if _c else None
 _shape_c = _c.shape if _c else None
 _header_lines = _header_lines_c or _header_lines_py
 _unfold = _unfold_c or _unfold_py
+_strip_tags = _strip_tags_c or _strip_tags_py
 _addresses = _addresses_c or _addresses_py
 _received_words = _received_words_c or _received_words_py
 _url_words = _url_words_c or _url_words_py
