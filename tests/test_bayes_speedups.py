@@ -201,6 +201,22 @@ def test_header_shapes_are_the_same_either_way():
 
 
 @needs_c
+def test_html_tag_names_and_texts_are_found_the_same_either_way():
+    texts = ["", "<", "<>", "<b>", "< \n\tb x=1>", "<b_>", "<bé>", "<b1>", "<1b>",
+             "<abcdefghijklmnop>", "<abcdefghijklmnopq>", "<a\u00a0href=x>", "<a href='x'",
+             "<a " + "x" * 2000 + ">", "<a " + "x" * 2001 + ">", "<p><p><p>", "<a>\0<b>",
+             "<a><ü>", "<a" + ">" * 3]
+    pieces = ["<", ">", " ", "\n", "a", "b", "z", "1", "9", "_", "é", "=", "'", "\u00a0",
+              "abcdefgh", "x" * 300, "\u3000"]
+    texts += _random_texts(13, pieces, 4000, 30)
+    texts.append("<b>" * 6000)  # the first 5,000 tags only
+    _same_either_way("_tag_parts", texts)
+    assert tk._tag_parts_c("<b>" * 6000)[1] == "\0" * 4999
+    with pytest.raises(TypeError):
+        tk._tag_parts_c(b"<b>")
+
+
+@needs_c
 def test_html_is_stripped_of_scripts_comments_and_tags_the_same_either_way():
     texts = ["", "<", ">", "<>", "a<b>c", "<b", "x<script>var a='<b>';</script>y",
              "<SCRIPT>a</script>b</SCRIPT >c", "<Script>a</Script\n\t>b", "<scripts>x</scripts>",
@@ -275,7 +291,8 @@ def _all_tokens(raw: bytes, path: str) -> set[str]:
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and
     address passes."""
     names = ("_split_words", "_cased_words", "_cased_into", "_received_words", "_url_words",
-             "_shape", "_unfold", "_strip_tags", "_header_lines", "_attr_names", "_addresses")
+             "_shape", "_unfold", "_strip_tags", "_tag_parts", "_header_lines", "_attr_names",
+             "_addresses")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

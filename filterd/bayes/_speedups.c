@@ -53,6 +53,12 @@
  *   ASCII letters a, of capitals A; other non-ASCII characters ?. The same as
  *   tokenizer._shape_py.
  *
+ * tag_parts(lower) -> (names, texts)
+ *   The first 5,000 matches of tokenizer._TAG_RE (a "<", blanks, a name of an ASCII letter and
+ *   up to 15 more letters or digits ending at a non-word character, then up to 2,000
+ *   characters before the next ">") without the pattern: the set of the names, and the texts
+ *   after them joined with NULs. The same as tokenizer._tag_parts_py.
+ *
  * strip_tags(markup) -> str
  *   tokenizer._STRIP_RE.sub(" ", markup) without the pattern: at each "<", a script or style
  *   element (the name in any case, then no word character, then the first "</" + the name as
@@ -615,6 +621,71 @@ done:
     Py_XDECREF(sep);
     Py_DECREF(pieces);
     return out;
+}
+
+/* tag_parts(lower): the first 5,000 matches of tokenizer._TAG_RE in lower, as the set of
+ * their tag names and their texts joined with NULs (see the top of the file). */
+static PyObject *tag_parts(PyObject *Py_UNUSED(self), PyObject *text)
+{
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "tag_parts(lower: str)");
+        return NULL;
+    }
+    if (PyUnicode_READY(text) < 0)
+        return NULL;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(text), i = 0, found = 0;
+    PyObject *names = PySet_New(NULL), *texts = PyList_New(0), *nul = NULL, *joined = NULL;
+    if (names == NULL || texts == NULL)
+        goto done;
+    while (i < len && found < 5000) {
+        Py_ssize_t lt = PyUnicode_FindChar(text, '<', i, len, 1);
+        if (lt == -2)
+            goto done;
+        if (lt < 0)
+            break;
+        i = lt + 1;
+        Py_ssize_t p = lt + 1;
+        while (p < len && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, p)))
+            p++;
+        Py_ssize_t name = p;
+        while (p < len && p - name < 16) {
+            Py_UCS4 ch = PyUnicode_READ(kind, data, p);
+            if (!(ch < 128 && (ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z'
+                               || (p > name && ch >= '0' && ch <= '9'))))
+                break;
+            p++;
+        }
+        if (p == name || (p < len && is_word(PyUnicode_READ(kind, data, p))))
+            continue;  /* no name, or no \b after its first 16 characters */
+        Py_ssize_t gt = PyUnicode_FindChar(text, '>', p, len < p + 2001 ? len : p + 2001, 1);
+        if (gt == -2)
+            goto done;
+        if (gt < 0)
+            continue;  /* no ">" within 2,000 characters */
+        PyObject *tag = PyUnicode_Substring(text, name, p);
+        PyObject *rest = tag == NULL ? NULL : PyUnicode_Substring(text, p, gt);
+        int rc = rest == NULL ? -1 : PySet_Add(names, tag);
+        if (rc == 0)
+            rc = PyList_Append(texts, rest);
+        Py_XDECREF(tag);
+        Py_XDECREF(rest);
+        if (rc < 0)
+            goto done;
+        found++;
+        i = gt + 1;
+    }
+    if ((nul = PyUnicode_FromStringAndSize("\0", 1)) != NULL)
+        joined = PyUnicode_Join(nul, texts);
+done:
+    Py_XDECREF(nul);
+    Py_XDECREF(texts);
+    if (joined == NULL) {
+        Py_XDECREF(names);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", names, joined);
 }
 
 /* _IP_RE.fullmatch on text[start:end]: four runs of 1-3 decimal digits joined by dots. Returns
@@ -1551,6 +1622,9 @@ static PyMethodDef methods[] = {
     {"strip_tags", (PyCFunction)strip_tags, METH_O,
      "strip_tags(markup) -> str: scripts, styles, comments and tags replaced by a space each "
      "(see tokenizer._strip_tags_py)"},
+    {"tag_parts", (PyCFunction)tag_parts, METH_O,
+     "tag_parts(lower) -> (names: set, texts: str): the tags' names, and their texts joined "
+     "with NULs (see tokenizer._tag_parts_py)"},
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
      "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
      "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},

@@ -318,19 +318,26 @@ def _attr_names_py(text: str) -> set[str]:
     return set(_ATTR_RE.findall(text))
 
 
+def _tag_parts_py(lower: str) -> tuple[set[str], str]:
+    """The names of the first 5,000 tags :data:`_TAG_RE` finds in ``lower``, and their texts
+    joined with NULs (picked out of the pattern's pairs at C speed: a message has hundreds of
+    tags and a dozen distinct names). The C extension's ``tag_parts`` does the same without
+    the pattern."""
+    tags = _TAG_RE.findall(lower)[:5000]
+    return set(map(_FIRST, tags)), "\0".join(map(_SECOND, tags))
+
+
 def _html_tokens(markup: str, lower: str, out: set) -> str:
     """Add tag/attribute hints and return the visible text (as written; ``lower`` is the
     lower-cased ``markup``)."""
     markup = markup[:MAX_HTML]
     lower = lower[:MAX_HTML]
-    tags = _TAG_RE.findall(lower)[:5000]
-    # (the names and texts picked out of the (name, text) pairs at C speed: a message has
-    # hundreds of tags and a dozen distinct names)
-    out.update(["tag:" + t for t in set(map(_FIRST, tags))])
-    # the attribute names of all tags in one pattern pass: a NUL between two tags' texts is
-    # neither a space nor part of a name, so no match spans it and the names found are those
-    # of the tags one by one (a pattern call per tag cost more than the pass)
-    attrs = _attr_names("\0".join(map(_SECOND, tags)))
+    names, texts = _tag_parts(lower)
+    out.update(["tag:" + t for t in names])
+    # the attribute names of all tags in one pass: a NUL between two tags' texts is neither a
+    # space nor part of a name, so no match spans it and the names found are those of the tags
+    # one by one (a pattern call per tag cost more than the pass)
+    attrs = _attr_names(texts)
     out.update(["attr:" + a for a in attrs])
     if "display:none" in lower or "visibility:hidden" in lower:
         out.add("html:hidden")
@@ -738,6 +745,7 @@ def _part_text(part, out: set) -> str:
 _header_lines_c = _c.header_lines if _c else None
 _unfold_c = _c.unfold if _c else None
 _strip_tags_c = _c.strip_tags if _c else None
+_tag_parts_c = _c.tag_parts if _c else None
 _addresses_c = _c.addresses if _c else None
 _received_words_c = functools.partial(_c.received_words, _SLD) if _c else None
 _url_words_c = functools.partial(_c.url_words, _SLD) if _c else None
@@ -746,6 +754,7 @@ _shape_c = _c.shape if _c else None
 _header_lines = _header_lines_c or _header_lines_py
 _unfold = _unfold_c or _unfold_py
 _strip_tags = _strip_tags_c or _strip_tags_py
+_tag_parts = _tag_parts_c or _tag_parts_py
 _addresses = _addresses_c or _addresses_py
 _received_words = _received_words_c or _received_words_py
 _url_words = _url_words_c or _url_words_py
