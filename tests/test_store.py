@@ -335,6 +335,50 @@ async def test_bitmaps_only_ever_gain_bits_and_read_back_whole(store):
     assert await store.bitmap_get("bm:x") == b""
 
 
+async def test_a_hash_given_a_table_of_its_own_behaves_the_same(store):
+    """own_table is a hint that changes nothing a caller sees: counters, look-ups, whole
+    reads, deletes of fields and of the key, listing and several keys at once behave as for
+    any hash (SQLite keeps the hash in a table of its own; Redis ignores the hint)."""
+    store.own_table("own:h")
+    await store.hincr("own:h", {"a": 1, "b": 2})
+    await store.mhincr({"own:h": {"a": 4, "c": -3}, "plain:h": {"a": 1}})
+    assert await store.hget_many("own:h", ["a", "b", "c", "zz"]) == {"a": 5, "b": 2, "c": -3}
+    assert await store.hget_many("own:h", [f"n{i}" for i in range(600)] + ["a"]) == {"a": 5}
+    assert await store.hgetall("own:h") == {"a": 5, "b": 2, "c": -3}
+    assert await store.mhgetall(["own:h", "plain:h", "none:h"]) == [
+        {"a": 5, "b": 2, "c": -3}, {"a": 1}, {}]
+    assert await store.hdel("own:h", "c", "zz") == 1
+    assert "own:h" in await store.keys("own:") and "plain:h" not in await store.keys("own:")
+    assert await store.delete("own:h") >= 1
+    assert await store.hgetall("own:h") == {} and "own:h" not in await store.keys("own:")
+    assert await store.hgetall("plain:h") == {"a": 1}
+
+
+async def test_a_hash_moves_to_its_own_table_once_for_every_process(tmp_path):
+    """SQLite: the rows a hash had in the shared table move to its own table at the first
+    hint, and another store on the same file (another process) follows the move at once."""
+    path = tmp_path / "s.sqlite"
+    old, other = SQLiteStore(path), SQLiteStore(path)
+    try:
+        await old.hincr("bayes:tokens", {"t1": 3, "t2": 5})
+        await old.hincr("other:h", {"x": 1})
+        old.own_table("bayes:tokens")
+        old.own_table("bayes:tokens")  # (again: nothing more to do)
+        assert await old.hgetall("bayes:tokens") == {"t1": 3, "t2": 5}
+        shared = old.db.execute("SELECT count(*) FROM hash WHERE k='bayes:tokens'").fetchone()
+        assert shared == (0,)
+        other.own_table("bayes:tokens")  # (what a TokenStore in another process does)
+        await other.hincr("bayes:tokens", {"t1": 1})
+        assert await old.hget_many("bayes:tokens", ["t1", "t2"]) == {"t1": 4, "t2": 5}
+        later = SQLiteStore(path)  # opened afterwards, without the hint: the file says so
+        assert await later.hgetall("bayes:tokens") == {"t1": 4, "t2": 5}
+        assert await later.hgetall("other:h") == {"x": 1}
+        await later.close()
+    finally:
+        await old.close()
+        await other.close()
+
+
 async def test_window_check_many_decides_each_key(store):
     t = 3_000_000.0
     await store.window_check("m:full", 60, t, limit=1)
@@ -418,7 +462,8 @@ GENERIC = [test_values_round_trip_and_missing_keys_are_none, test_values_expire_
            test_window_check_is_atomic_under_concurrency, test_json_records_and_key_listing,
            test_hash_fields_can_be_deleted, test_fetch_reads_values_and_hashes_in_one_call,
            test_window_check_many_decides_each_key,
-           test_bitmaps_only_ever_gain_bits_and_read_back_whole]
+           test_bitmaps_only_ever_gain_bits_and_read_back_whole,
+           test_a_hash_given_a_table_of_its_own_behaves_the_same]
 
 
 @pytest.mark.parametrize("case", GENERIC, ids=lambda f: f.__name__[5:])

@@ -66,6 +66,7 @@ class TokenStore:
         self.k_meta = namespace + "meta"
         self.k_seen = namespace + "seen"
         self.k_presence = namespace + presence.MARKER
+        store.own_table(self.k_tokens)
         # the presence filter's epoch as of the last state(): 0 while it does not cover every
         # learned token, else a number drawn when it was built (a new one after a clear)
         self.presence_epoch = 0

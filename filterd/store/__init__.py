@@ -80,6 +80,11 @@ class Store:
         """Remove fields of a hash; returns how many existed."""
         raise NotImplementedError
 
+    def own_table(self, key: str) -> None:
+        """A hint: the hash ``key`` is large, hot and never expires (the Bayes tokens), and a
+        backend may keep it apart (SQLite: a table of its own, its rows moved there once, for
+        every process on the file). Nothing else changes for callers; Redis ignores it."""
+
     async def mhincr(self, items: dict[str, dict[str, int]], ttl: float | None = None,
                      bitmaps: dict[str, Sequence[int]] | None = None) -> None:
         """Many :meth:`hincr` in one round trip: ``{key: {field: amount}}``. ``bitmaps``:

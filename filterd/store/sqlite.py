@@ -2,10 +2,15 @@
 
 Calls run synchronously on the event loop thread: each is a single indexed statement on a local
 file (microseconds with ``synchronous=NORMAL`` in WAL mode), cheaper than a thread hop.
-Expired rows are ignored on read and purged lazily.
+Expired rows are ignored on read and purged lazily. Hashes share one table keyed by (hash,
+field), except those given a table of their own (:meth:`SQLiteStore.own_table`, the Bayes
+tokens), which the ``own_tables`` table lists for every process on the file. Bitmaps are a BLOB
+each plus a log of recent small writes (see ``_LOG_FOLD``).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import sqlite3
 import struct
@@ -15,6 +20,8 @@ from pathlib import Path
 
 from . import Store, StoreError
 
+log = logging.getLogger("filterd.store")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB, exp REAL);
 CREATE TABLE IF NOT EXISTS hash (k TEXT, f TEXT, n INTEGER, PRIMARY KEY (k, f)) WITHOUT ROWID;
@@ -22,6 +29,7 @@ CREATE TABLE IF NOT EXISTS hexp (k TEXT PRIMARY KEY, exp REAL);
 CREATE TABLE IF NOT EXISTS sets (k TEXT, m TEXT, PRIMARY KEY (k, m)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bitmap (k TEXT PRIMARY KEY, v BLOB);
 CREATE TABLE IF NOT EXISTS bitmap_log (id INTEGER PRIMARY KEY, k TEXT, bits BLOB);
+CREATE TABLE IF NOT EXISTS own_tables (k TEXT PRIMARY KEY, t TEXT);
 CREATE TABLE IF NOT EXISTS win (k TEXT, t REAL, n INTEGER);
 CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
 """
@@ -40,6 +48,13 @@ _HGET_SQL = {
 # the statement size for n fields (n <= _HGET_MAX): the smallest that holds them
 _HGET_SIZE = [min(size for size in _HGET_SQL if size >= n) for n in range(_HGET_MAX + 1)]
 _NULLS = (None,) * _HGET_MAX
+# A hash given a table of its own (Store.own_table): rows without the key column, no expiry
+# check: a look-up seeks a smaller B-tree and compares shorter keys (a quarter less time for
+# the Bayes tokens of a 100,000-token database).
+_OWN_HGET_SQL = {
+    size: ("SELECT t.f, t.n FROM (VALUES " + ",".join(["(?)"] * size) + ") AS v "
+           "CROSS JOIN {table} AS t WHERE t.f=v.column1")
+    for size in _HGET_SQL}
 # A bitmap is one row, its bytes one BLOB, plus a log of the bits set since it was last
 # written: a small write (one learned message sets the bits of a dozen new tokens, scattered
 # over the whole bitmap) appends one row to the log, one page, where setting them in the BLOB
@@ -98,8 +113,36 @@ class SQLiteStore(Store):
             # default, and every cache miss is a read from the OS (used only as the file grows)
             self.db.execute("PRAGMA cache_size=-65536")
             self.db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            self._load_own_tables()
+        except (sqlite3.Error, StoreError) as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    def _load_own_tables(self) -> None:
+        self._own = dict(self._x("SELECT k, t FROM own_tables").fetchall())
+        self._own_sql = {t: {size: sql.format(table=t) for size, sql in _OWN_HGET_SQL.items()}
+                         for t in self._own.values()}
+
+    def own_table(self, key):
+        if key in self._own:
+            return
+        table = "h_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._x("BEGIN IMMEDIATE")
+        try:
+            self._x(f"CREATE TABLE IF NOT EXISTS {table} (f TEXT PRIMARY KEY, n INTEGER) "
+                    "WITHOUT ROWID")
+            # (rows written under the shared table before: moved, once)
+            self._x(f"INSERT INTO {table} SELECT f, n FROM hash WHERE k=? AND true "
+                    "ON CONFLICT(f) DO UPDATE SET n=n+excluded.n", (key,))
+            moved = self._x("DELETE FROM hash WHERE k=?", (key,)).rowcount
+            self._x("INSERT OR IGNORE INTO own_tables VALUES (?,?)", (key, table))
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+        if moved:
+            log.info("store %s: the %d fields of %s moved to a table of their own (%s; once)",
+                     self.path, moved, key, table)
+        self._load_own_tables()
 
     def _x(self, sql: str, args=()):
         try:
@@ -131,8 +174,9 @@ class SQLiteStore(Store):
     async def delete(self, *keys):
         n = 0
         for k in keys:
-            for table in ("kv", "hash", "sets", "win", "hexp", "bitmap", "bitmap_log"):
+            for table in ("kv", "sets", "win", "hexp", "bitmap", "bitmap_log"):
                 n += self._x(f"DELETE FROM {table} WHERE k=?", (k,)).rowcount
+            n += self._hash_clear(k)
         return n
 
     async def expire(self, key, ttl):
@@ -160,7 +204,7 @@ class SQLiteStore(Store):
     def _hash_alive(self, key: str) -> bool:
         row = self._x("SELECT exp FROM hexp WHERE k=?", (key,)).fetchone()
         if row and row[0] is not None and row[0] < time.time():
-            self._x("DELETE FROM hash WHERE k=?", (key,))
+            self._hash_clear(key)
             self._x("DELETE FROM hexp WHERE k=?", (key,))
             return False
         return True
@@ -175,6 +219,13 @@ class SQLiteStore(Store):
                 self._bitmap_set(key, positions)
             for key, counts in items.items():
                 self._hash_alive(key)
+                table = self._own.get(key)
+                if table:
+                    self.db.executemany(
+                        f"INSERT INTO {table} VALUES (?,?) "
+                        "ON CONFLICT(f) DO UPDATE SET n=n+excluded.n",
+                        [(f, int(n)) for f, n in counts.items()])
+                    continue
                 self.db.executemany(
                     "INSERT INTO hash VALUES (?,?,?) ON CONFLICT(k,f) DO UPDATE SET n=n+excluded.n",
                     [(key, f, int(n)) for f, n in counts.items()])
@@ -196,6 +247,14 @@ class SQLiteStore(Store):
     async def hget_many(self, key, fields: Iterable[str]):
         fields = fields if isinstance(fields, (list, tuple)) else list(fields)
         out: dict[str, int] = {}
+        table = self._own.get(key)
+        if table:
+            sqls = self._own_sql[table]
+            for i in range(0, len(fields), _HGET_MAX):
+                chunk = fields[i:i + _HGET_MAX]
+                size = _HGET_SIZE[len(chunk)]
+                out.update(self._x(sqls[size], (*chunk, *_NULLS[:size - len(chunk)])))
+            return out
         now = time.time()
         for i in range(0, len(fields), _HGET_MAX):
             chunk = fields[i:i + _HGET_MAX]
@@ -210,15 +269,30 @@ class SQLiteStore(Store):
     async def hgetall(self, key):
         if not self._hash_alive(key):
             return {}
+        table = self._own.get(key)
+        if table:
+            return dict(self._x(f"SELECT f, n FROM {table}"))
         return {f: n for f, n in self._x("SELECT f, n FROM hash WHERE k=?", (key,))}
 
     async def hdel(self, key, *fields):
+        table = self._own.get(key)
+        if table:
+            return sum(self._x(f"DELETE FROM {table} WHERE f=?", (f,)).rowcount for f in fields)
         return sum(self._x("DELETE FROM hash WHERE k=? AND f=?", (key, f)).rowcount
                    for f in fields)
 
+    def _hash_clear(self, key: str) -> int:
+        table = self._own.get(key)
+        if table:
+            return self._x(f"DELETE FROM {table}").rowcount
+        return self._x("DELETE FROM hash WHERE k=?", (key,)).rowcount
+
     async def mhgetall(self, keys):
         out = {k: {} for k in keys}
-        live = [k for k in keys if self._hash_alive(k)]
+        for k in keys:
+            if k in self._own:
+                out[k] = await self.hgetall(k)
+        live = [k for k in keys if k not in self._own and self._hash_alive(k)]
         for i in range(0, len(live), 500):
             chunk = live[i:i + 500]
             q = ",".join("?" * len(chunk))
@@ -364,6 +438,9 @@ class SQLiteStore(Store):
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         now = time.time()
         found = set()
+        for k, table in self._own.items():
+            if k.startswith(prefix) and self._x(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                found.add(k)
         for table in ("kv", "hash", "sets", "win", "bitmap", "bitmap_log"):
             extra = " AND (exp IS NULL OR exp>=?)" if table == "kv" else ""
             args = (like, now) if extra else (like,)
