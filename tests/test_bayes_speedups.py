@@ -258,6 +258,8 @@ def test_header_lines_are_the_same_either_way():
     _same_either_way("_header_lines", samples, 120)
     many = "".join(f"h{i}: {i}\n" for i in range(200))
     assert len(_same_either_way("_header_lines", [many], 120)[0]) == 120
+    assert _same_either_way("_header_lines", ["Content-TYPE: Text/HTML\n"], 9)[0] == [
+        ("content-type", "Text/HTML")]  # names in lower case, values as written
 
 
 @needs_c

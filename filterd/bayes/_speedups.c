@@ -72,9 +72,9 @@
  *
  * header_lines(text, most) -> list of (name, value)
  *   The `name: value` lines of an unfolded header block (LF line ends), at most `most`: a
- *   name is 1-80 printable ASCII characters other than the colon, blanks may come before the
- *   colon, the value is the rest of the line, stripped. Other lines are skipped. The same as
- *   tokenizer._header_lines_py.
+ *   name is 1-80 printable ASCII characters other than the colon (given in lower case), blanks
+ *   may come before the colon, the value is the rest of the line, stripped. Other lines are
+ *   skipped. The same as tokenizer._header_lines_py.
  *
  * attr_names(text) -> set
  *   The names of tokenizer._ATTR_RE (a blank, a name of an ASCII letter and up to 20 more
@@ -1025,6 +1025,29 @@ static int append_pair(PyObject *out, PyObject *text, Py_ssize_t s1, Py_ssize_t 
     return rc;
 }
 
+/* (text[s1:e1] in lower case, text[s2:e2].strip()) appended to out: a header line's name
+ * (printable ASCII) and value */
+static int append_header(PyObject *out, PyObject *text, int kind, const void *data,
+                         Py_ssize_t s1, Py_ssize_t e1, Py_ssize_t s2, Py_ssize_t e2)
+{
+    PyObject *name = PyUnicode_New(e1 - s1, 127);
+    if (name == NULL)
+        return -1;
+    Py_UCS1 *dst = PyUnicode_1BYTE_DATA(name);
+    for (Py_ssize_t j = s1; j < e1; j++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, j);
+        dst[j - s1] = (Py_UCS1)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+    }
+    strip_bounds(kind, data, &s2, &e2);
+    PyObject *value = PyUnicode_Substring(text, s2, e2);
+    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
+    Py_DECREF(name);
+    Py_XDECREF(value);
+    int rc = pair ? PyList_Append(out, pair) : -1;
+    Py_XDECREF(pair);
+    return rc;
+}
+
 static PyObject *header_lines(PyObject *Py_UNUSED(self), PyObject *const *args,
                               Py_ssize_t nargs)
 {
@@ -1061,12 +1084,8 @@ static PyObject *header_lines(PyObject *Py_UNUSED(self), PyObject *const *args,
             goto fail;
         if (eol < 0)
             eol = n;
-        if (ok) {
-            Py_ssize_t vs = i + 1, ve = eol;
-            strip_bounds(kind, data, &vs, &ve);
-            if (append_pair(out, text, line, name_end, vs, ve) < 0)
-                goto fail;
-        }
+        if (ok && append_header(out, text, kind, data, line, name_end, i + 1, eol) < 0)
+            goto fail;
         line = eol + 1;
     }
     return out;

@@ -386,9 +386,9 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
 
 
 def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]:
-    """(name, unfolded raw value) of the header block, read straight from the bytes (much
-    cheaper than the email package's header objects); an 8-bit block is taken as UTF-8, else
-    Latin-1. Lines that are not ``name: value`` (or a continuation) are skipped."""
+    """(lower-cased name, unfolded raw value) of the header block, read straight from the
+    bytes (much cheaper than the email package's header objects); an 8-bit block is taken as
+    UTF-8, else Latin-1. Lines that are not ``name: value`` (or a continuation) are skipped."""
     if block is None:
         block = split_head(raw)[0]
     if block.startswith(b"From "):  # mbox separator line
@@ -411,10 +411,10 @@ def raw_headers(raw: bytes, block: bytes | None = None) -> list[tuple[str, str]]
 def _header_lines_py(text: str, most: int) -> list[tuple[str, str]]:
     """The ``name: value`` lines of the unfolded header block ``text``, at most ``most``: a
     name is printable ASCII without spaces or colons (at most 80 characters; blanks before the
-    colon are dropped), the value is the rest of the line, stripped. One pattern pass over the
-    block instead of a Python loop per line; the C extension's ``header_lines`` does the same
-    without the pattern and the list of pairs to strip."""
-    return [(name, value.strip())
+    colon are dropped), given in lower case, the value is the rest of the line, stripped. One
+    pattern pass over the block instead of a Python loop per line; the C extension's
+    ``header_lines`` does the same without the pattern and the list of pairs to strip."""
+    return [(name.lower(), value.strip())
             for name, value in _HEADER_LINE_RE.findall("\n" + text)[:most]]
 
 
@@ -491,8 +491,7 @@ def walk(raw: bytes, out: set, top: tuple | None = None) -> list[MimePart]:
             head, body = split_head(data)
             headers = raw_headers(b"", head)
         ctype, cte, disp, params, dparams = default_ct, "", "", {}, {}
-        for name, value in headers:
-            lname = name.lower()
+        for lname, value in headers:
             if lname == "content-type":
                 ctype = value.split(";", 1)[0].strip().lower() or default_ct
                 params = _params(value)
@@ -597,13 +596,12 @@ _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
     received = 0
     seen_mid = seen_date = False
-    for name, raw in headers:
-        lname = name.lower()
+    for lname, raw in headers:
         # (tokens for the mere presence of each header name were tried and left out: they
         # lowered accuracy in cross-validation, mostly echoing how a corpus was collected)
         if lname not in _SELECTED:  # (none of them starts with IGNORED_HEADER_PREFIXES)
             continue
-        raw = str(raw)[:4000]
+        raw = raw[:4000]
         if "=?" in raw:
             for cs, enc in _ENCWORD_RE.findall(raw)[:10]:
                 out.add(f"enc:{lname}:{cs.lower()}:{enc.lower()}")
