@@ -455,19 +455,32 @@ static PyObject *cased_into(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
+/* The text argument of a one-argument pass: its kind, data and length; -1 with a TypeError
+ * (the pass's usage) when it is not a str. */
+static int text_arg(PyObject *text, const char *usage, int *kind, const void **data,
+                    Py_ssize_t *len)
+{
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (PyUnicode_READY(text) < 0)
+        return -1;
+    *kind = PyUnicode_KIND(text);
+    *data = PyUnicode_DATA(text);
+    *len = PyUnicode_GET_LENGTH(text);
+    return 0;
+}
+
 /* unfold(text): every line break followed by blanks (the pattern "\n[ \t]+") as one space:
  * the continuation lines of a header block joined to their header's line. */
 static PyObject *unfold(PyObject *Py_UNUSED(self), PyObject *text)
 {
-    if (!PyUnicode_Check(text)) {
-        PyErr_SetString(PyExc_TypeError, "unfold(text: str)");
+    int kind;
+    const void *data;
+    Py_ssize_t len, n = 0;
+    if (text_arg(text, "unfold(text: str)", &kind, &data, &len) < 0)
         return NULL;
-    }
-    if (PyUnicode_READY(text) < 0)
-        return NULL;
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
-    Py_ssize_t len = PyUnicode_GET_LENGTH(text), n = 0;
     PyObject *out = PyUnicode_New(len, PyUnicode_MAX_CHAR_VALUE(text));
     if (out == NULL)
         return NULL;
@@ -570,15 +583,11 @@ static Py_ssize_t strip_match(PyObject *text, int kind, const void *data, Py_ssi
 
 static PyObject *strip_tags(PyObject *Py_UNUSED(self), PyObject *text)
 {
-    if (!PyUnicode_Check(text)) {
-        PyErr_SetString(PyExc_TypeError, "strip_tags(markup: str)");
+    int kind;
+    const void *data;
+    Py_ssize_t len, seg = 0, i = 0;
+    if (text_arg(text, "strip_tags(markup: str)", &kind, &data, &len) < 0)
         return NULL;
-    }
-    if (PyUnicode_READY(text) < 0)
-        return NULL;
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
-    Py_ssize_t len = PyUnicode_GET_LENGTH(text), seg = 0, i = 0;
     Py_ssize_t no_gt = -1, no_comment_end = -1;
     PyObject *pieces = PyList_New(0), *sep = NULL, *out = NULL;
     if (pieces == NULL)
@@ -627,15 +636,11 @@ done:
  * their tag names and their texts joined with NULs (see the top of the file). */
 static PyObject *tag_parts(PyObject *Py_UNUSED(self), PyObject *text)
 {
-    if (!PyUnicode_Check(text)) {
-        PyErr_SetString(PyExc_TypeError, "tag_parts(lower: str)");
+    int kind;
+    const void *data;
+    Py_ssize_t len, i = 0, found = 0;
+    if (text_arg(text, "tag_parts(lower: str)", &kind, &data, &len) < 0)
         return NULL;
-    }
-    if (PyUnicode_READY(text) < 0)
-        return NULL;
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
-    Py_ssize_t len = PyUnicode_GET_LENGTH(text), i = 0, found = 0;
     PyObject *names = PySet_New(NULL), *texts = PyList_New(0), *nul = NULL, *joined = NULL;
     if (names == NULL || texts == NULL)
         goto done;
@@ -652,7 +657,7 @@ static PyObject *tag_parts(PyObject *Py_UNUSED(self), PyObject *text)
         Py_ssize_t name = p;
         while (p < len && p - name < 16) {
             Py_UCS4 ch = PyUnicode_READ(kind, data, p);
-            if (!(ch < 128 && (ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z'
+            if (!(ch < 128 && ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z')
                                || (p > name && ch >= '0' && ch <= '9'))))
                 break;
             p++;
