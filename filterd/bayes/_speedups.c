@@ -1003,15 +1003,17 @@ static void strip_bounds(int kind, const void *data, Py_ssize_t *start, Py_ssize
         (*end)--;
 }
 
-/* The (text: str, most: int) arguments of header_lines and addresses; -1 with an error set
- * when they are not that. */
+/* The (text: str, most: int) arguments of header_lines and addresses: the text read as by
+ * text_arg, and most; -1 with an error set when they are not that. */
 static int text_and_most(PyObject *const *args, Py_ssize_t nargs, const char *usage,
-                         Py_ssize_t *most)
+                         int *kind, const void **data, Py_ssize_t *len, Py_ssize_t *most)
 {
-    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
+    if (nargs != 2 || !PyLong_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, usage);
         return -1;
     }
+    if (text_arg(args[0], usage, kind, data, len) < 0)
+        return -1;
     *most = PyLong_AsSsize_t(args[1]);
     return *most == -1 && PyErr_Occurred() ? -1 : 0;
 }
@@ -1056,13 +1058,13 @@ static int append_header(PyObject *out, PyObject *text, int kind, const void *da
 static PyObject *header_lines(PyObject *Py_UNUSED(self), PyObject *const *args,
                               Py_ssize_t nargs)
 {
-    Py_ssize_t most;
-    if (text_and_most(args, nargs, "header_lines(text: str, most: int)", &most) < 0)
+    int kind;
+    const void *data;
+    Py_ssize_t n, most;
+    if (text_and_most(args, nargs, "header_lines(text: str, most: int)", &kind, &data, &n,
+                      &most) < 0)
         return NULL;
     PyObject *text = args[0];
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -1175,13 +1177,13 @@ static Py_ssize_t domain_run(int kind, const void *data, Py_ssize_t i, Py_ssize_
 
 static PyObject *addresses(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t most;
-    if (text_and_most(args, nargs, "addresses(text: str, most: int)", &most) < 0)
+    int kind;
+    const void *data;
+    Py_ssize_t n, most;
+    if (text_and_most(args, nargs, "addresses(text: str, most: int)", &kind, &data, &n,
+                      &most) < 0)
         return NULL;
     PyObject *text = args[0];
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
