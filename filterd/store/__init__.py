@@ -20,6 +20,20 @@ from typing import Any
 _log = logging.getLogger("filterd.store")
 
 
+_ZEROS = memoryview(bytes(65536))
+
+
+def copy_into(buf: bytearray, data: bytes) -> None:
+    """``data`` into ``buf`` in place, cut or zero-filled to its length (no new memory the size
+    of ``buf``: a reader of a large bitmap refills the same buffer)."""
+    n = min(len(data), len(buf))
+    buf[:n] = data[:n]
+    while n < len(buf):
+        step = min(len(buf) - n, len(_ZEROS))
+        buf[n:n + step] = _ZEROS[:step]
+        n += step
+
+
 class StoreError(Exception):
     """The backend failed (Redis unreachable, database locked too long...)."""
 

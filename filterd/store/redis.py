@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import Store, StoreConnectionError, StoreError
+from . import Store, StoreConnectionError, StoreError, copy_into
 
 # Sliding windows are sorted sets with one member per event (an event of cost c adds c members
 # "<time>:<node>:<n>:<j>"), scored by time: the count in the window is ZCARD after removing what
@@ -307,9 +307,7 @@ class RedisStore(Store):
         data = await self.r.get(self.k(key)) or b""
         if into is None:
             return data
-        n = min(len(data), len(into))
-        into[:n] = data[:n]
-        into[n:] = bytes(len(into) - n)
+        copy_into(into, data)
         return into
 
     @_wrap

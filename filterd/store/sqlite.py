@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import Store, StoreError
+from . import Store, StoreError, copy_into
 
 log = logging.getLogger("filterd.store")
 
@@ -81,17 +81,6 @@ def _set_bits(buf: bytearray, packed: bytes, grow: bool) -> None:
     for n in positions:
         if n >> 3 < size:
             buf[n >> 3] |= 0x80 >> (n & 7)
-
-
-_ZEROS = memoryview(bytes(65536))
-
-
-def _zero_fill(buf: bytearray, start: int, end: int) -> None:
-    """Zero ``buf[start:end]`` in place (no new memory the size of the range)."""
-    while start < end:
-        step = min(end - start, len(_ZEROS))
-        buf[start:start + step] = _ZEROS[:step]
-        start += step
 
 
 class SQLiteStore(Store):
@@ -248,21 +237,14 @@ class SQLiteStore(Store):
         fields = fields if isinstance(fields, (list, tuple)) else list(fields)
         out: dict[str, int] = {}
         table = self._own.get(key)
-        if table:
-            sqls = self._own_sql[table]
-            for i in range(0, len(fields), _HGET_MAX):
-                chunk = fields[i:i + _HGET_MAX]
-                size = _HGET_SIZE[len(chunk)]
-                out.update(self._x(sqls[size], (*chunk, *_NULLS[:size - len(chunk)])))
-            return out
-        now = time.time()
+        # a table of its own: no key column, no expiry check
+        sqls, tail = (self._own_sql[table], ()) if table else (_HGET_SQL, (key, key, time.time()))
         for i in range(0, len(fields), _HGET_MAX):
             chunk = fields[i:i + _HGET_MAX]
             size = _HGET_SIZE[len(chunk)]
             # (f, n) rows straight into the dict: no Python loop per row
-            out.update(self._x(_HGET_SQL[size], (*chunk, *_NULLS[:size - len(chunk)],
-                                                key, key, now)))
-        if not out:
+            out.update(self._x(sqls[size], (*chunk, *_NULLS[:size - len(chunk)], *tail)))
+        if not out and not table:
             self._hash_alive(key)  # nothing found: maybe expired, then purge it as before
         return out
 
@@ -301,22 +283,24 @@ class SQLiteStore(Store):
         return [out[k] for k in keys]
 
     # bitmaps
+    def _bitmap_parts(self, key) -> tuple[bytes, list[bytes]]:
+        """The BLOB of a bitmap and the packed positions of its log, oldest first."""
+        row = self._x("SELECT v FROM bitmap WHERE k=?", (key,)).fetchone()
+        log = self._x("SELECT bits FROM bitmap_log WHERE k=? ORDER BY id", (key,)).fetchall()
+        return (row[0] if row else b""), [packed for (packed,) in log]
+
     async def bitmap_get(self, key, into=None):
         self._x("BEGIN")  # (the BLOB and its log as of one moment: no fold in between)
         try:
-            row = self._x("SELECT v FROM bitmap WHERE k=?", (key,)).fetchone()
-            log = self._x("SELECT bits FROM bitmap_log WHERE k=? ORDER BY id", (key,)).fetchall()
+            data, log = self._bitmap_parts(key)
         finally:
             self._x("COMMIT")
-        data = row[0] if row else b""
         grow = into is None  # (a caller's buffer keeps its length)
         if into is None:
             into = bytearray(data)
         else:
-            n = min(len(data), len(into))
-            into[:n] = data[:n]
-            _zero_fill(into, n, len(into))
-        for (packed,) in log:
+            copy_into(into, data)
+        for packed in log:
             _set_bits(into, packed, grow)
         return into
 
@@ -345,11 +329,10 @@ class SQLiteStore(Store):
     def _bitmap_fold(self, key, more: bytes = b"") -> None:
         """Write the BLOB with the bits of its log (and the ``more`` packed positions) set;
         empty the log."""
-        row = self._x("SELECT v FROM bitmap WHERE k=?", (key,)).fetchone()
-        buf = bytearray(row[0] if row else b"")
-        for (packed,) in self._x("SELECT bits FROM bitmap_log WHERE k=? ORDER BY id", (key,)):
+        data, log = self._bitmap_parts(key)
+        buf = bytearray(data)
+        for packed in log + [more]:
             _set_bits(buf, packed, grow=True)
-        _set_bits(buf, more, grow=True)
         self._x("INSERT OR REPLACE INTO bitmap VALUES (?, ?)", (key, bytes(buf)))
         self._x("DELETE FROM bitmap_log WHERE k=?", (key,))
 
