@@ -177,8 +177,10 @@ class FilterdRun:
         async def run():
             bayes = Bayes(self.store, params=self.params)
             t0, c0 = time.perf_counter(), time.process_time()
-            await bayes.learn(self._read(train_spam), spam=True)
-            await bayes.learn(self._read(train_ham), spam=False)
+            samples: list = []  # (as filterd bayes train: the linear model once both are in)
+            await bayes.learn(self._read(train_spam), spam=True, collect=samples)
+            await bayes.learn(self._read(train_ham), spam=False, collect=samples)
+            await bayes.fit_linear(samples)
             return time.perf_counter() - t0, time.process_time() - c0
         return self.loop.run_until_complete(run())
 

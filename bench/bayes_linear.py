@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import tempfile
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -37,6 +38,14 @@ from filterd.bayes import tokenizer as tokenizer_module  # noqa: E402
 
 SPLITS = (("date", "date", 0), ("random", "random", 0), ("5-fold", "random", 5))
 UNIT = 1e-6  # the weights' resolution, as integers in a store would keep them
+
+
+def hashed(toks: frozenset, buckets: int) -> frozenset:
+    """The tokens as bucket numbers (the hashing trick: a fixed array of weights)."""
+    if not buckets:
+        return toks
+    return frozenset(zlib.crc32(t.encode("utf-8", "surrogatepass")) & (buckets - 1)
+                     for t in toks)
 
 
 def train_pa(items: list[tuple[frozenset, int]], c: float, epochs: int, seed: int):
@@ -65,7 +74,7 @@ def margin(w: dict, b: float, toks: frozenset) -> float:
     return b + sum(w.get(t, 0.0) for t in toks) / math.sqrt(len(toks) or 1)
 
 
-def run(ham, spam, toks, split, folds, seed, epochs, c, mixes):
+def run(ham, spam, toks, split, folds, seed, epochs, c, mixes, buckets=0):
     args = argparse.Namespace(seed=seed, folds=folds, split=split, test_fraction=0.3)
     names = ["fisher", "linear"] + [f"mix/{k:g}" for k in mixes]
     res = {n: ([], []) for n in names}
@@ -75,14 +84,14 @@ def run(ham, spam, toks, split, folds, seed, epochs, c, mixes):
             sc.update(toks[str(p)])
         for p in trh:
             hc.update(toks[str(p)])
-        w, b = train_pa([(toks[str(p)], -1) for p in trh] + [(toks[str(p)], 1) for p in trs],
-                        c, epochs, seed)
+        w, b = train_pa([(hashed(toks[str(p)], buckets), -1) for p in trh]
+                        + [(hashed(toks[str(p)], buckets), 1) for p in trs], c, epochs, seed)
         for files, i in ((teh, 0), (tes, 1)):
             for p in files:
                 t = toks[str(p)]
                 counts = {x: (sc.get(x, 0), hc.get(x, 0)) for x in t if x in sc or x in hc}
                 f = C.classify(counts, len(trs), len(trh)).probability
-                z = margin(w, b, t)
+                z = margin(w, b, hashed(t, buckets))
                 res["fisher"][i].append(f)
                 res["linear"][i].append(z)
                 lf = math.log(max(f, 1e-15) / max(1.0 - f, 1e-15))
@@ -97,6 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", default="5", help="comma-separated: passes over the training part")
     ap.add_argument("--C", dest="c", default="1", help="comma-separated: PA-I's largest step")
     ap.add_argument("--mix", default="10", help="comma-separated K of logit(fisher)/K + margin")
+    ap.add_argument("--buckets", type=int, default=0,
+                    help="weights in an array of this many (a power of 2), indexed by the "
+                         "token's CRC-32 (0: a weight per token)")
     ap.add_argument("--seeds", default="1", help="comma-separated split seeds (and PA's order)")
     args = ap.parse_args(argv)
     corpus = Path(args.corpus)
@@ -118,7 +130,7 @@ def main(argv=None) -> int:
                     if split == "date" and seed != int(args.seeds.split(",")[0]):
                         continue  # (the date split has no seed)
                     for n, f in run(ham, spam, toks, split, folds, seed, epochs, c,
-                                    mixes).items():
+                                    mixes, args.buckets).items():
                         print(f"{name:8s} {seed:4d} {epochs:6d} {c:5g}  {n:10s} "
                               f"{f['auc']:7.4f} {f['recall_fpr0'] * 100:6.1f} "
                               f"{f['recall_fpr0.1%'] * 100:6.1f} "

@@ -36,6 +36,11 @@ robx = 0.52
 min_dev = 0.2
 max_tokens = 10000
 n_eff = 50
+# The linear model beside Fisher's method (filterd/bayes/linear.py): a weight per token
+# bucket, learned from the classifier's mistakes by every learn, mixed into the probability
+# once trained on at least half as many messages as the counts hold (a database trained before
+# it existed: run filterd bayes train again). false: Fisher's score alone.
+linear = true
 # Token probabilities are kept in memory between messages. They are worked out again once the
 # learned spam or ham count has moved by more than cache_drift (a fraction: 0.01 = 1 %) or
 # after cache_age seconds, so learning on this or another node (autolearn learns most clean

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import string
 import re
 import subprocess
 import sys
@@ -337,18 +338,23 @@ def test_the_classifiers_token_pass_finds_the_same_either_way():
     rng = random.Random(20261130)
     cache = {}
     for i in range(3000):
-        f = rng.random()
-        cache[f"t{i}"] = None if rng.random() < 0.4 else (f, rng.uniform(-20, 0), -rng.random())
+        f, r = rng.random(), rng.random()
+        w = rng.randrange(-(1 << 31), 1 << 31)
+        cache[f"t{i}"] = (None if r < 0.3 else w if r < 0.5
+                          else (f, rng.uniform(-20, 0), -rng.random(), w))
     tokens = {f"t{rng.randrange(6000)}" for _ in range(800)} | {"", "cs:Ü", "t0"}
-    c_missing, c_f, c_1f = engine._speedups.cached_logs(cache, tokens)
-    py_missing, py_f, py_1f = engine._cached_logs_py(cache, tokens)
+    c_missing, c_f, c_1f, c_w = engine._speedups.cached_logs(cache, tokens)
+    py_missing, py_f, py_1f, py_w = engine._cached_logs_py(cache, tokens)
     assert sorted(c_missing) == sorted(py_missing) == sorted(t for t in tokens if t not in cache)
     # the same logarithms, pair by pair (the order follows the set's, which both walk alike)
     assert list(zip(c_f, c_1f)) == list(zip(py_f, py_1f))
-    assert len(c_f) == sum(1 for t in tokens if cache.get(t) is not None)
-    assert engine._speedups.cached_logs({}, set()) == ([], [], [])
+    assert len(c_f) == sum(1 for t in tokens if isinstance(cache.get(t), tuple))
+    # the weights of every learned token (with evidence or not), beyond 32 bits in sum
+    assert c_w == py_w == sum(v if isinstance(v, int) else v[3]
+                              for v in map(cache.get, tokens) if v is not None)
+    assert engine._speedups.cached_logs({}, set()) == ([], [], [], 0)
     with pytest.raises(TypeError):
-        engine._speedups.cached_logs({"t": (0.5, 1.0)}, {"t"})  # not (f, ln f, ln(1 - f))
+        engine._speedups.cached_logs({"t": (0.5, 1.0, 2.0)}, {"t"})  # not (f, ln f, ln(1 - f), w)
     with pytest.raises(TypeError):
         engine._speedups.cached_logs([], {"t"})
 
@@ -357,8 +363,9 @@ def test_the_classifiers_token_pass_finds_the_same_either_way():
 def test_looked_up_tokens_get_the_same_bits_either_way():
     """f(w) and its logarithms from the C pass equal classifier.probabilities' to the bit, for
     counts from never-learned to huge, including the ones filtered out (too weak, or seen
-    fewer than min_count times) and f clamped at 1e-9 / 1 - 1e-9."""
-    from filterd.bayes import engine
+    fewer than min_count times) and f clamped at 1e-9 / 1 - 1e-9; every learned token gets its
+    bucket's linear weight (0 without weights), and both return the same sum of them."""
+    from filterd.bayes import engine, linear
 
     rng = random.Random(20261129)
     packed = {"zero": 0, "ham1": 1, "spam1": 1 << 32, "even": (7 << 32) | 7,
@@ -367,25 +374,55 @@ def test_looked_up_tokens_get_the_same_bits_either_way():
         packed[f"t{i}"] = (rng.choice([0, 1, 2, rng.randrange(1000)]) << 32) \
             | rng.choice([0, 1, 3, rng.randrange(5000)])
     missing = list(packed) + [f"never{i}" for i in range(50)]
-    for args in [(1200, 2500, 0.0178, 0.52, 0.2, 0), (1, 1, 0.5, 0.4, 0.0, 3),
-                 (97, 10**6, 1.0, 0.5, 0.45, 1)]:
+    weights = linear.zeros()
+    for i in range(0, linear.BUCKETS, 3):
+        weights[i] = rng.randrange(-(1 << 31), 1 << 31)
+    for args, w in [((1200, 2500, 0.0178, 0.52, 0.2, 0), weights),
+                    ((1, 1, 0.5, 0.4, 0.0, 3), None), ((97, 10**6, 1.0, 0.5, 0.45, 1), weights)]:
         out = []
         for fn in (engine._speedups.token_logs, engine._token_logs_py):
             cache, lf, l1f = {"kept": None}, [], []
-            fn(cache, missing, packed, *args, lf, l1f)
-            out.append((cache, sorted(zip(lf, l1f))))
+            total = fn(cache, missing, packed, *args, lf, l1f, w)
+            out.append((cache, sorted(zip(lf, l1f)), total))
         assert out[0] == out[1]
         assert list(out[0][0]) == list(out[1][0])  # the same tokens in the same order
         assert 0 < len(out[0][1]) < len(packed)
+        cache = out[0][0]
+        assert all(cache[t] is None for t in missing if t not in packed)
+        want = [weights[b] if w is not None else 0 for b in linear.buckets(list(packed))]
+        assert [v if isinstance(v, int) else v[3] for v in map(cache.get, packed)] == want
+        assert out[0][2] == sum(want)
     cache = {}
-    engine._speedups.token_logs(cache, ["a", "b"], {}, 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+    engine._speedups.token_logs(cache, ["a", "b"], {}, 5, 5, 0.1, 0.5, 0.1, 0, [], [], None)
     assert cache == {"a": None, "b": None}
     with pytest.raises(ValueError):  # counts that cannot be packed spam << 32 | ham
-        engine._speedups.token_logs({}, ["a"], {"a": 1 << 70}, 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+        engine._speedups.token_logs({}, ["a"], {"a": 1 << 70}, 5, 5, 0.1, 0.5, 0.1, 0, [], [],
+                                    None)
     with pytest.raises(TypeError):
-        engine._speedups.token_logs({}, ["a"], {"a": "7"}, 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+        engine._speedups.token_logs({}, ["a"], {"a": "7"}, 5, 5, 0.1, 0.5, 0.1, 0, [], [], None)
     with pytest.raises(TypeError):
-        engine._speedups.token_logs({}, [], [], 5, 5, 0.1, 0.5, 0.1, 0, [], [])
+        engine._speedups.token_logs({}, [], [], 5, 5, 0.1, 0.5, 0.1, 0, [], [], None)
+    with pytest.raises(ValueError):  # weights of another size
+        engine._speedups.token_logs({}, ["a"], {"a": 1}, 5, 5, 0.1, 0.5, 0.1, 0, [], [],
+                                    bytes(16))
+
+
+@needs_c
+def test_linear_buckets_are_the_same_either_way():
+    """A token's bucket from the C extension equals linear._bucket_py's, for ASCII, other
+    scripts, lone surrogates, the empty token and lengths around the 8-byte words."""
+    from filterd.bayes import linear
+
+    rng = random.Random(20261130)
+    alphabet = string.ascii_letters + "éü€日本😀\udcff"
+    toks = ["", "a", "abcdefgh", "abcdefghi", "x" * 64] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(20000)]
+    got = linear.buckets(toks)
+    assert got == linear._buckets_py(toks)
+    assert all(0 <= b < linear.BUCKETS for b in got)
+    assert len(set(got)) > 0.9 * len(set(toks))  # spread over the buckets
+    with pytest.raises(TypeError):
+        linear.buckets([b"bytes"])
 
 
 @needs_c

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from filterd.bayes import Bayes
+from filterd.bayes import Bayes, linear
 from filterd.bayes.classifier import Params, chi2q, classify
 from filterd.store.sqlite import SQLiteStore
 
@@ -212,8 +212,9 @@ async def test_engine_fast_path_agrees_with_the_reference_classifier(tmp_path):
         for probe in (synth("spam", 300, seed=3), synth("ham", 300, seed=3)):
             counts = await bayes.tokens.counts(tokenize(probe))
             want = classify(counts, nspam, nham, bayes.params).probability
-            got = (await bayes.classify(probe)).probability
-            assert got == pytest.approx(want, abs=1e-12)
+            res = await bayes.classify(probe)
+            assert res.fisher == pytest.approx(want, abs=1e-12)  # (before the linear mix)
+            assert res.probability == linear.mix(res.fisher, res.margin)
     finally:
         await store.close()
 
@@ -308,7 +309,7 @@ async def test_a_database_learned_before_the_presence_filter_gets_it_at_the_next
     await store.hincr(old.tokens.k_meta, {presence.MARKER: -old.tokens.presence_epoch})
     probe = synth("spam", 77, seed=8)
     fresh = Bayes(store)
-    before = (await fresh.classify(probe)).probability
+    before = (await fresh.classify(probe)).fisher
     assert not fresh.tokens.presence_complete and fresh._presence is None
     with caplog.at_level("INFO", logger="filterd.bayes"):
         await fresh.learn([synth("ham", 500, seed=8)], spam=False)
@@ -321,7 +322,8 @@ async def test_a_database_learned_before_the_presence_filter_gets_it_at_the_next
     assert "presence filter built" not in caplog.text  # once per database
     await fresh.forget(synth("ham", 500, seed=8))
     await fresh.forget(synth("ham", 501, seed=8))
-    assert (await Bayes(store).classify(probe)).probability == before
+    # (Fisher's part: a forget does not undo the linear model's steps)
+    assert (await Bayes(store).classify(probe)).fisher == before
     await fresh.tokens.clear()  # a new, empty database gets a new filter
     assert await store.bitmap_get(fresh.tokens.k_presence) == b""
     await train(fresh, 3)
@@ -395,3 +397,131 @@ async def test_a_lost_presence_filter_is_not_trusted_and_the_next_learn_rebuilds
     assert presence.may_hold(await fresh.tokens.presence(), learned) == learned
     if backend == "sqlite":
         await store.close()
+
+
+# -- the linear model (filterd/bayes/linear.py) ------------------------------------------------
+def newsletter(i: int, seed: int = 7) -> bytes:
+    """A ham that reads like spam: a company newsletter full of offers, always from the same
+    sender, list and site."""
+    import random
+
+    from bayes_helpers import COMMON, SPAM_WORDS
+
+    rng = random.Random(f"{seed}-news-{i}")
+    body = " ".join(rng.choice(SPAM_WORDS if rng.random() < 0.6 else COMMON) for _ in range(60))
+    subj = " ".join(rng.choice(SPAM_WORDS) for _ in range(4))
+    return (f"From: Work News <news@work.example>\r\nTo: bob@example.org\r\nSubject: {subj}\r\n"
+            f"Message-ID: <news{i}.{seed}@work.example>\r\n"
+            "Date: Fri, 27 Nov 2026 08:00:00 +0000\r\nList-Id: <news.work.example>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            f"{body}\r\nhttps://news.work.example/issue/{i}\r\n").encode()
+
+
+async def bulk_train(bayes: Bayes, spam: list, ham: list) -> None:
+    """As filterd bayes train does: the counts class by class, then the linear model."""
+    samples: list = []
+    await bayes.learn(spam, spam=True, collect=samples)
+    await bayes.learn(ham, spam=False, collect=samples)
+    await bayes.fit_linear(samples)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_the_linear_model_tells_a_newsletter_that_reads_like_spam_from_spam(
+        tmp_path, redis_store, backend):
+    """Fisher's method is unsure about a ham full of spam words (its tokens' counts say spam);
+    the linear model, trained on its mistakes, learned the newsletter's own tokens, and the mix
+    calls it ham while spam stays spam."""
+    store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
+    bayes = Bayes(store)
+    await bulk_train(bayes, [synth("spam", i) for i in range(40)],
+                     [synth("ham", i) for i in range(40)] + [newsletter(i) for i in range(8)])
+    await bayes.tokens.state()
+    assert bayes.tokens.linear_messages == 88
+    for i in range(100, 105):
+        news = await bayes.classify(newsletter(i, seed=9))
+        assert 0.3 < news.fisher < 0.7 and news.margin < -0.5  # unsure / clearly ham
+        assert news.probability < 0.2  # BAYES_HAM
+        assert news.probability == linear.mix(news.fisher, news.margin)
+        spam = await bayes.classify(synth("spam", i, seed=9))
+        assert spam.probability > 0.99 and spam.margin > 0.5
+    plain = await Bayes(store, linear=False).classify(newsletter(104, seed=9))  # [bayes] linear
+    assert plain.fisher is None and plain.probability == news.fisher  # = false: Fisher's alone
+
+
+async def test_a_database_without_the_linear_model_keeps_fishers_score_until_trained(tmp_path):
+    """A token database learned before the linear model existed (no weights, no lmsgs) is
+    scored by Fisher's method alone; a few single learns train the model but do not switch it
+    on; bulk training over the corpus does (the model then covers every message)."""
+    store = SQLiteStore(tmp_path / "t.sqlite")
+    try:
+        spam = [synth("spam", i) for i in range(30)]
+        ham = [synth("ham", i) for i in range(30)]
+        await train(Bayes(store, linear=False), 30)  # as an older filterd leaves it
+        probe = synth("spam", 300, seed=5)
+        fresh = Bayes(store)
+        res = await fresh.classify(probe)
+        assert res.fisher is None and fresh.tokens.linear_messages == 0
+        fisher = res.probability
+        await fresh.learn([synth("spam", 301, seed=5)], spam=True)  # autolearn: one step
+        await fresh.tokens.state()
+        assert fresh.tokens.linear_messages == 1 and not fresh.tokens.linear_ready(31, 30)
+        assert (await Bayes(store).classify(probe)).fisher is None
+        await bulk_train(fresh, spam, ham)  # "already" learned: only the model learns
+        assert await fresh.tokens.totals() == (31, 30)
+        res = await Bayes(store).classify(probe)
+        assert res.fisher == pytest.approx(fisher, abs=0.01) and res.margin > 0
+    finally:
+        await store.close()
+
+
+async def test_learning_steps_the_model_and_its_copy_follows_its_own_writes(tmp_path):
+    """Each learn makes a step towards the message's class (its margin grows on that side);
+    the classifier's copy of the weights holds its own steps (the same as the store's)
+    without a read, and a relearn as the other class steps the other way."""
+    store = SQLiteStore(tmp_path / "t.sqlite")
+    try:
+        bayes = Bayes(store)
+        await train(bayes, 10)
+        m = newsletter(1)
+        await bayes.classify(m)  # (the copy is read)
+        first = (await Bayes(store).classify(m)).margin
+        await bayes.learn([m], spam=False)
+        assert bayes._weights == await bayes.tokens.linear_weights()
+        after = (await Bayes(store).classify(m)).margin
+        assert after < first
+        await bayes.learn([m], spam=True)  # relearned as spam
+        assert bayes._weights == await bayes.tokens.linear_weights()
+        assert (await Bayes(store).classify(m)).margin > after
+    finally:
+        await store.close()
+
+
+def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
+    """PA-I: a message short of margin 1 on its side is moved exactly to it (within the
+    weights' rounding) when C allows, by at most C otherwise; a message past the margin, or
+    without tokens, is left alone; bulk training is reproducible."""
+    w = linear.zeros()
+    t = linear.Trainer(w, 0)
+    bk = linear.buckets([f"tok{i}" for i in range(100)])
+
+    def z():
+        return linear.margin(sum(w[b] for b in bk), t.bias, len(bk))
+
+    t.learn(bk, True)
+    assert z() == pytest.approx(1.0, abs=1e-4)
+    t.learn(bk, True)  # already at the margin: no step
+    assert z() == pytest.approx(1.0, abs=1e-4) and t.messages == 2
+    t.learn(bk, False)
+    assert z() == pytest.approx(-1.0, abs=1e-4)
+    assert linear.step(-5.0, True, 100, c=0.5) == (round(0.5 / 10 / linear.UNIT),
+                                                   round(0.5 / linear.UNIT))
+    assert linear.step(2.0, True, 100) == (0, 0) and linear.step(0.0, True, 0) == (0, 0)
+    assert t.deltas == {b: w[b] for b in set(bk)} and t.bias_delta == t.bias
+    samples = [(linear.buckets([f"s{i}", "x"]), True) for i in range(20)] + [
+        (linear.buckets([f"h{i}", "x"]), False) for i in range(20)]
+    a, b = linear.Trainer(linear.zeros(), 0), linear.Trainer(linear.zeros(), 0)
+    a.fit(samples)
+    b.fit(samples)
+    assert a.weights == b.weights and a.bias == b.bias and a.messages == 40
+    assert linear.mix(0.5, 0.0) == 0.5 and linear.mix(1.0, 50.0) == 1.0
+    assert linear.mix(0.0, -400.0) == 0.0

@@ -1225,6 +1225,84 @@ static PyObject *addresses(PyObject *Py_UNUSED(self), PyObject *const *args, Py_
     return out;
 }
 
+/* A token's UTF-8 bytes ("surrogatepass"): *b and *n, and in *encoded a bytes object to
+   release after use (NULL for ASCII text, read in place); -1 with an exception set on error
+   (``who`` names the caller). */
+static int token_utf8(PyObject *tok, const unsigned char **b, Py_ssize_t *n,
+                      PyObject **encoded, const char *who)
+{
+    *encoded = NULL;
+    if (!PyUnicode_Check(tok)) {
+        PyErr_Format(PyExc_TypeError, "%s: tokens must be str", who);
+        return -1;
+    }
+    if (PyUnicode_IS_ASCII(tok)) {
+        *b = PyUnicode_1BYTE_DATA(tok);
+        *n = PyUnicode_GET_LENGTH(tok);
+        return 0;
+    }
+    *encoded = PyUnicode_AsEncodedString(tok, "utf-8", "surrogatepass");
+    if (*encoded == NULL)
+        return -1;
+    *b = (const unsigned char *)PyBytes_AS_STRING(*encoded);
+    *n = PyBytes_GET_SIZE(*encoded);
+    return 0;
+}
+
+/* -- the linear model (filterd/bayes/linear.py) --------------------------------------------- */
+#define LINEAR_BUCKETS (1 << 18)  /* linear.BUCKETS */
+
+/* A token's bucket (linear._bucket_py): its UTF-8 bytes read as little-endian 64-bit words
+   (the last one zero-padded), each mixed in with a multiply, then a final mix (MurmurHash3's
+   fmix64); -1 with an exception set on error. */
+static int token_bucket(PyObject *tok, uint32_t *out)
+{
+    PyObject *encoded;
+    const unsigned char *b;
+    Py_ssize_t n;
+    if (token_utf8(tok, &b, &n, &encoded, "linear") < 0)
+        return -1;
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (uint64_t)n;
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        uint64_t c = 0;
+        Py_ssize_t k = n - i < 8 ? n - i : 8;
+        for (Py_ssize_t j = 0; j < k; j++)
+            c |= (uint64_t)b[i + j] << (8 * j);
+        h = (h ^ c) * 0xFF51AFD7ED558CCDull;
+        h ^= h >> 32;
+    }
+    Py_XDECREF(encoded);
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ull;
+    h ^= h >> 33;
+    *out = (uint32_t)(h & (LINEAR_BUCKETS - 1));
+    return 0;
+}
+
+/* The linear weights buffer of an argument (LINEAR_BUCKETS int32s) into *view, or view->buf
+   NULL for None; -1 with an exception set on error. Release with release_weights. */
+static int get_weights(PyObject *o, Py_buffer *view, const char *who)
+{
+    view->buf = NULL;
+    if (o == Py_None)
+        return 0;
+    if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len != (Py_ssize_t)sizeof(int32_t) * LINEAR_BUCKETS) {
+        PyBuffer_Release(view);
+        view->buf = NULL;
+        PyErr_Format(PyExc_ValueError, "%s: weights must hold linear.BUCKETS int32s", who);
+        return -1;
+    }
+    return 0;
+}
+
+static void release_weights(Py_buffer *view)
+{
+    if (view->buf != NULL)
+        PyBuffer_Release(view);
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -1234,6 +1312,7 @@ static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, P
     PyObject *cache = args[0];
     PyObject *missing = PyList_New(0), *lf = PyList_New(0), *l1f = PyList_New(0);
     PyObject *it = NULL, *tok;
+    long long wsum = 0;
     if (missing == NULL || lf == NULL || l1f == NULL)
         goto fail;
     if ((it = PyObject_GetIter(args[1])) == NULL)
@@ -1243,14 +1322,22 @@ static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, P
         int rc = 0;
         if (v == NULL) {
             rc = PyErr_Occurred() ? -1 : PyList_Append(missing, tok);
+        } else if (PyLong_CheckExact(v)) {  /* learned, no evidence: its weight */
+            long long w = PyLong_AsLongLong(v);
+            rc = w == -1 && PyErr_Occurred() ? -1 : 0;
+            wsum += w;
         } else if (v != Py_None) {
-            if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 3) {
-                PyErr_SetString(PyExc_TypeError,
-                                "cache values must be (f, ln f, ln(1 - f)) or None");
+            if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 4) {
+                PyErr_SetString(PyExc_TypeError, "cache values must be (f, ln f, ln(1 - f), "
+                                "weight), a weight or None");
                 rc = -1;
             } else if (PyList_Append(lf, PyTuple_GET_ITEM(v, 1)) < 0
                        || PyList_Append(l1f, PyTuple_GET_ITEM(v, 2)) < 0) {
                 rc = -1;
+            } else {
+                long long w = PyLong_AsLongLong(PyTuple_GET_ITEM(v, 3));
+                rc = w == -1 && PyErr_Occurred() ? -1 : 0;
+                wsum += w;
             }
         }
         Py_DECREF(tok);
@@ -1260,7 +1347,7 @@ static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, P
     Py_CLEAR(it);
     if (PyErr_Occurred())
         goto fail;
-    return Py_BuildValue("(NNN)", missing, lf, l1f);
+    return Py_BuildValue("(NNNL)", missing, lf, l1f, wsum);
 
 fail:
     Py_XDECREF(it);
@@ -1272,10 +1359,11 @@ fail:
 
 static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11 || !PyDict_Check(args[0]) || !PyDict_Check(args[2])
+    if (nargs != 12 || !PyDict_Check(args[0]) || !PyDict_Check(args[2])
         || !PyList_Check(args[9]) || !PyList_Check(args[10])) {
         PyErr_SetString(PyExc_TypeError, "token_logs(cache: dict, missing, packed: dict, nspam, "
-                        "nham, robs, robx, min_dev, min_count, logs_f: list, logs_1f: list)");
+                        "nham, robs, robx, min_dev, min_count, logs_f: list, logs_1f: list, "
+                        "weights)");
         return NULL;
     }
     PyObject *cache = args[0], *packed = args[2], *lf = args[9], *l1f = args[10];
@@ -1303,6 +1391,11 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     Py_DECREF(it);
     if (PyErr_Occurred())
         return NULL;
+    Py_buffer view;
+    if (get_weights(args[11], &view, "token_logs") < 0)
+        return NULL;
+    const int32_t *weights = (const int32_t *)view.buf;
+    long long wsum = 0;
     /* as classifier.probabilities, operation for operation */
     const double prior = robs * robx, lo = 1e-9, hi = 1 - 1e-9;
     const double dspam = (double)nspam, dham = (double)nham;
@@ -1311,7 +1404,7 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     while (PyDict_Next(packed, &pos, &key, &value)) {
         if (!PyLong_Check(value)) {
             PyErr_SetString(PyExc_TypeError, "token_logs: packed counts must be integers");
-            return NULL;
+            goto fail;
         }
         int overflow = 0;
         long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
@@ -1319,32 +1412,50 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_ValueError,
                                 "token_logs: packed counts do not fit in 64 bits");
-            return NULL;
+            goto fail;
         }
+        long w = 0;
+        if (weights != NULL) {
+            uint32_t b;
+            if (token_bucket(key, &b) < 0)
+                goto fail;
+            w = weights[b];
+        }
+        wsum += w;
         long long s = v >> 32, h = v & 0xFFFFFFFFLL, n = s + h;
-        if (n <= 0 || n < min_count)
-            continue;
-        double sr = (double)s / dspam;
-        double f = (prior + (double)n * (sr / (sr + (double)h / dham))) / (robs + (double)n);
-        if (fabs(f - 0.5) < min_dev)
-            continue;
-        if (lo > f)  /* min(max(f, 1e-9), 1 - 1e-9) */
-            f = lo;
-        if (hi < f)
-            f = hi;
-        PyObject *t = Py_BuildValue("(ddd)", f, log(f), log(1.0 - f));
+        double f = 0.5;
+        int evidence = !(n <= 0 || n < min_count);
+        if (evidence) {
+            double sr = (double)s / dspam;
+            f = (prior + (double)n * (sr / (sr + (double)h / dham))) / (robs + (double)n);
+            evidence = !(fabs(f - 0.5) < min_dev);
+        }
+        PyObject *t;
+        if (!evidence) {
+            t = PyLong_FromLong(w);  /* learned, no evidence: its weight alone */
+        } else {
+            if (lo > f)  /* min(max(f, 1e-9), 1 - 1e-9) */
+                f = lo;
+            if (hi < f)
+                f = hi;
+            t = Py_BuildValue("(dddl)", f, log(f), log(1.0 - f), w);
+        }
         if (t == NULL)
-            return NULL;
+            goto fail;
         int rc = PyDict_SetItem(cache, key, t);
-        if (rc == 0)
+        if (rc == 0 && evidence)
             rc = PyList_Append(lf, PyTuple_GET_ITEM(t, 1));
-        if (rc == 0)
+        if (rc == 0 && evidence)
             rc = PyList_Append(l1f, PyTuple_GET_ITEM(t, 2));
         Py_DECREF(t);
         if (rc < 0)
-            return NULL;
+            goto fail;
     }
-    Py_RETURN_NONE;
+    release_weights(&view);
+    return PyLong_FromLongLong(wsum);
+fail:
+    release_weights(&view);
+    return NULL;
 }
 
 /* The sum of a list of floats, correctly rounded: the algorithm of CPython's math.fsum
@@ -1514,23 +1625,11 @@ static void init_crc_table(void)
 /* The 4 bit numbers of a token (presence._bits); -1 with an exception set on error. */
 static int presence_bits(PyObject *tok, uint32_t bits[4])
 {
-    if (!PyUnicode_Check(tok)) {
-        PyErr_SetString(PyExc_TypeError, "presence: tokens must be str");
-        return -1;
-    }
-    PyObject *encoded = NULL;
+    PyObject *encoded;
     const unsigned char *b;
     Py_ssize_t n;
-    if (PyUnicode_IS_ASCII(tok)) {
-        b = PyUnicode_1BYTE_DATA(tok);
-        n = PyUnicode_GET_LENGTH(tok);
-    } else {
-        encoded = PyUnicode_AsEncodedString(tok, "utf-8", "surrogatepass");
-        if (encoded == NULL)
-            return -1;
-        b = (const unsigned char *)PyBytes_AS_STRING(encoded);
-        n = PyBytes_GET_SIZE(encoded);
-    }
+    if (token_utf8(tok, &b, &n, &encoded, "presence") < 0)
+        return -1;
     uint32_t h1 = 0xFFFFFFFFu, h2 = 0xFFFFFFFFu;
     for (Py_ssize_t i = 0; i < n; i++) {
         h1 = crc_table[(h1 ^ b[i]) & 0xFF] ^ (h1 >> 8);
@@ -1632,6 +1731,35 @@ static PyObject *presence_filter(PyObject *Py_UNUSED(self), PyObject *const *arg
     return out;
 }
 
+/* linear_buckets(tokens) -> list[int]: each token's bucket, in the order given. */
+static PyObject *linear_buckets(PyObject *Py_UNUSED(self), PyObject *tokens)
+{
+    PyObject *it = PyObject_GetIter(tokens), *tok, *out = PyList_New(0);
+    if (it == NULL || out == NULL)
+        goto error;
+    uint32_t h;
+    while ((tok = PyIter_Next(it)) != NULL) {
+        int rc = token_bucket(tok, &h);
+        Py_DECREF(tok);
+        if (rc < 0)
+            goto error;
+        PyObject *n = PyLong_FromUnsignedLong(h);
+        if (n == NULL || PyList_Append(out, n) < 0) {
+            Py_XDECREF(n);
+            goto error;
+        }
+        Py_DECREF(n);
+    }
+    if (PyErr_Occurred())
+        goto error;
+    Py_DECREF(it);
+    return out;
+error:
+    Py_XDECREF(it);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
@@ -1652,8 +1780,8 @@ static PyMethodDef methods[] = {
      "tag_parts(lower) -> (names: set, texts: str): the tags' names, and their texts joined "
      "with NULs (see tokenizer._tag_parts_py)"},
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
-     "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list): the "
-     "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
+     "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list, weights: int): "
+     "the classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
     {"received_words", (PyCFunction)(void (*)(void))received_words, METH_FASTCALL,
      "received_words(sld, low, out) -> None: the rcvd: tokens of a Received header's from "
      "clause (see filterd/bayes/tokenizer.py)"},
@@ -1672,8 +1800,8 @@ static PyMethodDef methods[] = {
      "tokenizer._addresses_py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
      "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
-     "logs_1f) -> None: the looked-up tokens into the cache and the logs (see "
-     "filterd/bayes/engine.py)"},
+     "logs_1f, weights) -> int: the looked-up tokens into the cache and the logs, and the sum "
+     "of their linear weights (see filterd/bayes/engine.py)"},
     {"fisher", (PyCFunction)(void (*)(void))fisher, METH_FASTCALL,
      "fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n): "
      "Fisher's combination of the logs (see filterd/bayes/engine.py)"},
@@ -1683,6 +1811,8 @@ static PyMethodDef methods[] = {
     {"presence_filter", (PyCFunction)(void (*)(void))presence_filter, METH_FASTCALL,
      "presence_filter(bitmap, tokens) -> list: the tokens whose bits are all set (see "
      "filterd/bayes/presence.py)"},
+    {"linear_buckets", (PyCFunction)linear_buckets, METH_O,
+     "linear_buckets(tokens) -> list: each token's bucket (see filterd/bayes/linear.py)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -58,6 +58,10 @@ class Result:
     ham_evidence: float  # H
     tokens_used: int
     clues: list[tuple[str, float]] = field(default_factory=list)  # strongest first
+    # with the linear model mixed in (filterd/bayes/linear.py): Fisher's probability before
+    # the mix and the model's margin; None when probability is Fisher's alone
+    fisher: float | None = None
+    margin: float | None = None
 
 
 def chi2q(x2: float, v: int) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import Message
-from . import presence
+from . import linear, presence
 from .classifier import Params, Result, combine, combine_logs, probabilities
 from .store import HAM, MASK, SHIFT, SPAM, TokenStore, digest
 from .tokenizer import _c as _speedups
@@ -33,38 +33,49 @@ CACHE_DRIFT = 0.01
 CACHE_AGE = 300.0
 
 
-def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, list, list]:
+def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, list, list, int]:
     """The classifier's pass over a message's tokens: (the tokens not in ``cache``, ln f and
-    ln(1 - f) of the cached tokens with evidence). ``cache`` maps a token to
-    ``(f, ln f, ln(1 - f))`` or to None (no evidence). The C extension's ``cached_logs`` does
-    the same in one pass over the tokens (tests/test_bayes_speedups.py)."""
+    ln(1 - f) of the cached tokens with evidence, the sum of the cached tokens' linear
+    weights). ``cache`` maps a token to ``(f, ln f, ln(1 - f), weight)``, to its weight alone
+    (learned, but no evidence) or to None (never learned). The C extension's ``cached_logs``
+    does the same in one pass over the tokens (tests/test_bayes_speedups.py)."""
     missing = list(tokens.difference(cache))
-    hits = list(filter(None, map(cache.get, tokens)))  # (C speed: no Python loop)
+    found = [v for v in map(cache.get, tokens) if v is not None]
+    hits = [v for v in found if v.__class__ is tuple]
+    weights = sum(v if v.__class__ is int else v[3] for v in found)
     if not hits:
-        return missing, [], []
-    _, log_f, log_1f = zip(*hits)
-    return missing, list(log_f), list(log_1f)
+        return missing, [], [], weights
+    _, log_f, log_1f, _ = zip(*hits)
+    return missing, list(log_f), list(log_1f), weights
 
 
 def _token_logs_py(cache: dict, missing: list, packed: dict, nspam: int, nham: int,
                    robs: float, robx: float, min_dev: float, min_count: int,
-                   log_f: list, log_1f: list) -> None:
+                   log_f: list, log_1f: list, weights) -> int:
     """The rest of the pass, for the ``missing`` tokens once looked up (``packed``: the learned
-    ones' counts): each goes into ``cache``, as None (no evidence) or as its f(w) and
-    logarithms (:func:`~.classifier.probabilities`), which are appended to ``log_f`` and
-    ``log_1f``. The C extension's ``token_logs`` does the same without a Python loop per token
-    (the same bits: tests/test_bayes_speedups.py)."""
+    ones' counts): each goes into ``cache``, as None (never learned), as its linear weight
+    (from ``weights``, 0 without them: no evidence) or as its f(w), logarithms and weight
+    (:func:`~.classifier.probabilities`), whose logarithms are appended to ``log_f`` and
+    ``log_1f``. Returns the sum of the learned tokens' weights. The C extension's
+    ``token_logs`` does the same without a Python loop per token (the same bits:
+    tests/test_bayes_speedups.py)."""
     cache.update(dict.fromkeys(missing))
     if not packed:
-        return
+        return 0
+    found = list(packed)
+    ws = (list(map(weights.__getitem__, linear.buckets(found))) if weights is not None
+          else [0] * len(found))
+    cache.update(zip(found, ws))
     params = Params(robs=robs, robx=robx, min_dev=min_dev, min_count=min_count)
-    found = probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
+    probs = probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
                           nspam, nham, params)
-    if found:
-        cache.update(found)
-        _, more_f, more_1f = zip(*found.values())
+    if probs:
+        w = dict(zip(found, ws))
+        cache.update((t, (*v, w[t])) for t, v in probs.items())
+        _, more_f, more_1f = zip(*probs.values())
         log_f.extend(more_f)
         log_1f.extend(more_1f)
+    return sum(ws)
 
 
 def _fisher_py(log_f: list, log_1f: list, n_eff: int) -> tuple[float, float, float, int]:
@@ -76,9 +87,11 @@ def _fisher_py(log_f: list, log_1f: list, n_eff: int) -> tuple[float, float, flo
     return r.probability, r.spam_evidence, r.ham_evidence, r.tokens_used
 
 
-# the C passes when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1)
-_cached_logs = getattr(_speedups, "cached_logs", None) or _cached_logs_py
-_token_logs = getattr(_speedups, "token_logs", None) or _token_logs_py
+# the C passes when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1); an
+# extension built before the linear model took its weights has other signatures: not used
+_NEW_C = getattr(_speedups, "linear_buckets", None) is not None
+_cached_logs = _speedups.cached_logs if _NEW_C else _cached_logs_py
+_token_logs = _speedups.token_logs if _NEW_C else _token_logs_py
 _fisher = (functools.partial(_speedups.fisher, math.lgamma) if getattr(_speedups, "fisher", None)
            else _fisher_py)
 
@@ -108,12 +121,21 @@ class LearnStats:
 
 class Bayes:
     def __init__(self, store, namespace: str = "bayes:", params: Params | None = None,
-                 cache_drift: float = CACHE_DRIFT, cache_age: float = CACHE_AGE):
+                 cache_drift: float = CACHE_DRIFT, cache_age: float = CACHE_AGE,
+                 linear: bool = True):
         self.tokens = TokenStore(store, namespace)
         self.params = params or Params()
-        # token -> (f(w), ln f, ln(1 - f)), or None (never learned or too weak to count);
-        # valid while the store's counts stay within cache_drift of _fstate's (see CACHE_DRIFT)
-        self._fcache: dict[str, tuple[float, float, float] | None] = {}
+        # the linear model (filterd/bayes/linear.py): trained by every learn and mixed into
+        # the probability once trained on enough messages; False: Fisher's score alone
+        self.linear = linear
+        # a copy of its weights and the database generation it holds every change of (read
+        # with the token cache, kept up to date with this object's own learning)
+        self._weights = None
+        self._weights_gen = -1
+        # token -> (f(w), ln f, ln(1 - f), linear weight), the weight alone (learned, too weak
+        # to count for Fisher) or None (never learned); valid while the store's counts stay
+        # within cache_drift of _fstate's (see CACHE_DRIFT)
+        self._fcache: dict[str, tuple | int | None] = {}
         self._fstate: tuple | None = None
         self._fborn = 0.0  # when the cache was started (monotonic)
         # A copy of the presence filter (None: not complete yet), its epoch, and the database
@@ -133,9 +155,12 @@ class Bayes:
                    min_dev=float(options.get("min_dev", d.min_dev)),
                    max_tokens=int(options.get("max_tokens", d.max_tokens)),
                    n_eff=int(options.get("n_eff", d.n_eff)))
+        on = options.get("linear", True)
+        if isinstance(on, str):
+            on = on.strip().lower() not in ("false", "no", "off", "0")
         return cls(store, options.get("namespace", "bayes:"), p,
                    cache_drift=float(options.get("cache_drift", CACHE_DRIFT)),
-                   cache_age=float(options.get("cache_age", CACHE_AGE)))
+                   cache_age=float(options.get("cache_age", CACHE_AGE)), linear=bool(on))
 
     async def classify(self, message: Message | bytes, explain: int = 0,
                        state: tuple[int, int, int] | None = None) -> Result:
@@ -160,8 +185,12 @@ class Bayes:
                 self._presence = await self.tokens.presence(self._presence)
                 self._presence_epoch = self.tokens.presence_epoch
                 self._presence_gen = state[2]
-        # one pass: the tokens to look up, and the logarithms of the cached ones with evidence
-        missing, log_f, log_1f = _cached_logs(fc, toks)
+            if self.linear and (self._weights is None or self._weights_gen != state[2]):
+                self._weights = await self.tokens.linear_weights()
+                self._weights_gen = state[2]
+        # one pass: the tokens to look up, the logarithms of the cached ones with evidence and
+        # the sum of their linear weights
+        missing, log_f, log_1f, wsum = _cached_logs(fc, toks)
         p = self.params
         if missing:
             # looked up: the tokens the presence filter says may have been learned (about
@@ -171,16 +200,24 @@ class Bayes:
             look = missing if self._presence is None else presence.may_hold(self._presence,
                                                                              missing)
             if look:
-                _token_logs(fc, look, await self.tokens.packed(look), nspam, nham, p.robs,
-                            p.robx, p.min_dev, p.min_count, log_f, log_1f)
+                wsum += _token_logs(fc, look, await self.tokens.packed(look), nspam, nham,
+                                    p.robs, p.robx, p.min_dev, p.min_count, log_f, log_1f,
+                                    self._weights)
         max_tokens = p.max_tokens
         if explain or (max_tokens and len(log_f) > max_tokens):
-            clues = sorted(((fc[t][0], t) for t in toks if fc.get(t) is not None),
+            clues = sorted(((fc[t][0], t) for t in toks if fc.get(t).__class__ is tuple),
                            key=lambda x: (-abs(x[0] - 0.5), x[1]))
             res = combine([f for f, _ in clues], max_tokens, p.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
-            return res
-        return Result(*_fisher(log_f, log_1f, p.n_eff))
+        else:
+            res = Result(*_fisher(log_f, log_1f, p.n_eff))
+        if self.linear and self._weights is not None and self.tokens.linear_ready(nspam, nham):
+            # (the weights of the learned tokens: a token never learned has none, whatever
+            # shares its bucket)
+            z = linear.margin(wsum, self.tokens.linear_bias, len(toks))
+            res.fisher, res.margin = res.probability, z
+            res.probability = linear.mix(res.probability, z)
+        return res
 
     def _cache_holds(self, state: tuple) -> bool:
         """Whether the cached probabilities still serve the database as ``state`` finds it:
@@ -209,9 +246,11 @@ class Bayes:
             log.warning("bayes: %s", self.tokens.outdated_note(old, nspam + nham))
 
     async def learn(self, messages: Iterable[Message | bytes], spam: bool,
-                    batch: int = 500, progress=None) -> LearnStats:
+                    batch: int = 500, progress=None, collect: list | None = None) -> LearnStats:
         """Learn many messages as one class, in batches of ``batch`` (one store round trip per
-        batch). ``progress(n)`` is called after each message."""
+        batch). ``progress(n)`` is called after each message. The linear model makes a step
+        for each message; with ``collect`` (bulk training) the message's ``(buckets, spam)``
+        is appended to it instead, for :meth:`fit_linear` once every class is counted."""
         stats = LearnStats()
         pending: list[tuple[str, set[str]]] = []
         for m in messages:
@@ -224,13 +263,26 @@ class Bayes:
             if progress:
                 progress(1)
             if len(pending) >= batch:
-                stats += await self._flush(pending, spam)
+                stats += await self._flush(pending, spam, collect)
                 pending = []
         if pending:
-            stats += await self._flush(pending, spam)
+            stats += await self._flush(pending, spam, collect)
         return stats
 
-    async def _flush(self, pending: list[tuple[str, set[str]]], spam: bool) -> LearnStats:
+    async def fit_linear(self, samples: list[tuple[list[int], bool]],
+                         passes: int = linear.PASSES) -> linear.Trainer:
+        """Bulk training of the linear model: ``passes`` passes over the ``(buckets, spam)``
+        samples :meth:`learn` collected, ham and spam shuffled together, from the weights in
+        the store; the changes are written at the end, in one batch."""
+        await self.tokens.state()
+        trainer = linear.Trainer(await self.tokens.linear_weights(), self.tokens.linear_bias)
+        trainer.fit(samples, passes)
+        self._weights = None  # (read again with the next cache start)
+        await self.tokens.apply({}, 0, 0, {}, trainer=trainer)
+        return trainer
+
+    async def _flush(self, pending: list[tuple[str, set[str]]], spam: bool,
+                     collect: list | None = None) -> LearnStats:
         cls = SPAM if spam else HAM
         other = HAM if spam else SPAM
         stats = LearnStats()
@@ -243,10 +295,22 @@ class Bayes:
         # the filter this classifier read: its tokens need no write (not after a clear)
         known = self._presence if self._presence_epoch == self.tokens.presence_epoch else None
         seen = await self.tokens.seen([d for d, _ in pending])
+        trainer = None
+        if self.linear and collect is None:
+            # (this object's copy of the weights when it has one: its own steps are in it,
+            # other writers' since its last read are not, which only changes a step's size)
+            if self._weights is None:
+                self._weights, self._weights_gen = await self.tokens.linear_weights(), gen
+            trainer = linear.Trainer(self._weights, self.tokens.linear_bias)
         deltas: dict[str, int] = {}
         seen_d: dict[str, int] = {}
         nspam = nham = 0
         for dig, toks in pending:
+            if self.linear:  # (every message, also one learned before: a step if it needs it)
+                if trainer is not None:
+                    trainer.learn(linear.buckets(toks), spam)
+                else:
+                    collect.append((linear.buckets(toks), spam))
             prev = seen.get(dig, 0)
             if prev == cls:
                 stats.already += 1
@@ -269,10 +333,17 @@ class Bayes:
                 nham += 1
             seen_d[dig] = cls - prev
             seen[dig] = cls  # a duplicate later in the same batch is "already"
-        if await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned,
-                                   known=known):
+        try:
+            wrote = await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned,
+                                            known=known, trainer=trainer)
+        except BaseException:
+            self._weights = None  # (the copy has steps the store may not: read it again)
+            raise
+        if wrote:
             if known is not None and self._presence_gen == gen:
                 self._presence_gen = gen + 1  # (the copy has this write's bits too)
+            if trainer is not None and self._weights_gen == gen:
+                self._weights_gen = gen + 1  # (and the weights this write's steps)
         return stats
 
     async def forget(self, message: Message | bytes) -> bool:

@@ -20,6 +20,8 @@ Layout under a namespace (default ``bayes:``):
 - ``<ns>presence1`` — bitmap: the presence filter of every learned token
   (:mod:`filterd.bayes.presence`), used while ``<ns>meta`` holds ``presence1``: it covers every
   token; its value is an epoch drawn when the filter was built.
+- ``<ns>linear1`` — counter array: the linear model's weights (:mod:`filterd.bayes.linear`);
+  its bias is the meta field ``lbias`` and the number of messages it was trained on ``lmsgs``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import logging
 import secrets
 
 from ..store import Store
-from . import presence
+from . import linear, presence
 from .tokenizer import TOKEN_FORMAT
 
 log = logging.getLogger("filterd.bayes")
@@ -66,6 +68,10 @@ class TokenStore:
         self.k_meta = namespace + "meta"
         self.k_seen = namespace + "seen"
         self.k_presence = namespace + presence.MARKER
+        self.k_linear = namespace + f"linear{linear.LAYOUT}"
+        # the linear model's bias and the messages it was trained on, as of the last state()
+        self.linear_bias = 0
+        self.linear_messages = 0
         store.own_table(self.k_tokens)
         # the presence filter's epoch as of the last state(): 0 while it does not cover every
         # learned token, else a number drawn when it was built (a new one after a clear)
@@ -84,8 +90,10 @@ class TokenStore:
         if version is not None and version == self._version:
             return self._state
         meta = await self.store.hget_many(self.k_meta, ("nspam", "nham", "gen", FORMAT_FIELD,
-                                                        presence.MARKER))
+                                                        presence.MARKER, "lbias", "lmsgs"))
         self.format_messages = int(meta.get(FORMAT_FIELD, 0))
+        self.linear_bias = int(meta.get("lbias", 0))
+        self.linear_messages = int(meta.get("lmsgs", 0))
         self.presence_epoch = int(meta.get(presence.MARKER, 0))
         self._state = (int(meta.get("nspam", 0)), int(meta.get("nham", 0)),
                        int(meta.get("gen", 0)))
@@ -154,6 +162,17 @@ class TokenStore:
         self.presence_epoch = epoch
         return len(tokens)
 
+    def linear_ready(self, nspam: int, nham: int) -> bool:
+        """Whether the linear model has been trained on enough messages to be mixed in: at
+        least half as many as the counts hold (as of the last :meth:`state`)."""
+        return self.linear_messages > 0 and 2 * self.linear_messages >= nspam + nham
+
+    async def linear_weights(self):
+        """The linear model's weights (:data:`~.linear.BUCKETS` integers, an ``array('i')``)."""
+        if not self.linear_messages:
+            return linear.zeros()  # (never trained: nothing to read)
+        return await self.store.counters_get(self.k_linear, linear.BUCKETS)
+
     async def packed(self, tokens) -> dict[str, int]:
         """Packed counts (``spam << 32 | ham``) of the tokens that were ever learned."""
         return await self.store.hget_many(self.k_tokens, tokens)
@@ -168,12 +187,15 @@ class TokenStore:
 
     async def apply(self, token_deltas: dict[str, int], nspam: int, nham: int,
                     seen_deltas: dict[str, int], learned: int = 0,
-                    known: bytearray | None = None) -> bool:
+                    known: bytearray | None = None,
+                    trainer: "linear.Trainer | None" = None) -> bool:
         """Add packed token deltas, message-count deltas and seen-index deltas in one batch;
         ``learned``: change in the number of messages learned with the current token format.
         ``known``: a copy of the presence filter read under the current epoch: the tokens whose
         bits it holds need no write (bits are only ever set), and the bits written are added
-        to it. Returns whether anything was written (the generation moved on by one)."""
+        to it. ``trainer``: the linear model's changes (its weights, bias and messages trained
+        on), written in the same batch. Returns whether anything was written (the generation
+        moved on by one)."""
         items: dict[str, dict[str, int]] = {}
         deltas = {t: d for t, d in token_deltas.items() if d}
         bits = None
@@ -183,9 +205,11 @@ class TokenStore:
             bits = presence.positions(deltas, known)
         if deltas:
             items[self.k_tokens] = deltas
-        meta = {k: v for k, v in (("nspam", nspam), ("nham", nham), (FORMAT_FIELD, learned))
-                if v}
-        if deltas or meta or seen_deltas:
+        lin = trainer or linear.Trainer(None, 0)
+        meta = {k: v for k, v in (("nspam", nspam), ("nham", nham), (FORMAT_FIELD, learned),
+                                  ("lbias", lin.bias_delta), ("lmsgs", lin.messages)) if v}
+        weights = {b: d for b, d in lin.deltas.items() if d}
+        if deltas or meta or seen_deltas or weights:
             meta["gen"] = 1  # every change is seen by every node's token cache (cache_drift)
             items[self.k_meta] = meta
         seen = {k: v for k, v in seen_deltas.items() if v}
@@ -193,7 +217,8 @@ class TokenStore:
             items[self.k_seen] = seen
         if not items:
             return False
-        await self.store.mhincr(items, bitmaps={self.k_presence: bits} if bits else None)
+        await self.store.mhincr(items, bitmaps={self.k_presence: bits} if bits else None,
+                                counters={self.k_linear: weights} if weights else None)
         if bits and known is not None:
             presence.set_bits(known, bits)
         return True
@@ -204,5 +229,6 @@ class TokenStore:
         return {t: unpack(v) for t, v in raw.items() if v}
 
     async def clear(self) -> None:
-        await self.store.delete(self.k_tokens, self.k_meta, self.k_seen, self.k_presence)
+        await self.store.delete(self.k_tokens, self.k_meta, self.k_seen, self.k_presence,
+                                self.k_linear)
         self.presence_epoch = 0

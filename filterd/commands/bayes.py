@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..bayes import Bayes, presence
+from ..bayes import Bayes, linear, presence
 from ..bayes.classifier import band
 from ..bayes.engine import LearnStats
 from ..bayes.tokenizer import TOKEN_FORMAT
@@ -272,6 +272,7 @@ async def cmd_train(args) -> int:
             nspam, nham = await db.bayes.tokens.totals()
             await db.bayes.tokens.clear()
             print(f"database ({db.where}): emptied ({nspam} spam, {nham} ham were learned)")
+        samples: list = []  # the linear model's, trained once every class is counted
         for kind, path, files in jobs:
             bar = Progress(kind, len(files), show)
             errors: list[str] = []
@@ -287,7 +288,7 @@ async def cmd_train(args) -> int:
                     yield from msgs
                     bar(1)
 
-            stats = await db.bayes.learn(messages(), kind == "spam")
+            stats = await db.bayes.learn(messages(), kind == "spam", collect=samples)
             bar.finish()
             for e in errors:
                 print(f"filterd bayes train: cannot read {e}", file=sys.stderr)
@@ -296,6 +297,11 @@ async def cmd_train(args) -> int:
             print(f"{kind}: {path}: {stats.learned} learned, {stats.relearned} relearned, "
                   f"{stats.already} already known, {stats.failed} failed")
             total += stats
+        if samples:
+            t1 = time.monotonic()
+            await db.bayes.fit_linear(samples)
+            print(f"linear model: {len(samples)} messages, {linear.PASSES} passes in "
+                  f"{time.monotonic() - t1:.1f}s")
         nspam, nham = await db.bayes.tokens.totals()
         old = db.bayes.tokens.outdated(nspam, nham)
     finally:
@@ -386,8 +392,11 @@ async def cmd_stats(args) -> int:
         old = db.bayes.tokens.outdated(nspam, nham)
         toks = await db.bayes.tokens.all_tokens()
         bitmap = await db.bayes.tokens.presence()
+        weights = await db.bayes.tokens.linear_weights()
     finally:
         await db.close()
+    tokens_db = db.bayes.tokens
+    lmsgs, ready = tokens_db.linear_messages, tokens_db.linear_ready(nspam, nham)
     only_spam = sum(1 for s, h in toks.values() if s and not h)
     only_ham = sum(1 for s, h in toks.values() if h and not s)
     d = {"database": db.where, "namespace": db.bayes.tokens.ns, "spam_messages": nspam,
@@ -398,7 +407,18 @@ async def cmd_stats(args) -> int:
          "presence_filter_false_positive_rate":
              presence.false_positive_rate(bitmap) if bitmap else None,
          "trained": nspam >= int(db.options.get("min_spam", 100))
-         and nham >= int(db.options.get("min_ham", 100))}
+         and nham >= int(db.options.get("min_ham", 100)),
+         "linear_model": {"enabled": db.bayes.linear, "messages": lmsgs, "used": ready,
+                          "bias": tokens_db.linear_bias * linear.UNIT,
+                          "buckets_set": len(weights) - weights.count(0)}}
+    if not db.bayes.linear:
+        lin = "off ([bayes] linear = false): the probability is Fisher's alone"
+    elif ready:
+        lin = (f"trained on {lmsgs} messages, mixed into the probability "
+               f"({d['linear_model']['buckets_set']} of {linear.BUCKETS} weights set)")
+    else:
+        lin = (f"trained on {lmsgs} messages, not used yet (it needs at least half as many as "
+               f"the {nspam + nham} counted: run filterd bayes train again over the corpus)")
     if bitmap is None:
         filt = "not built yet (the next learn builds it; until then every token is looked up)"
     else:
@@ -423,6 +443,7 @@ async def cmd_stats(args) -> int:
     else:
         print(f"tokenizer:     token format {TOKEN_FORMAT} (current)")
     print(f"presence filter: {filt}")
+    print(f"linear model:  {lin}")
     for key, label in (("top_spam", "spam"), ("top_ham", "ham")):
         if key in d:
             print(f"most frequent in {label}:")

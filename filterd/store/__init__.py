@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,6 +23,31 @@ _log = logging.getLogger("filterd.store")
 
 
 _ZEROS = memoryview(bytes(65536))
+
+# A counter array's limits: 32-bit signed, additions saturate (Redis's BITFIELD OVERFLOW SAT)
+COUNTER_MAX = (1 << 31) - 1
+COUNTER_MIN = -(1 << 31)
+
+
+def counters_from(data: bytes, size: int) -> array:
+    """``size`` counters from their stored form (big-endian 32-bit, as Redis's ``BITFIELD i32``
+    keeps them; past the end of ``data``: 0), as an ``array('i')`` in host byte order."""
+    out = array("i", bytes(data[:size * 4]))
+    if len(out) < size:
+        out.frombytes(bytes(4 * (size - len(out))))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
+def add_counters(arr: array, indexes: Sequence[int], deltas: Sequence[int]) -> None:
+    """Add each delta to its counter, saturating at the limits, in order (indexes past the
+    end of ``arr`` are left out)."""
+    size = len(arr)
+    for i, d in zip(indexes, deltas):
+        if 0 <= i < size:
+            v = arr[i] + d
+            arr[i] = COUNTER_MAX if v > COUNTER_MAX else COUNTER_MIN if v < COUNTER_MIN else v
 
 
 def copy_into(buf: bytearray, data: bytes) -> None:
@@ -100,12 +127,17 @@ class Store:
         every process on the file). Nothing else changes for callers; Redis ignores it."""
 
     async def mhincr(self, items: dict[str, dict[str, int]], ttl: float | None = None,
-                     bitmaps: dict[str, Sequence[int]] | None = None) -> None:
+                     bitmaps: dict[str, Sequence[int]] | None = None,
+                     counters: dict[str, dict[int, int]] | None = None) -> None:
         """Many :meth:`hincr` in one round trip: ``{key: {field: amount}}``. ``bitmaps``:
         ``{key: positions}`` for :meth:`bitmap_set`, done first (SQLite: in the same
-        transaction), so that no reader sees the counters without the bits."""
+        transaction), so that no reader sees the counters without the bits. ``counters``:
+        ``{key: {index: delta}}`` for :meth:`counters_add` (SQLite: in the same
+        transaction)."""
         for key, positions in (bitmaps or {}).items():
             await self.bitmap_set(key, positions)
+        for key, deltas in (counters or {}).items():
+            await self.counters_add(key, deltas)
         for key, counts in items.items():
             await self.hincr(key, counts, ttl)
 
@@ -125,6 +157,20 @@ class Store:
     async def bitmap_set(self, key: str, positions: Sequence[int]) -> None:
         """Set the bits at ``positions``; the bits already set stay set, also those another
         writer sets at the same time."""
+        raise NotImplementedError
+
+    # -- counter arrays (the Bayes linear model's weights) --------------------------------------
+    # Counters numbered from 0, 32-bit signed, stored big-endian (Redis's BITFIELD i32 layout,
+    # so both backends hold the same bytes); additions saturate at COUNTER_MIN / COUNTER_MAX;
+    # a counter never written reads 0.
+    async def counters_get(self, key: str, size: int) -> array:
+        """The first ``size`` counters as an ``array('i')`` in host byte order (one read: a
+        large array is read whole, not counter by counter)."""
+        raise NotImplementedError
+
+    async def counters_add(self, key: str, deltas: dict[int, int]) -> None:
+        """Add ``deltas[index]`` to each counter, saturating; what other writers add at the
+        same time is kept (additions commute, short of saturation)."""
         raise NotImplementedError
 
     # -- sets ---------------------------------------------------------------------------------
@@ -206,8 +252,9 @@ class Store:
 # Every data method of the interface; ResilientStore delegates exactly these.
 DATA_METHODS = ("get", "set", "delete", "exists", "expire", "incr", "get_int", "hincr",
                 "hget_many", "hgetall", "hdel", "mhincr", "mhgetall", "bitmap_get", "bitmap_set",
-                "sadd", "srem", "smembers", "sismember", "window_hit", "window_count",
-                "window_check", "window_check_many", "fetch", "get_json", "set_json", "keys")
+                "counters_get", "counters_add", "sadd", "srem", "smembers", "sismember",
+                "window_hit", "window_count", "window_check", "window_check_many", "fetch",
+                "get_json", "set_json", "keys")
 
 
 class ResilientStore(Store):

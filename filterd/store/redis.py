@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import Store, StoreConnectionError, StoreError, copy_into
+from . import Store, StoreConnectionError, StoreError, copy_into, counters_from
 
 # Sliding windows are sorted sets with one member per event (an event of cost c adds c members
 # "<time>:<node>:<n>:<j>"), scored by time: the count in the window is ZCARD after removing what
@@ -102,6 +102,7 @@ for i = 1, #ARGV do redis.call('SETBIT', k, ARGV[i], 1) end
 return 1
 """
 _BITMAP_SET_ARGS = 50_000  # positions per script call
+_COUNTERS_OPS = 10_000  # additions per BITFIELD command
 
 _NODE = secrets.token_hex(6)  # tells this process's window members from other processes'
 _SEQ = itertools.count()
@@ -281,9 +282,11 @@ class RedisStore(Store):
         await self.mhincr({key: counts}, ttl)
 
     @_wrap
-    async def mhincr(self, items, ttl=None, bitmaps=None):
+    async def mhincr(self, items, ttl=None, bitmaps=None, counters=None):
         for key, positions in (bitmaps or {}).items():  # (first: no reader sees counts
             await self.bitmap_set(key, positions)  # without the bits)
+        for key, deltas in (counters or {}).items():
+            await self.counters_add(key, deltas)
         if not items:
             return
         if self._scripts:
@@ -315,6 +318,23 @@ class RedisStore(Store):
         positions = list(positions)
         for i in range(0, len(positions), _BITMAP_SET_ARGS):
             await self._bitmap_set(keys=[self.k(key)], args=positions[i:i + _BITMAP_SET_ARGS])
+
+    @_wrap
+    async def counters_get(self, key, size):
+        # (GETRANGE: only what is asked for; a key never written reads as zeros)
+        data = await self.r.getrange(self.k(key), 0, 4 * size - 1) if size > 0 else b""
+        return counters_from(data or b"", size)
+
+    @_wrap
+    async def counters_add(self, key, deltas):
+        ops: list = []
+        for i, d in deltas.items():
+            if d:
+                ops += ["INCRBY", "i32", f"#{int(i)}", int(d)]
+        for j in range(0, len(ops), 4 * _COUNTERS_OPS):
+            # (one command each: atomic; OVERFLOW SAT holds for the INCRBYs after it)
+            await self.r.execute_command("BITFIELD", self.k(key), "OVERFLOW", "SAT",
+                                         *ops[j:j + 4 * _COUNTERS_OPS])
 
     @_wrap
     async def hget_many(self, key, fields):

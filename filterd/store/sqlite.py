@@ -14,11 +14,12 @@ import logging
 import os
 import sqlite3
 import struct
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import Store, StoreError, copy_into
+from . import Store, StoreError, add_counters, copy_into, counters_from
 
 log = logging.getLogger("filterd.store")
 
@@ -29,6 +30,8 @@ CREATE TABLE IF NOT EXISTS hexp (k TEXT PRIMARY KEY, exp REAL);
 CREATE TABLE IF NOT EXISTS sets (k TEXT, m TEXT, PRIMARY KEY (k, m)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bitmap (k TEXT PRIMARY KEY, v BLOB);
 CREATE TABLE IF NOT EXISTS bitmap_log (id INTEGER PRIMARY KEY, k TEXT, bits BLOB);
+CREATE TABLE IF NOT EXISTS counters (k TEXT PRIMARY KEY, v BLOB);
+CREATE TABLE IF NOT EXISTS counters_log (id INTEGER PRIMARY KEY, k TEXT, d BLOB);
 CREATE TABLE IF NOT EXISTS own_tables (k TEXT PRIMARY KEY, t TEXT);
 CREATE TABLE IF NOT EXISTS win (k TEXT, t REAL, n INTEGER);
 CREATE INDEX IF NOT EXISTS win_k_t ON win (k, t);
@@ -67,6 +70,25 @@ _LOG_DIRECT = 4096  # positions from which a write goes to the BLOB
 
 def _pack(positions) -> bytes:
     return struct.pack(f">{len(positions)}I", *positions)
+
+
+# A counter array is kept the same way: one BLOB (big-endian int32s) plus a log of additions
+# (each row: the indexes, then the deltas, big-endian), applied in order by readers and folded
+# into the BLOB once the log holds _COUNTERS_FOLD additions of the key (a reader applies them in
+# Python: a few milliseconds at most); a write of _COUNTERS_DIRECT or more goes to the BLOB.
+_COUNTERS_FOLD = 16384
+_COUNTERS_DIRECT = 4096
+
+
+def _pack_deltas(deltas: dict[int, int]) -> bytes:
+    n = len(deltas)
+    return struct.pack(f">{n}I{n}i", *deltas.keys(), *deltas.values())
+
+
+def _unpack_deltas(packed: bytes) -> tuple[tuple, tuple]:
+    n = len(packed) // 8
+    both = struct.unpack(f">{n}I{n}i", packed)
+    return both[:n], both[n:]
 
 
 def _set_bits(buf: bytearray, packed: bytes, grow: bool) -> None:
@@ -163,7 +185,8 @@ class SQLiteStore(Store):
     async def delete(self, *keys):
         n = 0
         for k in keys:
-            for table in ("kv", "sets", "win", "hexp", "bitmap", "bitmap_log"):
+            for table in ("kv", "sets", "win", "hexp", "bitmap", "bitmap_log", "counters",
+                          "counters_log"):
                 n += self._x(f"DELETE FROM {table} WHERE k=?", (k,)).rowcount
             n += self._hash_clear(k)
         return n
@@ -201,11 +224,13 @@ class SQLiteStore(Store):
     async def hincr(self, key, counts, ttl=None):
         await self.mhincr({key: counts}, ttl)
 
-    async def mhincr(self, items, ttl=None, bitmaps=None):
+    async def mhincr(self, items, ttl=None, bitmaps=None, counters=None):
         self._x("BEGIN IMMEDIATE")
         try:
             for key, positions in (bitmaps or {}).items():
                 self._bitmap_set(key, positions)
+            for key, deltas in (counters or {}).items():
+                self._counters_add(key, deltas)
             for key, counts in items.items():
                 self._hash_alive(key)
                 table = self._own.get(key)
@@ -336,6 +361,61 @@ class SQLiteStore(Store):
         self._x("INSERT OR REPLACE INTO bitmap VALUES (?, ?)", (key, bytes(buf)))
         self._x("DELETE FROM bitmap_log WHERE k=?", (key,))
 
+    # counter arrays
+    def _counters_parts(self, key) -> tuple[bytes, list[bytes]]:
+        """The BLOB of a counter array and the packed additions of its log, oldest first."""
+        row = self._x("SELECT v FROM counters WHERE k=?", (key,)).fetchone()
+        log = self._x("SELECT d FROM counters_log WHERE k=? ORDER BY id", (key,)).fetchall()
+        return (row[0] if row else b""), [packed for (packed,) in log]
+
+    async def counters_get(self, key, size):
+        self._x("BEGIN")  # (the BLOB and its log as of one moment: no fold in between)
+        try:
+            data, log = self._counters_parts(key)
+        finally:
+            self._x("COMMIT")
+        out = counters_from(data, size)
+        for packed in log:
+            add_counters(out, *_unpack_deltas(packed))
+        return out
+
+    async def counters_add(self, key, deltas):
+        self._x("BEGIN IMMEDIATE")
+        try:
+            self._counters_add(key, deltas)
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
+
+    def _counters_add(self, key, deltas) -> None:
+        """:meth:`counters_add` inside the caller's write transaction."""
+        deltas = {int(i): int(d) for i, d in deltas.items() if d}
+        if not deltas:
+            return
+        packed = _pack_deltas(deltas)
+        if len(deltas) >= _COUNTERS_DIRECT:
+            self._counters_fold(key, packed)
+            return
+        self._x("INSERT INTO counters_log (k, d) VALUES (?, ?)", (key, packed))
+        if self._x("SELECT sum(length(d)) FROM counters_log WHERE k=?",
+                   (key,)).fetchone()[0] >= 8 * _COUNTERS_FOLD:
+            self._counters_fold(key)
+
+    def _counters_fold(self, key, more: bytes = b"") -> None:
+        """Write the BLOB with its log's additions (and the ``more`` packed ones) applied;
+        empty the log."""
+        data, log = self._counters_parts(key)
+        log.append(more)
+        end = max([len(data) // 4] + [max(_unpack_deltas(p)[0], default=-1) + 1 for p in log])
+        arr = counters_from(data, end)
+        for packed in log:
+            add_counters(arr, *_unpack_deltas(packed))
+        if sys.byteorder == "little":
+            arr.byteswap()
+        self._x("INSERT OR REPLACE INTO counters VALUES (?, ?)", (key, arr.tobytes()))
+        self._x("DELETE FROM counters_log WHERE k=?", (key,))
+
     # sets
     async def sadd(self, key, *members, ttl=None):
         n = 0
@@ -424,7 +504,8 @@ class SQLiteStore(Store):
         for k, table in self._own.items():
             if k.startswith(prefix) and self._x(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
                 found.add(k)
-        for table in ("kv", "hash", "sets", "win", "bitmap", "bitmap_log"):
+        for table in ("kv", "hash", "sets", "win", "bitmap", "bitmap_log", "counters",
+                      "counters_log"):
             extra = " AND (exp IS NULL OR exp>=?)" if table == "kv" else ""
             args = (like, now) if extra else (like,)
             for (k,) in self._x(f"SELECT DISTINCT k FROM {table} WHERE k LIKE ? ESCAPE '\\'{extra}",
