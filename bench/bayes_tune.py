@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Classifier settings side by side, on all three splits of bench/bayes_bench.py, in seconds.
 
-Tokenizes every corpus message once (kept in a cache file), counts training tokens in memory and
-scores each test message with filterd.bayes.classifier, the same arithmetic the classify path
-uses; it reproduces bayes_bench.py's filterd figures exactly, without the store or bogofilter.
+Tokenizes every corpus message once (kept in a cache file), counts training tokens in memory,
+trains the linear model in memory (filterd.bayes.linear, as `filterd bayes train` does) and
+scores each test message with filterd.bayes.classifier and the linear mix, the same arithmetic
+the classify path uses; it reproduces bayes_bench.py's filterd figures exactly, without the
+store or bogofilter. --no-linear: Fisher's score alone ([bayes] linear = false).
 One line per setting: AUC and spam recall at FPR 0 / 0.1 % / 1 % for the date split, the
 random split and 5-fold cross-validation.
 
@@ -31,6 +33,7 @@ sys.path.insert(0, str(HERE))
 import bayes_bench as bb  # noqa: E402
 
 from filterd.bayes import classifier as C  # noqa: E402
+from filterd.bayes import linear  # noqa: E402
 from filterd.bayes import tokenizer as tokenizer_module  # noqa: E402
 from filterd.bayes.tokenizer import TOKEN_FORMAT, tokenize  # noqa: E402
 
@@ -50,7 +53,7 @@ def token_sets(files: list[Path], cache: Path | None) -> dict[str, frozenset]:
     return toks
 
 
-def scores(ham, spam, toks, split: str, folds: int, params: C.Params):
+def scores(ham, spam, toks, split: str, folds: int, params: C.Params, mix: bool = True):
     args = argparse.Namespace(seed=1, folds=folds, split=split, test_fraction=0.3)
     hs, ss = [], []
     for trh, trs, teh, tes in bb.splits(ham, spam, args):
@@ -59,11 +62,22 @@ def scores(ham, spam, toks, split: str, folds: int, params: C.Params):
             sc.update(toks[str(p)])
         for p in trh:
             hc.update(toks[str(p)])
+        model = linear.Trainer(linear.zeros(), 0)
+        if mix:  # (the order bayes_bench.py collects them in: spam, then ham)
+            model.fit([(linear.buckets(toks[str(p)]), True) for p in trs]
+                      + [(linear.buckets(toks[str(p)]), False) for p in trh])
+        weights = model.weights
         for files, out in ((teh, hs), (tes, ss)):
             for p in files:
+                t = toks[str(p)]
                 counts = {w: (sc.get(w, 0), hc.get(w, 0))
-                          for w in toks[str(p)] if w in sc or w in hc}
-                out.append(C.classify(counts, len(trs), len(trh), params).probability)
+                          for w in t if w in sc or w in hc}
+                f = C.classify(counts, len(trs), len(trh), params).probability
+                if mix:  # (the weights of the learned tokens)
+                    z = linear.margin(sum(weights[b] for b in linear.buckets(list(counts))),
+                                      model.bias, len(t))
+                    f = linear.mix(f, z)
+                out.append(f)
     return hs, ss
 
 
@@ -73,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="K=V,K=V",
                     help="a setting of filterd.bayes.classifier.Params (the defaults always run)")
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--no-linear", action="store_true", help="Fisher's score alone")
     args = ap.parse_args(argv)
     corpus = Path(args.corpus)
     if not corpus.is_dir():
@@ -101,7 +116,7 @@ def main(argv=None) -> int:
     for name, params in settings:
         cells = []
         for _, split, folds in SPLITS:
-            f = bb.figures(*scores(ham, spam, toks, split, folds, params))
+            f = bb.figures(*scores(ham, spam, toks, split, folds, params, not args.no_linear))
             cells.append(f"{f['auc']:.4f} {f['recall_fpr0'] * 100:5.1f} "
                          f"{f['recall_fpr0.1%'] * 100:5.1f} {f['recall_fpr1%'] * 100:5.1f}")
         print(f"{name[:28]:28s} | " + " | ".join(f"{c:^26s}" for c in cells), flush=True)
