@@ -1396,11 +1396,31 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
         return NULL;
     const int32_t *weights = (const int32_t *)view.buf;
     long long wsum = 0;
+    /* the tokens' buckets first, their weights asked of memory at once (each is a cache miss
+       in a 1 MB array: waited for together, not one after another) */
+    uint32_t *bk = NULL;
+    Py_ssize_t pos = 0, k = 0;
+    PyObject *key, *value;
+    if (weights != NULL && PyDict_GET_SIZE(packed) > 0) {
+        bk = PyMem_Malloc(sizeof(uint32_t) * (size_t)PyDict_GET_SIZE(packed));
+        if (bk == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        while (PyDict_Next(packed, &pos, &key, &value)) {
+            if (token_bucket(key, &bk[k]) < 0)
+                goto fail;
+#if defined(__GNUC__) || defined(__clang__)
+            __builtin_prefetch(&weights[bk[k]]);
+#endif
+            k++;
+        }
+        pos = 0;
+        k = 0;
+    }
     /* as classifier.probabilities, operation for operation */
     const double prior = robs * robx, lo = 1e-9, hi = 1 - 1e-9;
     const double dspam = (double)nspam, dham = (double)nham;
-    Py_ssize_t pos = 0;
-    PyObject *key, *value;
     while (PyDict_Next(packed, &pos, &key, &value)) {
         if (!PyLong_Check(value)) {
             PyErr_SetString(PyExc_TypeError, "token_logs: packed counts must be integers");
@@ -1414,13 +1434,7 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
                                 "token_logs: packed counts do not fit in 64 bits");
             goto fail;
         }
-        long w = 0;
-        if (weights != NULL) {
-            uint32_t b;
-            if (token_bucket(key, &b) < 0)
-                goto fail;
-            w = weights[b];
-        }
+        long w = bk != NULL ? weights[bk[k++]] : 0;
         wsum += w;
         long long s = v >> 32, h = v & 0xFFFFFFFFLL, n = s + h;
         double f = 0.5;
@@ -1451,9 +1465,11 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
         if (rc < 0)
             goto fail;
     }
+    PyMem_Free(bk);
     release_weights(&view);
     return PyLong_FromLongLong(wsum);
 fail:
+    PyMem_Free(bk);
     release_weights(&view);
     return NULL;
 }
