@@ -341,20 +341,23 @@ def test_the_classifiers_token_pass_finds_the_same_either_way():
         f, r = rng.random(), rng.random()
         w = rng.randrange(-(1 << 31), 1 << 31)
         cache[f"t{i}"] = (None if r < 0.3 else w if r < 0.5
-                          else (f, rng.uniform(-20, 0), -rng.random(), w))
+                          else engine.ENTRY.pack(f, rng.uniform(-20, 0), -rng.random(), w))
     tokens = {f"t{rng.randrange(6000)}" for _ in range(800)} | {"", "cs:Ü", "t0"}
-    c_missing, c_f, c_1f, c_w = engine._speedups.cached_logs(cache, tokens)
-    py_missing, py_f, py_1f, py_w = engine._cached_logs_py(cache, tokens)
+    c_missing, c_logs, c_w = engine._speedups.cached_logs(cache, tokens)
+    py_missing, py_logs, py_w = engine._cached_logs_py(cache, tokens)
     assert sorted(c_missing) == sorted(py_missing) == sorted(t for t in tokens if t not in cache)
     # the same logarithms, pair by pair (the order follows the set's, which both walk alike)
-    assert list(zip(c_f, c_1f)) == list(zip(py_f, py_1f))
-    assert len(c_f) == sum(1 for t in tokens if isinstance(cache.get(t), tuple))
+    assert c_logs == py_logs
+    entries = [engine.ENTRY.unpack(v) for v in map(cache.get, tokens) if isinstance(v, bytes)]
+    assert c_logs == b"".join(engine._PAIR.pack(e[1], e[2]) for e in entries)
     # the weights of every learned token (with evidence or not), beyond 32 bits in sum
-    assert c_w == py_w == sum(v if isinstance(v, int) else v[3]
+    assert c_w == py_w == sum(v if isinstance(v, int) else engine.ENTRY.unpack(v)[3]
                               for v in map(cache.get, tokens) if v is not None)
-    assert engine._speedups.cached_logs({}, set()) == ([], [], [], 0)
+    assert engine._speedups.cached_logs({}, set()) == ([], b"", 0)
     with pytest.raises(TypeError):
-        engine._speedups.cached_logs({"t": (0.5, 1.0, 2.0)}, {"t"})  # not (f, ln f, ln(1 - f), w)
+        engine._speedups.cached_logs({"t": (0.5, 1.0, 2.0, 3)}, {"t"})  # not an entry
+    with pytest.raises(TypeError):
+        engine._speedups.cached_logs({"t": b"short"}, {"t"})
     with pytest.raises(TypeError):
         engine._speedups.cached_logs([], {"t"})
 
@@ -381,30 +384,32 @@ def test_looked_up_tokens_get_the_same_bits_either_way():
                     ((1, 1, 0.5, 0.4, 0.0, 3), None), ((97, 10**6, 1.0, 0.5, 0.45, 1), weights)]:
         out = []
         for fn in (engine._speedups.token_logs, engine._token_logs_py):
-            cache, lf, l1f = {"kept": None}, [], []
-            total = fn(cache, missing, packed, *args, lf, l1f, w)
-            out.append((cache, sorted(zip(lf, l1f)), total))
-        assert out[0] == out[1]
+            cache = {"kept": None}
+            logs, total = fn(cache, missing, packed, *args, w)
+            out.append((cache, logs, total))
+        assert out[0] == out[1]  # (the logarithms too, in the same order: packed's)
         assert list(out[0][0]) == list(out[1][0])  # the same tokens in the same order
-        assert 0 < len(out[0][1]) < len(packed)
-        cache = out[0][0]
+        cache, logs = out[0][0], out[0][1]
+        entries = {t: engine.ENTRY.unpack(v) for t, v in cache.items() if isinstance(v, bytes)}
+        assert 0 < len(entries) < len(packed)
+        assert logs == b"".join(engine._PAIR.pack(e[1], e[2]) for e in entries.values())
         assert all(cache[t] is None for t in missing if t not in packed)
         want = [weights[b] if w is not None else 0 for b in linear.buckets(list(packed))]
-        assert [v if isinstance(v, int) else v[3] for v in map(cache.get, packed)] == want
+        assert [v if isinstance(v, int) else engine.ENTRY.unpack(v)[3]
+                for v in map(cache.get, packed)] == want
         assert out[0][2] == sum(want)
     cache = {}
-    engine._speedups.token_logs(cache, ["a", "b"], {}, 5, 5, 0.1, 0.5, 0.1, 0, [], [], None)
+    assert engine._speedups.token_logs(cache, ["a", "b"], {}, 5, 5, 0.1, 0.5, 0.1, 0,
+                                       None) == (b"", 0)
     assert cache == {"a": None, "b": None}
     with pytest.raises(ValueError):  # counts that cannot be packed spam << 32 | ham
-        engine._speedups.token_logs({}, ["a"], {"a": 1 << 70}, 5, 5, 0.1, 0.5, 0.1, 0, [], [],
-                                    None)
+        engine._speedups.token_logs({}, ["a"], {"a": 1 << 70}, 5, 5, 0.1, 0.5, 0.1, 0, None)
     with pytest.raises(TypeError):
-        engine._speedups.token_logs({}, ["a"], {"a": "7"}, 5, 5, 0.1, 0.5, 0.1, 0, [], [], None)
+        engine._speedups.token_logs({}, ["a"], {"a": "7"}, 5, 5, 0.1, 0.5, 0.1, 0, None)
     with pytest.raises(TypeError):
-        engine._speedups.token_logs({}, [], [], 5, 5, 0.1, 0.5, 0.1, 0, [], [], None)
+        engine._speedups.token_logs({}, [], [], 5, 5, 0.1, 0.5, 0.1, 0, None)
     with pytest.raises(ValueError):  # weights of another size
-        engine._speedups.token_logs({}, ["a"], {"a": 1}, 5, 5, 0.1, 0.5, 0.1, 0, [], [],
-                                    bytes(16))
+        engine._speedups.token_logs({}, ["a"], {"a": 1}, 5, 5, 0.1, 0.5, 0.1, 0, bytes(16))
 
 
 @needs_c
@@ -440,18 +445,29 @@ def test_fishers_combination_gives_the_same_bits_either_way():
         for skew in (1, 3, 12):
             f = [min(max(rng.random() ** skew, 1e-9), 1 - 1e-9) for _ in range(n)]
             cases.append(([math.log(x) for x in f], [math.log(1.0 - x) for x in f]))
+    def packed(log_f, log_1f, cut):  # the pairs, in one part or cut in two
+        data = b"".join(engine._PAIR.pack(a, b) for a, b in zip(log_f, log_1f))
+        at = engine._PAIR.size * (len(log_f) // 3) if cut else len(data)
+        return [data[:at], data[at:]]
+
     for log_f, log_1f in cases:
         for n_eff in (0, 1, 5, 50, 10_000):
-            c = engine._fisher(log_f, log_1f, n_eff)
-            assert c == engine._fisher_py(log_f, log_1f, n_eff), (len(log_f), n_eff)
-            assert 0.0 <= c[0] <= 1.0 and c[3] == len(log_f)
-    assert engine._fisher([], [], 50) == (0.5, 0.0, 0.0, 0)
-    with pytest.raises(ValueError):  # one list longer than the other
-        engine._fisher([-1.0], [], 50)
+            for cut in (False, True):
+                parts = packed(log_f, log_1f, cut)
+                c = engine._fisher(parts, n_eff)
+                assert c == engine._fisher_py(parts, n_eff), (len(log_f), n_eff)
+                assert 0.0 <= c[0] <= 1.0 and c[3] == len(log_f)
+                want = engine.combine_logs(math.fsum(log_f), math.fsum(log_1f), len(log_f),
+                                           n_eff)
+                assert c == (want.probability, want.spam_evidence, want.ham_evidence,
+                             want.tokens_used)
+    assert engine._fisher([b""], 50) == engine._fisher([], 50) == (0.5, 0.0, 0.0, 0)
+    with pytest.raises(TypeError):  # not whole pairs
+        engine._fisher([bytes(8)], 50)
     with pytest.raises(ValueError):  # not a finite logarithm
-        engine._fisher([float("-inf")], [-1.0], 50)
+        engine._fisher(packed([float("-inf")], [-1.0], False), 50)
     with pytest.raises(TypeError):
-        engine._fisher((-1.0,), [-1.0], 50)
+        engine._fisher([[-1.0, -1.0]], 50)
 
 
 @needs_c

@@ -1303,6 +1303,46 @@ static void release_weights(Py_buffer *view)
         PyBuffer_Release(view);
 }
 
+/* A token's cache entry (engine.ENTRY): f, ln f, ln(1 - f) and its linear weight, packed in
+   one bytes object (one object to reach per token, where a tuple of numbers was five). */
+typedef struct {
+    double f, lf, l1f;
+    int64_t w;
+} entry_t;
+#define ENTRY_SIZE ((Py_ssize_t)sizeof(entry_t))
+
+/* A growing buffer of (ln f, ln(1 - f)) pairs, handed over as bytes at the end. */
+typedef struct {
+    double *d;
+    Py_ssize_t n, cap;  /* doubles */
+} pairs_t;
+
+static int pairs_add(pairs_t *b, double lf, double l1f)
+{
+    if (b->n + 2 > b->cap) {
+        Py_ssize_t cap = b->cap ? 2 * b->cap : 512;
+        double *d = PyMem_Realloc(b->d, sizeof(double) * (size_t)cap);
+        if (d == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->d = d;
+        b->cap = cap;
+    }
+    b->d[b->n++] = lf;
+    b->d[b->n++] = l1f;
+    return 0;
+}
+
+static PyObject *pairs_bytes(pairs_t *b)
+{
+    PyObject *out = PyBytes_FromStringAndSize((const char *)b->d,
+                                              (Py_ssize_t)sizeof(double) * b->n);
+    PyMem_Free(b->d);
+    b->d = NULL;
+    return out;
+}
+
 static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -1310,10 +1350,11 @@ static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, P
         return NULL;
     }
     PyObject *cache = args[0];
-    PyObject *missing = PyList_New(0), *lf = PyList_New(0), *l1f = PyList_New(0);
+    PyObject *missing = PyList_New(0), *logs = NULL;
     PyObject *it = NULL, *tok;
+    pairs_t pairs = {NULL, 0, 0};
     long long wsum = 0;
-    if (missing == NULL || lf == NULL || l1f == NULL)
+    if (missing == NULL)
         goto fail;
     if ((it = PyObject_GetIter(args[1])) == NULL)
         goto fail;
@@ -1322,51 +1363,45 @@ static PyObject *cached_logs(PyObject *Py_UNUSED(self), PyObject *const *args, P
         int rc = 0;
         if (v == NULL) {
             rc = PyErr_Occurred() ? -1 : PyList_Append(missing, tok);
+        } else if (PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == ENTRY_SIZE) {
+            entry_t e;
+            memcpy(&e, PyBytes_AS_STRING(v), sizeof e);
+            rc = pairs_add(&pairs, e.lf, e.l1f);
+            wsum += e.w;
         } else if (PyLong_CheckExact(v)) {  /* learned, no evidence: its weight */
             long long w = PyLong_AsLongLong(v);
             rc = w == -1 && PyErr_Occurred() ? -1 : 0;
             wsum += w;
         } else if (v != Py_None) {
-            if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 4) {
-                PyErr_SetString(PyExc_TypeError, "cache values must be (f, ln f, ln(1 - f), "
-                                "weight), a weight or None");
-                rc = -1;
-            } else if (PyList_Append(lf, PyTuple_GET_ITEM(v, 1)) < 0
-                       || PyList_Append(l1f, PyTuple_GET_ITEM(v, 2)) < 0) {
-                rc = -1;
-            } else {
-                long long w = PyLong_AsLongLong(PyTuple_GET_ITEM(v, 3));
-                rc = w == -1 && PyErr_Occurred() ? -1 : 0;
-                wsum += w;
-            }
+            PyErr_SetString(PyExc_TypeError, "cache values must be entries (engine.ENTRY), "
+                            "weights or None");
+            rc = -1;
         }
         Py_DECREF(tok);
         if (rc < 0)
             goto fail;
     }
     Py_CLEAR(it);
-    if (PyErr_Occurred())
+    if (PyErr_Occurred() || (logs = pairs_bytes(&pairs)) == NULL)
         goto fail;
-    return Py_BuildValue("(NNNL)", missing, lf, l1f, wsum);
+    return Py_BuildValue("(NNL)", missing, logs, wsum);
 
 fail:
     Py_XDECREF(it);
     Py_XDECREF(missing);
-    Py_XDECREF(lf);
-    Py_XDECREF(l1f);
+    PyMem_Free(pairs.d);
     return NULL;
 }
 
 static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 12 || !PyDict_Check(args[0]) || !PyDict_Check(args[2])
-        || !PyList_Check(args[9]) || !PyList_Check(args[10])) {
+    if (nargs != 10 || !PyDict_Check(args[0]) || !PyDict_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "token_logs(cache: dict, missing, packed: dict, nspam, "
-                        "nham, robs, robx, min_dev, min_count, logs_f: list, logs_1f: list, "
-                        "weights)");
+                        "nham, robs, robx, min_dev, min_count, weights)");
         return NULL;
     }
-    PyObject *cache = args[0], *packed = args[2], *lf = args[9], *l1f = args[10];
+    PyObject *cache = args[0], *packed = args[2];
+    pairs_t pairs = {NULL, 0, 0};
     long long nspam = PyLong_AsLongLong(args[3]), nham = PyLong_AsLongLong(args[4]);
     double robs = PyFloat_AsDouble(args[5]), robx = PyFloat_AsDouble(args[6]);
     double min_dev = PyFloat_AsDouble(args[7]);
@@ -1392,7 +1427,7 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     if (PyErr_Occurred())
         return NULL;
     Py_buffer view;
-    if (get_weights(args[11], &view, "token_logs") < 0)
+    if (get_weights(args[9], &view, "token_logs") < 0)
         return NULL;
     const int32_t *weights = (const int32_t *)view.buf;
     long long wsum = 0;
@@ -1452,42 +1487,43 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
                 f = lo;
             if (hi < f)
                 f = hi;
-            t = Py_BuildValue("(dddl)", f, log(f), log(1.0 - f), w);
+            entry_t e = {f, log(f), log(1.0 - f), w};
+            t = PyBytes_FromStringAndSize((const char *)&e, sizeof e);
+            if (t != NULL && pairs_add(&pairs, e.lf, e.l1f) < 0)
+                Py_CLEAR(t);
         }
         if (t == NULL)
             goto fail;
         int rc = PyDict_SetItem(cache, key, t);
-        if (rc == 0 && evidence)
-            rc = PyList_Append(lf, PyTuple_GET_ITEM(t, 1));
-        if (rc == 0 && evidence)
-            rc = PyList_Append(l1f, PyTuple_GET_ITEM(t, 2));
         Py_DECREF(t);
         if (rc < 0)
             goto fail;
     }
     PyMem_Free(bk);
     release_weights(&view);
-    return PyLong_FromLongLong(wsum);
+    PyObject *logs = pairs_bytes(&pairs);
+    if (logs == NULL)
+        return NULL;
+    return Py_BuildValue("(NL)", logs, wsum);
 fail:
     PyMem_Free(bk);
+    PyMem_Free(pairs.d);
     release_weights(&view);
     return NULL;
 }
 
-/* The sum of a list of floats, correctly rounded: the algorithm of CPython's math.fsum
- * (Shewchuk's non-overlapping partials, then the half-even fix-up across partials). Finite
- * inputs only: an infinite or NaN item, or an intermediate overflow, is a ValueError. -1.0
- * with an exception set on error. */
+/* The sum of count doubles (every stride-th from values), correctly rounded: the algorithm
+ * of CPython's math.fsum (Shewchuk's non-overlapping partials, then the half-even fix-up across
+ * partials). Finite inputs only: an infinite or NaN item, or an intermediate overflow, is a
+ * ValueError. -1.0 with an exception set on error. */
 #define FSUM_PARTIALS 64  /* finite doubles never need more than about 40 */
-static double exact_sum(PyObject *list, const char *what)
+static double exact_sum(const double *values, Py_ssize_t count, Py_ssize_t stride,
+                        const char *what)
 {
     double p[FSUM_PARTIALS], x, y, t, hi, yr, lo = 0.0;
-    Py_ssize_t n = 0, count = PyList_GET_SIZE(list);
+    Py_ssize_t n = 0;
     for (Py_ssize_t k = 0; k < count; k++) {
-        PyObject *item = PyList_GET_ITEM(list, k);
-        x = PyFloat_Check(item) ? PyFloat_AS_DOUBLE(item) : PyFloat_AsDouble(item);
-        if (x == -1.0 && PyErr_Occurred())
-            return -1.0;
+        x = values[k * stride];
         if (!isfinite(x))
             goto not_finite;
         Py_ssize_t i = 0;
@@ -1586,27 +1622,49 @@ static double chi2q_log(double log_sum, long long n, PyObject *lgamma)
 
 static PyObject *fisher(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyCallable_Check(args[0]) || !PyList_Check(args[1])
-        || !PyList_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "fisher(lgamma, logs_f: list, logs_1f: list, n_eff: int)");
+    if (nargs != 3 || !PyCallable_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "fisher(lgamma, parts, n_eff: int)");
         return NULL;
     }
-    long long n = PyList_GET_SIZE(args[1]), n_eff = PyLong_AsLongLong(args[3]);
+    long long n_eff = PyLong_AsLongLong(args[2]);
     if (n_eff == -1 && PyErr_Occurred())
         return NULL;
-    if (PyList_GET_SIZE(args[2]) != n) {
-        PyErr_SetString(PyExc_ValueError, "fisher: logs_f and logs_1f differ in length");
+    PyObject *parts = PySequence_Fast(args[1], "fisher: parts must be a sequence of bytes");
+    if (parts == NULL)
         return NULL;
+    PyObject *result = NULL;
+    double *pairs = NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(parts), n = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *b = PySequence_Fast_GET_ITEM(parts, k);
+        if (!PyBytes_Check(b) || PyBytes_GET_SIZE(b) % (2 * sizeof(double))) {
+            PyErr_SetString(PyExc_TypeError, "fisher: each part must be bytes of "
+                            "(ln f, ln(1 - f)) pairs of doubles");
+            goto done;
+        }
+        n += PyBytes_GET_SIZE(b) / (Py_ssize_t)(2 * sizeof(double));
     }
-    if (n <= 0)  /* as combine_logs: no evidence */
-        return Py_BuildValue("(dddi)", 0.5, 0.0, 0.0, 0);
-    double log_h = exact_sum(args[1], "logs_f");
+    if (n <= 0) {  /* as combine_logs: no evidence */
+        result = Py_BuildValue("(dddi)", 0.5, 0.0, 0.0, 0);
+        goto done;
+    }
+    pairs = PyMem_Malloc(sizeof(double) * 2 * (size_t)n);
+    if (pairs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t at = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *b = PySequence_Fast_GET_ITEM(parts, k);
+        memcpy((char *)pairs + at, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+        at += PyBytes_GET_SIZE(b);
+    }
+    double log_h = exact_sum(pairs, n, 2, "the ln f");
     if (log_h == -1.0 && PyErr_Occurred())
-        return NULL;
-    double log_s = exact_sum(args[2], "logs_1f");
+        goto done;
+    double log_s = exact_sum(pairs + 1, n, 2, "the ln(1 - f)");
     if (log_s == -1.0 && PyErr_Occurred())
-        return NULL;
+        goto done;
     long long dof = n;
     if (0 < n_eff && n_eff < n) {
         double scale = (double)n_eff / (double)n;
@@ -1616,12 +1674,16 @@ static PyObject *fisher(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssi
     }
     double q_s = chi2q_log(log_s, dof, args[0]);
     if (q_s == -1.0 && PyErr_Occurred())
-        return NULL;
+        goto done;
     double q_h = chi2q_log(log_h, dof, args[0]);
     if (q_h == -1.0 && PyErr_Occurred())
-        return NULL;
+        goto done;
     double spam_ev = 1.0 - q_s, ham_ev = 1.0 - q_h;
-    return Py_BuildValue("(dddL)", (1.0 + spam_ev - ham_ev) / 2.0, spam_ev, ham_ev, n);
+    result = Py_BuildValue("(dddn)", (1.0 + spam_ev - ham_ev) / 2.0, spam_ev, ham_ev, n);
+done:
+    PyMem_Free(pairs);
+    Py_DECREF(parts);
+    return result;
 }
 
 /* -- the presence filter -------------------------------------------------------------------- */
@@ -1796,8 +1858,8 @@ static PyMethodDef methods[] = {
      "tag_parts(lower) -> (names: set, texts: str): the tags' names, and their texts joined "
      "with NULs (see tokenizer._tag_parts_py)"},
     {"cached_logs", (PyCFunction)(void (*)(void))cached_logs, METH_FASTCALL,
-     "cached_logs(cache, tokens) -> (missing: list, logs_f: list, logs_1f: list, weights: int): "
-     "the classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
+     "cached_logs(cache, tokens) -> (missing: list, logs: bytes, weights: int): the "
+     "classifier's pass over a message's tokens (see filterd/bayes/engine.py)"},
     {"received_words", (PyCFunction)(void (*)(void))received_words, METH_FASTCALL,
      "received_words(sld, low, out) -> None: the rcvd: tokens of a Received header's from "
      "clause (see filterd/bayes/tokenizer.py)"},
@@ -1815,12 +1877,13 @@ static PyMethodDef methods[] = {
      "addresses(text, most) -> [(local, domain)]: the e-mail addresses in a header value (see "
      "tokenizer._addresses_py)"},
     {"token_logs", (PyCFunction)(void (*)(void))token_logs, METH_FASTCALL,
-     "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, logs_f, "
-     "logs_1f, weights) -> int: the looked-up tokens into the cache and the logs, and the sum "
-     "of their linear weights (see filterd/bayes/engine.py)"},
+     "token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count, "
+     "weights) -> (logs: bytes, weights: int): the looked-up tokens into the cache, their "
+     "logarithms and the sum of their linear weights (see filterd/bayes/engine.py)"},
     {"fisher", (PyCFunction)(void (*)(void))fisher, METH_FASTCALL,
-     "fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n): "
-     "Fisher's combination of the logs (see filterd/bayes/engine.py)"},
+     "fisher(lgamma, parts, n_eff) -> (probability, spam_evidence, ham_evidence, n): Fisher's "
+     "combination of the (ln f, ln(1 - f)) pairs in parts, bytes each (see "
+     "filterd/bayes/engine.py)"},
     {"presence_positions", (PyCFunction)(void (*)(void))presence_positions, METH_FASTCALL,
      "presence_positions(tokens, known=None) -> list: the numbers of the tokens' bits in the "
      "presence filter (see filterd/bayes/presence.py)"},
@@ -1846,5 +1909,8 @@ PyMODINIT_FUNC PyInit__speedups(void)
     if ((WWW = PyUnicode_InternFromString("www.")) == NULL
         || (SCHEME_SEP = PyUnicode_InternFromString("://")) == NULL)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ENTRY_SIZE", (long)ENTRY_SIZE) < 0)
+        Py_CLEAR(m);
+    return m;
 }

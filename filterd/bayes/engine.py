@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import struct
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -33,35 +35,46 @@ CACHE_DRIFT = 0.01
 CACHE_AGE = 300.0
 
 
-def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, list, list, int]:
-    """The classifier's pass over a message's tokens: (the tokens not in ``cache``, ln f and
-    ln(1 - f) of the cached tokens with evidence, the sum of the cached tokens' linear
-    weights). ``cache`` maps a token to ``(f, ln f, ln(1 - f), weight)``, to its weight alone
-    (learned, but no evidence) or to None (never learned). The C extension's ``cached_logs``
-    does the same in one pass over the tokens (tests/test_bayes_speedups.py)."""
+# A token's cache entry when it has evidence: f(w), ln f, ln(1 - f) and its linear weight in one
+# bytes object (one object to reach per token in the pass over a message's tokens, where a
+# tuple of four numbers was five). Learned tokens without evidence are cached as their weight
+# (an int), never-learned ones as None.
+ENTRY = struct.Struct("=dddq")
+_PAIR = struct.Struct("=dd")  # (ln f, ln(1 - f)): the logarithms passed on to Fisher's test
+
+
+def entry_f(entry) -> float | None:
+    """f(w) of a cache entry (None: no evidence)."""
+    return ENTRY.unpack(entry)[0] if entry.__class__ is bytes else None
+
+
+def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, bytes, int]:
+    """The classifier's pass over a message's tokens: (the tokens not in ``cache``, the
+    ``(ln f, ln(1 - f))`` pairs of the cached tokens with evidence as packed doubles, the sum of
+    the cached tokens' linear weights). ``cache`` maps a token to an :data:`ENTRY`, to its
+    weight alone (learned, but no evidence) or to None (never learned). The C extension's
+    ``cached_logs`` does the same in one pass over the tokens (tests/test_bayes_speedups.py)."""
     missing = list(tokens.difference(cache))
     found = [v for v in map(cache.get, tokens) if v is not None]
-    hits = [v for v in found if v.__class__ is tuple]
-    weights = sum(v if v.__class__ is int else v[3] for v in found)
-    if not hits:
-        return missing, [], [], weights
-    _, log_f, log_1f, _ = zip(*hits)
-    return missing, list(log_f), list(log_1f), weights
+    entries = [ENTRY.unpack(v) for v in found if v.__class__ is bytes]
+    weights = sum(v for v in found if v.__class__ is int) + sum(e[3] for e in entries)
+    logs = b"".join(_PAIR.pack(e[1], e[2]) for e in entries)
+    return missing, logs, weights
 
 
 def _token_logs_py(cache: dict, missing: list, packed: dict, nspam: int, nham: int,
                    robs: float, robx: float, min_dev: float, min_count: int,
-                   log_f: list, log_1f: list, weights) -> int:
+                   weights) -> tuple[bytes, int]:
     """The rest of the pass, for the ``missing`` tokens once looked up (``packed``: the learned
     ones' counts): each goes into ``cache``, as None (never learned), as its linear weight
-    (from ``weights``, 0 without them: no evidence) or as its f(w), logarithms and weight
-    (:func:`~.classifier.probabilities`), whose logarithms are appended to ``log_f`` and
-    ``log_1f``. Returns the sum of the learned tokens' weights. The C extension's
-    ``token_logs`` does the same without a Python loop per token (the same bits:
-    tests/test_bayes_speedups.py)."""
+    (from ``weights``, 0 without them: no evidence) or as an :data:`ENTRY` (f(w) from
+    :func:`~.classifier.probabilities`, its logarithms, its weight). Returns the ``(ln f,
+    ln(1 - f))`` pairs of those with evidence, packed, and the sum of the learned tokens'
+    weights. The C extension's ``token_logs`` does the same without a Python loop per token
+    (the same bits: tests/test_bayes_speedups.py)."""
     cache.update(dict.fromkeys(missing))
     if not packed:
-        return 0
+        return b"", 0
     found = list(packed)
     ws = (list(map(weights.__getitem__, linear.buckets(found))) if weights is not None
           else [0] * len(found))
@@ -69,31 +82,32 @@ def _token_logs_py(cache: dict, missing: list, packed: dict, nspam: int, nham: i
     params = Params(robs=robs, robx=robx, min_dev=min_dev, min_count=min_count)
     probs = probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
                           nspam, nham, params)
-    if probs:
-        w = dict(zip(found, ws))
-        cache.update((t, (*v, w[t])) for t, v in probs.items())
-        _, more_f, more_1f = zip(*probs.values())
-        log_f.extend(more_f)
-        log_1f.extend(more_1f)
-    return sum(ws)
+    w = dict(zip(found, ws))
+    logs = []
+    for t, (f, log_f, log_1f) in probs.items():
+        cache[t] = ENTRY.pack(f, log_f, log_1f, w[t])
+        logs.append(_PAIR.pack(log_f, log_1f))
+    return b"".join(logs), sum(ws)
 
 
-def _fisher_py(log_f: list, log_1f: list, n_eff: int) -> tuple[float, float, float, int]:
-    """Fisher's combination of the logarithms the pass collected, as (probability, spam
-    evidence, ham evidence, tokens used): the sums are exact (the result does not depend on
-    the order the tokens came in). The C extension's ``fisher`` gives the same bits
-    (tests/test_bayes_speedups.py)."""
-    r = combine_logs(math.fsum(log_f), math.fsum(log_1f), len(log_f), n_eff)
+def _fisher_py(parts: list, n_eff: int) -> tuple[float, float, float, int]:
+    """Fisher's combination of the ``(ln f, ln(1 - f))`` pairs the pass collected (``parts``:
+    bytes of packed doubles each), as (probability, spam evidence, ham evidence, tokens used):
+    the sums are exact (the result does not depend on the order the tokens came in). The C
+    extension's ``fisher`` gives the same bits (tests/test_bayes_speedups.py)."""
+    values = array("d")
+    for part in parts:
+        values.frombytes(part)
+    r = combine_logs(math.fsum(values[0::2]), math.fsum(values[1::2]), len(values) // 2, n_eff)
     return r.probability, r.spam_evidence, r.ham_evidence, r.tokens_used
 
 
 # the C passes when the extension is built (and not turned off: FILTERD_PURE_PYTHON=1); an
-# extension built before the linear model took its weights has other signatures: not used
-_NEW_C = getattr(_speedups, "linear_buckets", None) is not None
+# extension built before the cache entries were packed has other signatures: not used
+_NEW_C = getattr(_speedups, "ENTRY_SIZE", None) == ENTRY.size
 _cached_logs = _speedups.cached_logs if _NEW_C else _cached_logs_py
 _token_logs = _speedups.token_logs if _NEW_C else _token_logs_py
-_fisher = (functools.partial(_speedups.fisher, math.lgamma) if getattr(_speedups, "fisher", None)
-           else _fisher_py)
+_fisher = functools.partial(_speedups.fisher, math.lgamma) if _NEW_C else _fisher_py
 
 
 @dataclass
@@ -132,10 +146,10 @@ class Bayes:
         # with the token cache, kept up to date with this object's own learning)
         self._weights = None
         self._weights_gen = -1
-        # token -> (f(w), ln f, ln(1 - f), linear weight), the weight alone (learned, too weak
-        # to count for Fisher) or None (never learned); valid while the store's counts stay
-        # within cache_drift of _fstate's (see CACHE_DRIFT)
-        self._fcache: dict[str, tuple | int | None] = {}
+        # token -> an ENTRY (f(w), ln f, ln(1 - f), linear weight), the weight alone (learned,
+        # too weak to count for Fisher) or None (never learned); valid while the store's counts
+        # stay within cache_drift of _fstate's (see CACHE_DRIFT)
+        self._fcache: dict[str, bytes | int | None] = {}
         self._fstate: tuple | None = None
         self._fborn = 0.0  # when the cache was started (monotonic)
         # A copy of the presence filter (None: not complete yet), its epoch, and the database
@@ -190,27 +204,30 @@ class Bayes:
                 self._weights_gen = state[2]
         # one pass: the tokens to look up, the logarithms of the cached ones with evidence and
         # the sum of their linear weights
-        missing, log_f, log_1f, wsum = _cached_logs(fc, toks)
+        missing, logs, wsum = _cached_logs(fc, toks)
+        parts = [logs]
         p = self.params
         if missing:
             # looked up: the tokens the presence filter says may have been learned (about
-            # half of them); f(w) with both logarithms Fisher's method sums, or None (no
-            # evidence), goes into the cache for these (the others, mostly a message's own
-            # words, would only swell it: the filter answers for them again)
+            # half of them); their entries (f(w), both logarithms Fisher's method sums, the
+            # linear weight), weights alone (no evidence) or None (not found) go into the
+            # cache (the others, mostly a message's own words, would only swell it: the
+            # filter answers for them again)
             look = missing if self._presence is None else presence.may_hold(self._presence,
                                                                              missing)
             if look:
-                wsum += _token_logs(fc, look, await self.tokens.packed(look), nspam, nham,
-                                    p.robs, p.robx, p.min_dev, p.min_count, log_f, log_1f,
-                                    self._weights)
+                more, w = _token_logs(fc, look, await self.tokens.packed(look), nspam, nham,
+                                      p.robs, p.robx, p.min_dev, p.min_count, self._weights)
+                parts.append(more)
+                wsum += w
         max_tokens = p.max_tokens
-        if explain or (max_tokens and len(log_f) > max_tokens):
-            clues = sorted(((fc[t][0], t) for t in toks if fc.get(t).__class__ is tuple),
+        if explain or (max_tokens and sum(map(len, parts)) > max_tokens * _PAIR.size):
+            clues = sorted(((entry_f(fc[t]), t) for t in toks if fc.get(t).__class__ is bytes),
                            key=lambda x: (-abs(x[0] - 0.5), x[1]))
             res = combine([f for f, _ in clues], max_tokens, p.n_eff)
             res.clues = [(t, f) for f, t in clues[:explain]]
         else:
-            res = Result(*_fisher(log_f, log_1f, p.n_eff))
+            res = Result(*_fisher(parts, p.n_eff))
         if self.linear and self._weights is not None and self.tokens.linear_ready(nspam, nham):
             # (the weights of the learned tokens: a token never learned has none, whatever
             # shares its bucket)
