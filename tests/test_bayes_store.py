@@ -465,10 +465,10 @@ async def test_a_database_without_the_linear_model_keeps_fishers_score_until_tra
         await fresh.learn([synth("spam", 301, seed=5)], spam=True)  # autolearn: one step
         await fresh.tokens.state()
         assert fresh.tokens.linear_messages == 1 and not fresh.tokens.linear_ready(31, 30)
-        assert (await Bayes(store).classify(probe)).fisher is None
+        assert (await fresh.classify(probe)).fisher is None
         await bulk_train(fresh, spam, ham)  # "already" learned: only the model learns
         assert await fresh.tokens.totals() == (31, 30)
-        res = await Bayes(store).classify(probe)
+        res = await fresh.classify(probe)  # (at once, on the classifier that was in use)
         assert res.fisher == pytest.approx(fisher, abs=0.01) and res.margin > 0
     finally:
         await store.close()

@@ -294,7 +294,9 @@ class Bayes:
         await self.tokens.state()
         trainer = linear.Trainer(await self.tokens.linear_weights(), self.tokens.linear_bias)
         trainer.fit(samples, passes)
-        self._weights = None  # (read again with the next cache start)
+        # (every weight may have moved: the cache, whose entries hold them, starts afresh and
+        # reads them again)
+        self._weights, self._fstate = None, None
         await self.tokens.apply({}, 0, 0, {}, trainer=trainer)
         return trainer
 
@@ -354,7 +356,8 @@ class Bayes:
             wrote = await self.tokens.apply(deltas, nspam, nham, seen_d, learned=stats.learned,
                                             known=known, trainer=trainer)
         except BaseException:
-            self._weights = None  # (the copy has steps the store may not: read it again)
+            # (the copy has steps the store may not: read it again, with a fresh cache)
+            self._weights, self._fstate = None, None
             raise
         if wrote:
             if known is not None and self._presence_gen == gen:
