@@ -328,8 +328,8 @@ class Bayes:
             if self.linear:  # (every message, also one learned before: a step if it needs it)
                 if trainer is not None:
                     trainer.learn(linear.buckets(toks), spam)
-                else:
-                    collect.append((linear.buckets(toks), spam))
+                else:  # (kept for several passes: 4 bytes a token, not an int object)
+                    collect.append((array("I", linear.buckets(toks)), spam))
             prev = seen.get(dig, 0)
             if prev == cls:
                 stats.already += 1
