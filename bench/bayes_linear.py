@@ -16,14 +16,11 @@ a column beside the counts (see bench/README.md, "Bayes accuracy and speed").
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
 import random
 import sys
-import tempfile
 import zlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +31,6 @@ import bayes_bench as bb  # noqa: E402
 import bayes_tune as bt  # noqa: E402
 
 from filterd.bayes import classifier as C  # noqa: E402
-from filterd.bayes import tokenizer as tokenizer_module  # noqa: E402
 
 SPLITS = (("date", "date", 0), ("random", "random", 0), ("5-fold", "random", 5))
 UNIT = 1e-6  # the weights' resolution, as integers in a store would keep them
@@ -79,11 +75,7 @@ def run(ham, spam, toks, split, folds, seed, epochs, c, mixes, buckets=0):
     names = ["fisher", "linear"] + [f"mix/{k:g}" for k in mixes]
     res = {n: ([], []) for n in names}
     for trh, trs, teh, tes in bb.splits(ham, spam, args):
-        sc, hc = Counter(), Counter()
-        for p in trs:
-            sc.update(toks[str(p)])
-        for p in trh:
-            hc.update(toks[str(p)])
+        sc, hc = bt.counted(trh, trs, toks)
         w, b = train_pa([(hashed(toks[str(p)], buckets), -1) for p in trh]
                         + [(hashed(toks[str(p)], buckets), 1) for p in trs], c, epochs, seed)
         for files, i in ((teh, 0), (tes, 1)):
@@ -115,11 +107,7 @@ def main(argv=None) -> int:
     if not corpus.is_dir():
         print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
         return 2
-    ham, spam = bb.load_corpus(corpus)
-    key = hashlib.sha256(str(corpus.resolve()).encode() + b"\0"
-                         + Path(tokenizer_module.__file__).read_bytes()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / f"filterd-bayes-tune-{os.getuid()}-{key}.pickle"
-    toks = bt.token_sets(ham + spam, cache)
+    ham, spam, toks = bt.corpus_tokens(corpus)
     mixes = [float(k) for k in args.mix.split(",")]
     print(f"{'split':8s} {'seed':>4s} {'epochs':>6s} {'C':>5s}  {'scores':10s} "
           f"{'AUC':>7s} {'r@0':>6s} {'r@.1%':>6s} {'r@1%':>6s}")

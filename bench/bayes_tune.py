@@ -53,15 +53,32 @@ def token_sets(files: list[Path], cache: Path | None) -> dict[str, frozenset]:
     return toks
 
 
+def corpus_tokens(corpus: Path, use_cache: bool = True):
+    """(ham files, spam files, token set of each file), the token sets kept in a cache file
+    per corpus and tokenizer source (editing the tokenizer starts a new cache)."""
+    ham, spam = bb.load_corpus(corpus)
+    key = hashlib.sha256(str(corpus.resolve()).encode() + b"\0"
+                         + Path(tokenizer_module.__file__).read_bytes()).hexdigest()[:16]
+    cache = (Path(tempfile.gettempdir()) / f"filterd-bayes-tune-{os.getuid()}-{key}.pickle"
+             if use_cache else None)
+    return ham, spam, token_sets(ham + spam, cache)
+
+
+def counted(trh, trs, toks) -> tuple[Counter, Counter]:
+    """The training part's token counts: (spam, ham)."""
+    sc, hc = Counter(), Counter()
+    for p in trs:
+        sc.update(toks[str(p)])
+    for p in trh:
+        hc.update(toks[str(p)])
+    return sc, hc
+
+
 def scores(ham, spam, toks, split: str, folds: int, params: C.Params, mix: bool = True):
     args = argparse.Namespace(seed=1, folds=folds, split=split, test_fraction=0.3)
     hs, ss = [], []
     for trh, trs, teh, tes in bb.splits(ham, spam, args):
-        sc, hc = Counter(), Counter()
-        for p in trs:
-            sc.update(toks[str(p)])
-        for p in trh:
-            hc.update(toks[str(p)])
+        sc, hc = counted(trh, trs, toks)
         model = linear.Trainer(linear.zeros(), 0)
         if mix:  # (the order bayes_bench.py collects them in: spam, then ham)
             model.fit([(linear.buckets(toks[str(p)]), True) for p in trs]
@@ -93,13 +110,7 @@ def main(argv=None) -> int:
     if not corpus.is_dir():
         print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
         return 2
-    ham, spam = bb.load_corpus(corpus)
-    # one cache per corpus and tokenizer source: editing the tokenizer starts a new cache
-    key = hashlib.sha256(str(corpus.resolve()).encode() + b"\0"
-                         + Path(tokenizer_module.__file__).read_bytes()).hexdigest()[:16]
-    cache = None if args.no_cache else (
-        Path(tempfile.gettempdir()) / f"filterd-bayes-tune-{os.getuid()}-{key}.pickle")
-    toks = token_sets(ham + spam, cache)
+    ham, spam, toks = corpus_tokens(corpus, not args.no_cache)
     settings = [("defaults", C.Params())]
     for t in args.tries:
         p = C.Params()

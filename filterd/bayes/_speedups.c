@@ -1700,6 +1700,17 @@ static void init_crc_table(void)
     }
 }
 
+/* list.append(int(v)); -1 with an exception set on error. */
+static int append_uint(PyObject *list, unsigned long v)
+{
+    PyObject *n = PyLong_FromUnsignedLong(v);
+    if (n == NULL)
+        return -1;
+    int rc = PyList_Append(list, n);
+    Py_DECREF(n);
+    return rc;
+}
+
 /* The 4 bit numbers of a token (presence._bits); -1 with an exception set on error. */
 static int presence_bits(PyObject *tok, uint32_t bits[4])
 {
@@ -1763,14 +1774,9 @@ static PyObject *presence_positions(PyObject *Py_UNUSED(self), PyObject *const *
             goto error;
         if (known != NULL && all_set(known, bits))
             continue;
-        for (int i = 0; i < 4; i++) {
-            PyObject *n = PyLong_FromUnsignedLong(bits[i]);
-            if (n == NULL || PyList_Append(out, n) < 0) {
-                Py_XDECREF(n);
+        for (int i = 0; i < 4; i++)
+            if (append_uint(out, bits[i]) < 0)
                 goto error;
-            }
-            Py_DECREF(n);
-        }
     }
     if (PyErr_Occurred())
         goto error;
@@ -1821,12 +1827,8 @@ static PyObject *linear_buckets(PyObject *Py_UNUSED(self), PyObject *tokens)
         Py_DECREF(tok);
         if (rc < 0)
             goto error;
-        PyObject *n = PyLong_FromUnsignedLong(h);
-        if (n == NULL || PyList_Append(out, n) < 0) {
-            Py_XDECREF(n);
+        if (append_uint(out, h) < 0)
             goto error;
-        }
-        Py_DECREF(n);
     }
     if (PyErr_Occurred())
         goto error;

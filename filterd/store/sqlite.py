@@ -78,6 +78,7 @@ def _pack(positions) -> bytes:
 # Python: a few milliseconds at most); a write of _COUNTERS_DIRECT or more goes to the BLOB.
 _COUNTERS_FOLD = 16384
 _COUNTERS_DIRECT = 4096
+_LOG_COLUMN = {"bitmap": "bits", "counters": "d"}  # the packed writes' column in <table>_log
 
 
 def _pack_deltas(deltas: dict[int, int]) -> bytes:
@@ -307,19 +308,26 @@ class SQLiteStore(Store):
                 out[k][f] = n
         return [out[k] for k in keys]
 
-    # bitmaps
-    def _bitmap_parts(self, key) -> tuple[bytes, list[bytes]]:
-        """The BLOB of a bitmap and the packed positions of its log, oldest first."""
-        row = self._x("SELECT v FROM bitmap WHERE k=?", (key,)).fetchone()
-        log = self._x("SELECT bits FROM bitmap_log WHERE k=? ORDER BY id", (key,)).fetchall()
+    # bitmaps and counter arrays: a BLOB each, and a log of small writes
+    def _blob_parts(self, table: str, key) -> tuple[bytes, list[bytes]]:
+        """The BLOB of a bitmap (``table`` "bitmap") or counter array ("counters") and the
+        packed writes of its log, oldest first."""
+        row = self._x(f"SELECT v FROM {table} WHERE k=?", (key,)).fetchone()
+        log = self._x(f"SELECT {_LOG_COLUMN[table]} FROM {table}_log WHERE k=? ORDER BY id",
+                      (key,)).fetchall()
         return (row[0] if row else b""), [packed for (packed,) in log]
 
-    async def bitmap_get(self, key, into=None):
-        self._x("BEGIN")  # (the BLOB and its log as of one moment: no fold in between)
+    def _read_blob(self, table: str, key) -> tuple[bytes, list[bytes]]:
+        """:meth:`_blob_parts` in a read transaction of its own: the BLOB and its log as of one
+        moment, no fold in between."""
+        self._x("BEGIN")
         try:
-            data, log = self._bitmap_parts(key)
+            return self._blob_parts(table, key)
         finally:
             self._x("COMMIT")
+
+    async def bitmap_get(self, key, into=None):
+        data, log = self._read_blob("bitmap", key)
         grow = into is None  # (a caller's buffer keeps its length)
         if into is None:
             into = bytearray(data)
@@ -329,14 +337,18 @@ class SQLiteStore(Store):
             _set_bits(into, packed, grow)
         return into
 
-    async def bitmap_set(self, key, positions):
+    def _in_write(self, fn, *args) -> None:
+        """``fn(*args)`` in a write transaction of its own."""
         self._x("BEGIN IMMEDIATE")
         try:
-            self._bitmap_set(key, positions)
+            fn(*args)
             self._x("COMMIT")
         except BaseException:
             self._x("ROLLBACK")
             raise
+
+    async def bitmap_set(self, key, positions):
+        self._in_write(self._bitmap_set, key, positions)
 
     def _bitmap_set(self, key, positions) -> None:
         """:meth:`bitmap_set` inside the caller's write transaction."""
@@ -354,39 +366,22 @@ class SQLiteStore(Store):
     def _bitmap_fold(self, key, more: bytes = b"") -> None:
         """Write the BLOB with the bits of its log (and the ``more`` packed positions) set;
         empty the log."""
-        data, log = self._bitmap_parts(key)
+        data, log = self._blob_parts("bitmap", key)
         buf = bytearray(data)
         for packed in log + [more]:
             _set_bits(buf, packed, grow=True)
         self._x("INSERT OR REPLACE INTO bitmap VALUES (?, ?)", (key, bytes(buf)))
         self._x("DELETE FROM bitmap_log WHERE k=?", (key,))
 
-    # counter arrays
-    def _counters_parts(self, key) -> tuple[bytes, list[bytes]]:
-        """The BLOB of a counter array and the packed additions of its log, oldest first."""
-        row = self._x("SELECT v FROM counters WHERE k=?", (key,)).fetchone()
-        log = self._x("SELECT d FROM counters_log WHERE k=? ORDER BY id", (key,)).fetchall()
-        return (row[0] if row else b""), [packed for (packed,) in log]
-
     async def counters_get(self, key, size):
-        self._x("BEGIN")  # (the BLOB and its log as of one moment: no fold in between)
-        try:
-            data, log = self._counters_parts(key)
-        finally:
-            self._x("COMMIT")
+        data, log = self._read_blob("counters", key)
         out = counters_from(data, size)
         for packed in log:
             add_counters(out, *_unpack_deltas(packed))
         return out
 
     async def counters_add(self, key, deltas):
-        self._x("BEGIN IMMEDIATE")
-        try:
-            self._counters_add(key, deltas)
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
+        self._in_write(self._counters_add, key, deltas)
 
     def _counters_add(self, key, deltas) -> None:
         """:meth:`counters_add` inside the caller's write transaction."""
@@ -405,7 +400,7 @@ class SQLiteStore(Store):
     def _counters_fold(self, key, more: bytes = b"") -> None:
         """Write the BLOB with its log's additions (and the ``more`` packed ones) applied;
         empty the log."""
-        data, log = self._counters_parts(key)
+        data, log = self._blob_parts("counters", key)
         log.append(more)
         end = max([len(data) // 4] + [max(_unpack_deltas(p)[0], default=-1) + 1 for p in log])
         arr = counters_from(data, end)
