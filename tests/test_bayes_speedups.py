@@ -289,13 +289,44 @@ def test_addresses_are_the_same_either_way():
     assert len(_same_either_way("_addresses", [many], 50)[0]) == 50
 
 
+@needs_c
+def test_header_tokens_are_the_same_either_way():
+    """The C pass over the header fields gives the Python one's tokens: every selected header
+    and some others, encoded words, addresses or none, Message-IDs with and without "@",
+    blank and odd dates, subjects in capitals or not, values past 4,000 characters and more
+    than six Received fields."""
+    names = sorted(tk._SELECTED) + ["x-other", "comments"]
+    values = ["", " ", "Mon, 2 Dec 2002 10:00:00 +0100", "=?utf-8?b?SMOpbGxv?= world",
+              "=?iso-2022-jp?B?GyRCJUYlOSVIGyhC?=", "=?x?q?a?=" * 12, "Bob <bob@Example.COM>",
+              "a@b, C@D.example, <e@f.example>", "<20021008.a1B@mail.Example.co.uk>",
+              "<no-at-sign>", "<@>", "a@b@c", "HELLO WORLD!!", "123 456", "ÉTÉ", "Ünïcode ☃",
+              'text/HTML; charset="ISO-8859-1"', "multipart/mixed;boundary=x", " BASE64 ",
+              "from mx.example.org ([192.0.2.1]) by gw.example; Mon", "x" * 5000 + "@y.example",
+              "　 ", "Name (comment) <n@m.example>; other@x"]
+    rng = random.Random(20261130)
+    cases = [[(n, v)] for n in names for v in values]
+    cases += [[("received", v) for v in values[:9]]]  # more than six Received fields
+    for _ in range(3000):
+        cases.append([(rng.choice(names), rng.choice(values) + rng.choice(["", " ", "@x.y"]))
+                      for _ in range(rng.randrange(0, 12))])
+    for headers in cases:
+        c, py = set(), set()
+        tk._header_tokens_c(headers, c)
+        tk._header_tokens_py(headers, py)
+        assert c == py, headers
+    with pytest.raises(TypeError):
+        tk._header_tokens_c([("subject", b"bytes")], set())
+    with pytest.raises(TypeError):
+        tk._header_tokens_c(("not", "a list"), set())
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and
     address passes."""
     names = ("_split_words", "_cased_words", "_cased_into", "_received_words", "_url_words",
              "_shape", "_unfold", "_strip_tags", "_tag_parts", "_header_lines", "_attr_names",
-             "_addresses")
+             "_addresses", "_header_tokens")
     saved = [getattr(tk, n) for n in names]
     for n in names:
         setattr(tk, n, getattr(tk, f"{n}_{path}"))

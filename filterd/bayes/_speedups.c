@@ -1840,6 +1840,369 @@ error:
     return NULL;
 }
 
+/* -- the header tokens (tokenizer._header_tokens_py) ----------------------------------------- */
+/* What each selected header name gives (tokenizer._HEADER_CODES). */
+enum {
+    H_SUBJECT = 1, H_FROM, H_SENDER, H_TO, H_CC, H_REPLY_TO, H_ERRORS_TO, H_RETURN_PATH,
+    H_MESSAGE_ID, H_DATE, H_MAILER, H_RECEIVED, H_CONTENT_TYPE, H_WORDS, H_CTE
+};
+
+/* The strings the header tokens are made of, interned once. */
+static PyObject *S_LOWER, *S_UPPER, *S_STRIP, *S_RSPLIT, *S_ENC_MARK, *S_BANGS, *S_BY, *S_SEMI,
+    *S_STRIP_MID, *S_STRIP_LOCAL, *S_EMPTY, *S_COLON, *S_FROM, *S_SENDER, *S_TO, *S_RT, *S_ET,
+    *S_RP, *S_SUBJ, *S_MAILER, *S_MID_DOM, *S_MID_SHAPE, *S_DATE_TZ, *S_DATE_SHAPE, *S_CTYPE,
+    *S_CHARSET, *S_CTE, *T_ALLCAPS, *T_BANGS, *T_FROM_NOADDR, *T_SENDER_NOADDR, *T_RP_EMPTY,
+    *T_MID_NODOMAIN, *T_MID_NONE, *T_DATE_NONE;
+
+static int init_header_strings(void)
+{
+    struct { PyObject **p; const char *s; } all[] = {
+        {&S_LOWER, "lower"}, {&S_UPPER, "upper"}, {&S_STRIP, "strip"}, {&S_RSPLIT, "rsplit"},
+        {&S_ENC_MARK, "=?"}, {&S_BANGS, "!!"}, {&S_BY, " by "}, {&S_SEMI, ";"},
+        {&S_STRIP_MID, " <>"}, {&S_STRIP_LOCAL, " <"}, {&S_EMPTY, ""}, {&S_COLON, ":"},
+        {&S_FROM, "from:"}, {&S_SENDER, "sender:"}, {&S_TO, "to:"}, {&S_RT, "rt:"},
+        {&S_ET, "et:"}, {&S_RP, "rp:"}, {&S_SUBJ, "subj:"}, {&S_MAILER, "mailer:"},
+        {&S_MID_DOM, "mid:dom:"}, {&S_MID_SHAPE, "mid:shape:"}, {&S_DATE_TZ, "date:tz:"},
+        {&S_DATE_SHAPE, "date:shape:"}, {&S_CTYPE, "ctype:"}, {&S_CHARSET, "charset:"},
+        {&S_CTE, "cte:top:"}, {&T_ALLCAPS, "subj:allcaps"}, {&T_BANGS, "subj:bangs"},
+        {&T_FROM_NOADDR, "from:noaddr"}, {&T_SENDER_NOADDR, "sender:noaddr"},
+        {&T_RP_EMPTY, "rp:empty"}, {&T_MID_NODOMAIN, "mid:nodomain"}, {&T_MID_NONE, "mid:none"},
+        {&T_DATE_NONE, "date:none"},
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if ((*all[i].p = PyUnicode_InternFromString(all[i].s)) == NULL)
+            return -1;
+    return 0;
+}
+
+/* out.add(prefix + text[:most]) (most < 0: all of it); steals nothing. -1 on error. */
+static int add_cut(PyObject *out, PyObject *prefix, PyObject *text, Py_ssize_t most)
+{
+    PyObject *cut = most < 0 ? Py_NewRef(text) : PyUnicode_Substring(text, 0, most);
+    if (cut == NULL)
+        return -1;
+    PyObject *tok = PyUnicode_Concat(prefix, cut);
+    Py_DECREF(cut);
+    if (tok == NULL)
+        return -1;
+    int rc = PySet_Add(out, tok);
+    Py_DECREF(tok);
+    return rc;
+}
+
+/* text.<method>() (lower, upper, strip) */
+static PyObject *call0(PyObject *text, PyObject *method)
+{
+    return PyObject_CallMethodNoArgs(text, method);
+}
+
+/* *p = (*p).<method>() or (*p).<method>(arg), the old one released; -1 on error (*p NULL). */
+static int apply_method(PyObject **p, PyObject *method, PyObject *arg)
+{
+    PyObject *v = arg ? PyObject_CallMethodOneArg(*p, method, arg)
+                      : PyObject_CallMethodNoArgs(*p, method);
+    Py_DECREF(*p);
+    *p = v;
+    return v ? 0 : -1;
+}
+
+/* tokenizer._address_tokens: the number of addresses, -1 on error. */
+static int address_tokens(PyObject *value, PyObject *prefix, PyObject *out, int with_local)
+{
+    if (PyUnicode_FindChar(value, '@', 0, PyUnicode_GET_LENGTH(value), 1) < 0)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *argv[2] = {value, NULL};
+    if ((argv[1] = PyLong_FromLong(50)) == NULL)
+        return -1;
+    PyObject *pairs = addresses(NULL, argv, 2);
+    Py_DECREF(argv[1]);
+    if (pairs == NULL)
+        return -1;
+    int n = 0;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(pairs); k++) {
+        PyObject *pair = PyList_GET_ITEM(pairs, k);
+        PyObject *dom = call0(PyTuple_GET_ITEM(pair, 1), S_LOWER), *tok = NULL, *local = NULL;
+        int rc = -1;
+        if (dom == NULL)
+            goto next;
+        n++;
+        if ((tok = PyUnicode_FromFormat("%Udom:%U", prefix, dom)) == NULL
+            || PySet_Add(out, tok) < 0)
+            goto next;
+        Py_CLEAR(tok);
+        if (with_local) {
+            if ((local = call0(PyTuple_GET_ITEM(pair, 0), S_LOWER)) == NULL
+                || (tok = PyUnicode_FromFormat("%Uaddr:%U@%U", prefix, local, dom)) == NULL
+                || PySet_Add(out, tok) < 0)
+                goto next;
+        }
+        rc = 0;
+next:
+        Py_XDECREF(dom);
+        Py_XDECREF(tok);
+        Py_XDECREF(local);
+        if (rc < 0) {
+            Py_DECREF(pairs);
+            return -1;
+        }
+    }
+    Py_DECREF(pairs);
+    return n;
+}
+
+/* One header's tokens (the body of _header_tokens_py's loop); -1 on error. */
+static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
+                      PyObject *helpers, int *received, int *seen_mid, int *seen_date)
+{
+    PyObject *words = PyTuple_GET_ITEM(helpers, 0), *decode = PyTuple_GET_ITEM(helpers, 1),
+             *encwords = PyTuple_GET_ITEM(helpers, 2), *regdomain = PyTuple_GET_ITEM(helpers, 3),
+             *charset = PyTuple_GET_ITEM(helpers, 4), *sld = PyTuple_GET_ITEM(helpers, 5);
+    PyObject *value = NULL, *a = NULL, *b = NULL, *c = NULL;
+    int rc = -1;
+    int enc = PyUnicode_Contains(raw, S_ENC_MARK);
+    if (enc < 0)
+        return -1;
+    if (enc) {
+        if ((a = PyObject_CallOneArg(encwords, raw)) == NULL || !PyList_Check(a))
+            goto done;
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(a) && k < 10; k++) {
+            PyObject *pair = PyList_GET_ITEM(a, k);
+            PyObject *cs = call0(PyTuple_GET_ITEM(pair, 0), S_LOWER);
+            PyObject *en = cs ? call0(PyTuple_GET_ITEM(pair, 1), S_LOWER) : NULL;
+            PyObject *tok = en ? PyUnicode_FromFormat("enc:%U:%U:%U", lname, cs, en) : NULL;
+            int r = tok ? PySet_Add(out, tok) : -1;
+            Py_XDECREF(cs);
+            Py_XDECREF(en);
+            Py_XDECREF(tok);
+            if (r < 0)
+                goto done;
+        }
+        Py_CLEAR(a);
+    }
+    if (code == H_RECEIVED) {
+        if (++*received > 6)
+            return 0;
+        if ((a = call0(raw, S_LOWER)) == NULL)
+            goto done;
+        Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+        Py_ssize_t cut = PyUnicode_Find(a, S_BY, 0, n, 1);
+        if (cut == -1)
+            cut = PyUnicode_Find(a, S_SEMI, 0, n, 1);
+        if (cut < -1)
+            goto done;
+        if (cut >= 0) {
+            PyObject *cutoff = PyUnicode_Substring(a, 0, cut);
+            Py_DECREF(a);
+            if ((a = cutoff) == NULL)
+                goto done;
+        }
+        PyObject *argv[3] = {sld, a, out};
+        if ((b = received_words(NULL, argv, 3)) == NULL)
+            goto done;
+        rc = 0;
+        goto done;
+    }
+    value = enc ? PyObject_CallOneArg(decode, raw) : Py_NewRef(raw);
+    if (value == NULL)
+        goto done;
+    if (!PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "header_tokens: decode must return str");
+        goto done;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    switch (code) {
+    case H_SUBJECT: {
+        if ((a = PyObject_CallFunctionObjArgs(words, value, S_SUBJ, out, Py_True, NULL)) == NULL)
+            goto done;
+        if (n > 0) {
+            if ((b = call0(value, S_UPPER)) == NULL)
+                goto done;
+            int same = PyUnicode_Compare(b, value) == 0;
+            if (same) {
+                int kind = PyUnicode_KIND(value);
+                const void *data = PyUnicode_DATA(value);
+                for (Py_ssize_t i = 0; i < n; i++)
+                    if (Py_UNICODE_ISALPHA(PyUnicode_READ(kind, data, i))) {
+                        if (PySet_Add(out, T_ALLCAPS) < 0)
+                            goto done;
+                        break;
+                    }
+            }
+        }
+        int bangs = PyUnicode_Contains(value, S_BANGS);
+        if (bangs < 0 || (bangs && PySet_Add(out, T_BANGS) < 0))
+            goto done;
+        break;
+    }
+    case H_FROM:
+    case H_SENDER: {
+        PyObject *pre = code == H_FROM ? S_FROM : S_SENDER;
+        int k = address_tokens(value, pre, out, 1);
+        if (k < 0 || (k == 0 && PySet_Add(out, code == H_FROM ? T_FROM_NOADDR
+                                                             : T_SENDER_NOADDR) < 0))
+            goto done;
+        Py_ssize_t lt = PyUnicode_FindChar(value, '<', 0, n, 1);
+        if (lt < -1)
+            goto done;
+        if ((a = lt >= 0 ? PyUnicode_Substring(value, 0, lt) : Py_NewRef(S_EMPTY)) == NULL
+            || (b = PyUnicode_FromFormat("%Uname:", pre)) == NULL
+            || (c = PyObject_CallFunctionObjArgs(words, a, b, out, NULL)) == NULL)
+            goto done;
+        break;
+    }
+    case H_TO:
+    case H_CC: {
+        int k = address_tokens(value, S_TO, out, 0);
+        if (k < 0)
+            goto done;
+        if ((a = PyUnicode_FromFormat("%U:count:%d", lname, k < 10 ? k : 10)) == NULL
+            || PySet_Add(out, a) < 0)
+            goto done;
+        break;
+    }
+    case H_REPLY_TO:
+    case H_ERRORS_TO:
+        if (address_tokens(value, code == H_REPLY_TO ? S_RT : S_ET, out, 1) < 0)
+            goto done;
+        break;
+    case H_RETURN_PATH: {
+        int k = address_tokens(value, S_RP, out, 0);
+        if (k < 0 || (k == 0 && PySet_Add(out, T_RP_EMPTY) < 0))
+            goto done;
+        break;
+    }
+    case H_MESSAGE_ID: {
+        *seen_mid = 1;
+        Py_ssize_t at = PyUnicode_FindChar(value, '@', 0, n, -1);
+        if (at < -1)
+            goto done;
+        /* value.rpartition("@"): no "@": ("", "", value) */
+        if ((a = at >= 0 ? PyUnicode_Substring(value, 0, at) : Py_NewRef(S_EMPTY)) == NULL
+            || (b = at >= 0 ? PyUnicode_Substring(value, at + 1, n) : Py_NewRef(value)) == NULL)
+            goto done;
+        if (apply_method(&b, S_STRIP, S_STRIP_MID) < 0 || apply_method(&b, S_LOWER, NULL) < 0)
+            goto done;
+        if (PyUnicode_GET_LENGTH(b) > 0) {
+            if ((c = PyObject_CallOneArg(regdomain, b)) == NULL || !PyUnicode_Check(c)
+                || add_cut(out, S_MID_DOM, c, 60) < 0)
+                goto done;
+        } else if (PySet_Add(out, T_MID_NODOMAIN) < 0) {
+            goto done;
+        }
+        if (apply_method(&a, S_STRIP, S_STRIP_LOCAL) < 0 || (c = shape(NULL, a)) == NULL
+            || add_cut(out, S_MID_SHAPE, c, 30) < 0)
+            goto done;
+        break;
+    }
+    case H_DATE: {
+        *seen_date = 1;
+        if ((a = call0(value, S_STRIP)) == NULL)
+            goto done;
+        if (PyUnicode_GET_LENGTH(a) > 0) {
+            if ((b = PyObject_CallMethod(value, "rsplit", "On", Py_None, (Py_ssize_t)1)) == NULL
+                || !PyList_Check(b) || PyList_GET_SIZE(b) == 0)
+                goto done;
+            if (add_cut(out, S_DATE_TZ, PyList_GET_ITEM(b, PyList_GET_SIZE(b) - 1), 12) < 0)
+                goto done;
+        } else if (PySet_Add(out, S_DATE_TZ) < 0) {
+            goto done;
+        }
+        if ((c = shape(NULL, value)) == NULL || add_cut(out, S_DATE_SHAPE, c, 40) < 0)
+            goto done;
+        break;
+    }
+    case H_MAILER:
+        if ((a = PyObject_CallFunctionObjArgs(words, value, S_MAILER, out, NULL)) == NULL)
+            goto done;
+        break;
+    case H_CONTENT_TYPE: {
+        Py_ssize_t semi = PyUnicode_FindChar(value, ';', 0, n, 1);
+        if (semi < -1)
+            goto done;
+        if ((a = semi >= 0 ? PyUnicode_Substring(value, 0, semi) : Py_NewRef(value)) == NULL)
+            goto done;
+        if (apply_method(&a, S_STRIP, NULL) < 0 || apply_method(&a, S_LOWER, NULL) < 0
+            || add_cut(out, S_CTYPE, a, 60) < 0)
+            goto done;
+        if ((b = PyObject_CallOneArg(charset, value)) == NULL)
+            goto done;
+        if (b != Py_None) {
+            if ((c = call0(b, S_LOWER)) == NULL || add_cut(out, S_CHARSET, c, -1) < 0)
+                goto done;
+        }
+        break;
+    }
+    case H_WORDS:
+        if ((b = PyUnicode_Concat(lname, S_COLON)) == NULL
+            || (a = PyObject_CallFunctionObjArgs(words, value, b, out, NULL)) == NULL)
+            goto done;
+        break;
+    case H_CTE:
+        if ((a = call0(value, S_STRIP)) == NULL || apply_method(&a, S_LOWER, NULL) < 0
+            || add_cut(out, S_CTE, a, 30) < 0)
+            goto done;
+        break;
+    default:
+        PyErr_Format(PyExc_ValueError, "header_tokens: unknown header code %ld", code);
+        goto done;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(value);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    return rc;
+}
+
+/* header_tokens(codes, helpers, headers, out) -> None: tokenizer._header_tokens_py in one C
+   pass over the header fields; the helpers (words, decode, encwords, regdomain, charset, sld)
+   are the Python functions (and the set) the Python path calls for the same steps. */
+static PyObject *header_tokens(PyObject *Py_UNUSED(self), PyObject *const *args,
+                               Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyTuple_Check(args[1])
+        || PyTuple_GET_SIZE(args[1]) != 6 || !PyAnySet_Check(PyTuple_GET_ITEM(args[1], 5))
+        || !PyList_Check(args[2]) || !PySet_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "header_tokens(codes: dict, helpers: (words, decode, "
+                        "encwords, regdomain, charset, sld: set), headers: list, out: set)");
+        return NULL;
+    }
+    PyObject *codes = args[0], *helpers = args[1], *headers = args[2], *out = args[3];
+    int received = 0, seen_mid = 0, seen_date = 0;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(headers); k++) {
+        PyObject *item = PyList_GET_ITEM(headers, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
+            || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))
+            || !PyUnicode_Check(PyTuple_GET_ITEM(item, 1))) {
+            PyErr_SetString(PyExc_TypeError, "header_tokens: headers must be (name, value) "
+                            "pairs of str");
+            return NULL;
+        }
+        PyObject *lname = PyTuple_GET_ITEM(item, 0);
+        PyObject *code = PyDict_GetItemWithError(codes, lname);  /* borrowed */
+        if (code == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            continue;  /* not a selected header */
+        }
+        long c = PyLong_AsLong(code);
+        if (c == -1 && PyErr_Occurred())
+            return NULL;
+        PyObject *raw = PyUnicode_Substring(PyTuple_GET_ITEM(item, 1), 0, 4000);
+        if (raw == NULL)
+            return NULL;
+        int rc = one_header(c, lname, raw, out, helpers, &received, &seen_mid, &seen_date);
+        Py_DECREF(raw);
+        if (rc < 0)
+            return NULL;
+    }
+    if ((!seen_mid && PySet_Add(out, T_MID_NONE) < 0)
+        || (!seen_date && PySet_Add(out, T_DATE_NONE) < 0))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
@@ -1892,6 +2255,9 @@ static PyMethodDef methods[] = {
     {"presence_filter", (PyCFunction)(void (*)(void))presence_filter, METH_FASTCALL,
      "presence_filter(bitmap, tokens) -> list: the tokens whose bits are all set (see "
      "filterd/bayes/presence.py)"},
+    {"header_tokens", (PyCFunction)(void (*)(void))header_tokens, METH_FASTCALL,
+     "header_tokens(codes, helpers, headers, out) -> None: the header fields' tokens (see "
+     "tokenizer._header_tokens_py)"},
     {"linear_buckets", (PyCFunction)linear_buckets, METH_O,
      "linear_buckets(tokens) -> list: each token's bucket (see filterd/bayes/linear.py)"},
     {NULL, NULL, 0, NULL},
@@ -1908,6 +2274,8 @@ PyMODINIT_FUNC PyInit__speedups(void)
 {
     init_tables();
     init_crc_table();
+    if (init_header_strings() < 0)
+        return NULL;
     if ((WWW = PyUnicode_InternFromString("www.")) == NULL
         || (SCHEME_SEP = PyUnicode_InternFromString("://")) == NULL)
         return NULL;

@@ -593,7 +593,10 @@ _SHAPE_RUNS = [(re.compile(c + rb"{2,}"), c) for c in (b"9", b"a", b"A")]
 _CHARSET_RE = re.compile(r'(?i)charset\s*=\s*"?([^";\s]{1,40})')
 
 
-def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
+def _header_tokens_py(headers: list[tuple[str, str]], out: set) -> None:
+    """The tokens of the selected header fields (``headers``: :func:`raw_headers`' pairs).
+    The C extension's ``header_tokens`` does the same in one pass, calling back the same
+    functions for words, encoded words and domains (:data:`_header_tokens`)."""
     received = 0
     seen_mid = seen_date = False
     for lname, raw in headers:
@@ -666,6 +669,26 @@ def _header_tokens(headers: list[tuple[str, str]], out: set) -> None:
 
 def _decode(value: str) -> str:
     return decode_header_value(value) if "=?" in value else value
+
+
+def _charset_of(value: str) -> str | None:
+    m = _CHARSET_RE.search(value)
+    return m.group(1) if m else None
+
+
+# What each selected header gives, for the C extension's header_tokens (its H_* codes): the
+# branches of _header_tokens_py
+_HEADER_CODES = {"subject": 1, "from": 2, "sender": 3, "to": 4, "cc": 5, "reply-to": 6,
+                 "errors-to": 7, "return-path": 8, "message-id": 9, "date": 10, "x-mailer": 11,
+                 "user-agent": 11, "received": 12, "content-type": 13, "list-id": 14,
+                 "organization": 14, "precedence": 14, "x-priority": 14, "importance": 14,
+                 "content-transfer-encoding": 15}
+assert set(_HEADER_CODES) == _SELECTED
+_header_tokens_c = (functools.partial(
+    _c.header_tokens, _HEADER_CODES, (_words, decode_header_value, _ENCWORD_RE.findall,
+                                      registrable_domain, _charset_of, _SLD))
+    if getattr(_c, "header_tokens", None) else None)
+_header_tokens = _header_tokens_c or _header_tokens_py
 
 
 def tokenize(message: Message | bytes) -> set[str]:
