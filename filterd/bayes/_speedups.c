@@ -1848,7 +1848,7 @@ enum {
 };
 
 /* The strings the header tokens are made of, interned once. */
-static PyObject *S_LOWER, *S_UPPER, *S_STRIP, *S_RSPLIT, *S_ENC_MARK, *S_BANGS, *S_BY, *S_SEMI,
+static PyObject *S_LOWER, *S_UPPER, *S_STRIP, *S_ENC_MARK, *S_BANGS, *S_BY, *S_SEMI,
     *S_STRIP_MID, *S_STRIP_LOCAL, *S_EMPTY, *S_COLON, *S_FROM, *S_SENDER, *S_TO, *S_RT, *S_ET,
     *S_RP, *S_SUBJ, *S_MAILER, *S_MID_DOM, *S_MID_SHAPE, *S_DATE_TZ, *S_DATE_SHAPE, *S_CTYPE,
     *S_CHARSET, *S_CTE, *T_ALLCAPS, *T_BANGS, *T_FROM_NOADDR, *T_SENDER_NOADDR, *T_RP_EMPTY,
@@ -1857,7 +1857,7 @@ static PyObject *S_LOWER, *S_UPPER, *S_STRIP, *S_RSPLIT, *S_ENC_MARK, *S_BANGS, 
 static int init_header_strings(void)
 {
     struct { PyObject **p; const char *s; } all[] = {
-        {&S_LOWER, "lower"}, {&S_UPPER, "upper"}, {&S_STRIP, "strip"}, {&S_RSPLIT, "rsplit"},
+        {&S_LOWER, "lower"}, {&S_UPPER, "upper"}, {&S_STRIP, "strip"},
         {&S_ENC_MARK, "=?"}, {&S_BANGS, "!!"}, {&S_BY, " by "}, {&S_SEMI, ";"},
         {&S_STRIP_MID, " <>"}, {&S_STRIP_LOCAL, " <"}, {&S_EMPTY, ""}, {&S_COLON, ":"},
         {&S_FROM, "from:"}, {&S_SENDER, "sender:"}, {&S_TO, "to:"}, {&S_RT, "rt:"},
@@ -1963,8 +1963,12 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
     if (enc < 0)
         return -1;
     if (enc) {
-        if ((a = PyObject_CallOneArg(encwords, raw)) == NULL || !PyList_Check(a))
+        if ((a = PyObject_CallOneArg(encwords, raw)) == NULL)
             goto done;
+        if (!PyList_Check(a)) {
+            PyErr_SetString(PyExc_TypeError, "header_tokens: encwords must return a list");
+            goto done;
+        }
         for (Py_ssize_t k = 0; k < PyList_GET_SIZE(a) && k < 10; k++) {
             PyObject *pair = PyList_GET_ITEM(a, k);
             PyObject *cs = call0(PyTuple_GET_ITEM(pair, 0), S_LOWER);
@@ -2083,12 +2087,18 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         if (apply_method(&b, S_STRIP, S_STRIP_MID) < 0 || apply_method(&b, S_LOWER, NULL) < 0)
             goto done;
         if (PyUnicode_GET_LENGTH(b) > 0) {
-            if ((c = PyObject_CallOneArg(regdomain, b)) == NULL || !PyUnicode_Check(c)
-                || add_cut(out, S_MID_DOM, c, 60) < 0)
+            if ((c = PyObject_CallOneArg(regdomain, b)) == NULL)
+                goto done;
+            if (!PyUnicode_Check(c)) {
+                PyErr_SetString(PyExc_TypeError, "header_tokens: regdomain must return str");
+                goto done;
+            }
+            if (add_cut(out, S_MID_DOM, c, 60) < 0)
                 goto done;
         } else if (PySet_Add(out, T_MID_NODOMAIN) < 0) {
             goto done;
         }
+        Py_CLEAR(c);
         if (apply_method(&a, S_STRIP, S_STRIP_LOCAL) < 0 || (c = shape(NULL, a)) == NULL
             || add_cut(out, S_MID_SHAPE, c, 30) < 0)
             goto done;
@@ -2099,8 +2109,8 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         if ((a = call0(value, S_STRIP)) == NULL)
             goto done;
         if (PyUnicode_GET_LENGTH(a) > 0) {
-            if ((b = PyObject_CallMethod(value, "rsplit", "On", Py_None, (Py_ssize_t)1)) == NULL
-                || !PyList_Check(b) || PyList_GET_SIZE(b) == 0)
+            /* (str.rsplit gives a list, not empty for a text with more than blanks) */
+            if ((b = PyObject_CallMethod(value, "rsplit", "On", Py_None, (Py_ssize_t)1)) == NULL)
                 goto done;
             if (add_cut(out, S_DATE_TZ, PyList_GET_ITEM(b, PyList_GET_SIZE(b) - 1), 12) < 0)
                 goto done;
