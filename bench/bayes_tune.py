@@ -23,6 +23,7 @@ import os
 import pickle
 import sys
 import tempfile
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def scores(ham, spam, toks, split: str, folds: int, params: C.Params, mix: bool 
         sc, hc = counted(trh, trs, toks)
         model = linear.Trainer(linear.zeros(), 0)
         if mix:  # (the order bayes_bench.py collects them in: spam, then ham)
-            model.fit([(linear.buckets(toks[str(p)]), True) for p in trs]
-                      + [(linear.buckets(toks[str(p)]), False) for p in trh])
+            model.fit([(array("I", linear.buckets(toks[str(p)])), True) for p in trs]
+                      + [(array("I", linear.buckets(toks[str(p)])), False) for p in trh])
         weights = model.weights
         for files, out in ((teh, hs), (tes, ss)):
             for p in files:

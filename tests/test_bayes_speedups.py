@@ -320,6 +320,42 @@ def test_header_tokens_are_the_same_either_way():
         tk._header_tokens_c(("not", "a list"), set())
 
 
+@needs_c
+def test_linear_steps_are_the_same_either_way():
+    """A PA-I step in C gives the Python one's changes and leaves the same weights: margins
+    short of 1 and past it, no tokens, steps capped by C, rounding half to even, weights near
+    the 32-bit limits (saturating); wrong arguments are errors."""
+    from array import array
+
+    from filterd.bayes import linear
+
+    rng = random.Random(20261130)
+    weights = linear.zeros()
+    for i in range(0, linear.BUCKETS, 5):
+        weights[i] = rng.randrange(-3000, 3000)
+    weights[7] = (1 << 31) - 10
+    weights[8] = -(1 << 31) + 10
+    cases = [(array("I"), 0, True, 1.0), (array("I", [7, 8, 7]), 0, True, 1.0),
+             (array("I", [7, 8]), 0, False, 1.0)]
+    for _ in range(3000):
+        n = rng.choice([1, 2, 3, 50, 200, 1000])
+        bk = array("I", (rng.randrange(linear.BUCKETS) for _ in range(n)))
+        cases.append((bk, rng.randrange(-3_000_000, 3_000_000), rng.random() < 0.5,
+                      rng.choice([1.0, 0.5, 0.01, 1e-7])))
+    c_w, py_w = array("i", weights), array("i", weights)
+    for bk, bias, spam, c in cases:
+        got = linear._c.linear_step(c_w, bk, bias, spam, c)
+        want = linear._step_py(py_w, bk, bias, spam, c)
+        assert got == want, (len(bk), bias, spam, c)
+    assert c_w == py_w and c_w != weights  # (steps were taken)
+    with pytest.raises(TypeError):
+        linear._c.linear_step(c_w, [1, 2], 0, True, 1.0)  # not an array('I')
+    with pytest.raises(ValueError):
+        linear._c.linear_step(array("i", [0]), array("I", [0]), 0, True, 1.0)
+    with pytest.raises(ValueError):
+        linear._c.linear_step(c_w, array("I", [linear.BUCKETS]), 0, True, 1.0)
+
+
 def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and

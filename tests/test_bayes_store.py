@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from array import array
 
 import pytest
 
@@ -502,7 +503,7 @@ def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
     without tokens, is left alone; bulk training is reproducible."""
     w = linear.zeros()
     t = linear.Trainer(w, 0)
-    bk = linear.buckets([f"tok{i}" for i in range(100)])
+    bk = array("I", linear.buckets([f"tok{i}" for i in range(100)]))
 
     def z():
         return linear.margin(sum(w[b] for b in bk), t.bias, len(bk))
@@ -517,8 +518,8 @@ def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
                                                    round(0.5 / linear.UNIT))
     assert linear.step(2.0, True, 100) == (0, 0) and linear.step(0.0, True, 0) == (0, 0)
     assert t.deltas == {b: w[b] for b in set(bk)} and t.bias_delta == t.bias
-    samples = [(linear.buckets([f"s{i}", "x"]), True) for i in range(20)] + [
-        (linear.buckets([f"h{i}", "x"]), False) for i in range(20)]
+    samples = [(array("I", linear.buckets([f"s{i}", "x"])), True) for i in range(20)] + [
+        (array("I", linear.buckets([f"h{i}", "x"])), False) for i in range(20)]
     a, b = linear.Trainer(linear.zeros(), 0), linear.Trainer(linear.zeros(), 0)
     a.fit(samples)
     b.fit(samples)

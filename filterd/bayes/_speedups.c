@@ -1815,6 +1815,74 @@ static PyObject *presence_filter(PyObject *Py_UNUSED(self), PyObject *const *arg
     return out;
 }
 
+/* linear_step(weights, buckets, bias, spam, c) -> (dw, db): linear._step_py, operation for
+   operation: the margin of the message whose tokens' buckets are given, PA-I's step for it,
+   dw added to each bucket's weight in place (saturating at the int32 limits). */
+static PyObject *linear_step(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "linear_step(weights, buckets, bias, spam, c)");
+        return NULL;
+    }
+    Py_buffer wv, bv;
+    if (PyObject_GetBuffer(args[0], &wv, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (wv.len != (Py_ssize_t)sizeof(int32_t) * LINEAR_BUCKETS) {
+        PyBuffer_Release(&wv);
+        PyErr_SetString(PyExc_ValueError, "linear_step: weights must hold linear.BUCKETS int32s");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &bv, PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&wv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (bv.itemsize != 4 || bv.format == NULL || (strcmp(bv.format, "I") != 0
+                                                   && strcmp(bv.format, "=I") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "linear_step: buckets must be an array('I')");
+        goto done;
+    }
+    long long bias = PyLong_AsLongLong(args[2]);
+    int spam = PyObject_IsTrue(args[3]);
+    double c = PyFloat_AsDouble(args[4]);
+    if ((bias == -1 || c == -1.0) && PyErr_Occurred())
+        goto done;
+    if (spam < 0)
+        goto done;
+    int32_t *w = (int32_t *)wv.buf;
+    const uint32_t *bk = (const uint32_t *)bv.buf;
+    Py_ssize_t n = bv.len / 4;
+    long long total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (bk[i] >= LINEAR_BUCKETS) {
+            PyErr_SetString(PyExc_ValueError, "linear_step: a bucket past linear.BUCKETS");
+            goto done;
+        }
+        total += w[bk[i]];
+    }
+    /* margin(): UNIT * (bias + total / sqrt(n)), or UNIT * bias without tokens */
+    const double unit = 1e-6;
+    double z = n ? unit * ((double)bias + (double)total / sqrt((double)n)) : unit * (double)bias;
+    double y = spam ? 1.0 : -1.0, loss = 1.0 - y * z;
+    if (loss <= 0.0 || n <= 0) {
+        result = Py_BuildValue("(ii)", 0, 0);
+        goto done;
+    }
+    double tau = loss / 2.0 < c ? loss / 2.0 : c;  /* min(c, loss / 2) */
+    long long dw = (long long)nearbyint(tau * y / sqrt((double)n) / unit);  /* round(): */
+    long long db = (long long)nearbyint(tau * y / unit);                   /* half to even */
+    if (dw)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long long v = (long long)w[bk[i]] + dw;
+            w[bk[i]] = v > INT32_MAX ? INT32_MAX : v < INT32_MIN ? INT32_MIN : (int32_t)v;
+        }
+    result = Py_BuildValue("(LL)", dw, db);
+done:
+    PyBuffer_Release(&bv);
+    PyBuffer_Release(&wv);
+    return result;
+}
+
 /* linear_buckets(tokens) -> list[int]: each token's bucket, in the order given. */
 static PyObject *linear_buckets(PyObject *Py_UNUSED(self), PyObject *tokens)
 {
@@ -2268,6 +2336,9 @@ static PyMethodDef methods[] = {
     {"header_tokens", (PyCFunction)(void (*)(void))header_tokens, METH_FASTCALL,
      "header_tokens(codes, helpers, headers, out) -> None: the header fields' tokens (see "
      "tokenizer._header_tokens_py)"},
+    {"linear_step", (PyCFunction)(void (*)(void))linear_step, METH_FASTCALL,
+     "linear_step(weights, buckets, bias, spam, c) -> (dw, db): one PA-I step of the linear "
+     "model, applied to weights (see filterd/bayes/linear.py)"},
     {"linear_buckets", (PyCFunction)linear_buckets, METH_O,
      "linear_buckets(tokens) -> list: each token's bucket (see filterd/bayes/linear.py)"},
     {NULL, NULL, 0, NULL},

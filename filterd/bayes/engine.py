@@ -326,10 +326,11 @@ class Bayes:
         nspam = nham = 0
         for dig, toks in pending:
             if self.linear:  # (every message, also one learned before: a step if it needs it)
-                if trainer is not None:
-                    trainer.learn(linear.buckets(toks), spam)
-                else:  # (kept for several passes: 4 bytes a token, not an int object)
-                    collect.append((array("I", linear.buckets(toks)), spam))
+                bkts = array("I", linear.buckets(toks))  # (kept by bulk training: 4 bytes
+                if trainer is not None:                   # a token, not an int object)
+                    trainer.learn(bkts, spam)
+                else:
+                    collect.append((bkts, spam))
             prev = seen.get(dig, 0)
             if prev == cls:
                 stats.already += 1

@@ -115,6 +115,23 @@ def mix(fisher: float, z: float) -> float:
     return 1.0 / (1.0 + math.exp(-s))
 
 
+def _step_py(weights: array, bkts: array, bias: int, spam: bool, c: float) -> tuple[int, int]:
+    """One step for a message whose tokens' buckets are ``bkts`` (an ``array('I')``): its
+    margin, PA-I's change (:func:`step`), the bucket change added to ``weights`` in place
+    (saturating at the 32-bit limits); returns (bucket change, bias change). The C
+    extension's ``linear_step`` does the same (the same weights: tests/test_bayes_speedups.py)."""
+    n = len(bkts)
+    dw, db = step(margin(sum(map(weights.__getitem__, bkts)), bias, n), spam, n, c)
+    if dw:
+        for b in bkts:
+            v = weights[b] + dw
+            weights[b] = _LIMIT if v > _LIMIT else -_LIMIT - 1 if v < -_LIMIT - 1 else v
+    return dw, db
+
+
+_step = getattr(_c, "linear_step", None) or _step_py
+
+
 class Trainer:
     """Steps of the model on a copy of its weights, collecting what to write: ``deltas``
     (bucket -> change) and ``bias_delta``. ``weights`` is changed in place."""
@@ -126,28 +143,34 @@ class Trainer:
         self.deltas: dict[int, int] = {}
         self.messages = 0
 
-    def learn(self, bkts: list[int], spam: bool) -> None:
-        w = self.weights
-        dw, db = step(margin(sum(map(w.__getitem__, bkts)), self.bias, len(bkts)), spam,
-                      len(bkts))
+    def learn(self, bkts: array, spam: bool) -> None:
+        """One step for a message (``bkts``: its tokens' buckets, an ``array('I')``)."""
+        dw, db = _step(self.weights, bkts, self.bias, spam, C)
         self.messages += 1
-        if not (dw or db):
-            return
-        deltas = self.deltas
-        for b in bkts:
-            v = w[b] + dw
-            w[b] = _LIMIT if v > _LIMIT else -_LIMIT - 1 if v < -_LIMIT - 1 else v
-            deltas[b] = deltas.get(b, 0) + dw
+        if dw:
+            deltas = self.deltas
+            for b in bkts:
+                deltas[b] = deltas.get(b, 0) + dw
         self.bias += db
         self.bias_delta += db
 
-    def fit(self, samples: list[tuple[list[int], bool]], passes: int = PASSES,
+    def fit(self, samples: list[tuple[array, bool]], passes: int = PASSES,
             seed: int = SEED) -> None:
-        """``passes`` passes over ``(buckets, spam)`` samples, shuffled before each."""
+        """``passes`` passes over ``(buckets, spam)`` samples, shuffled before each; the
+        changes to write are the weights' differences at the end."""
+        w = self.weights
+        before = array("i", w)
         order = list(samples)
         rng = random.Random(seed)
+        step_, bias, bias_delta = _step, self.bias, 0
         for _ in range(passes):
             rng.shuffle(order)
             for bkts, spam in order:
-                self.learn(bkts, spam)
+                dw, db = step_(w, bkts, bias, spam, C)
+                bias += db
+                bias_delta += db
+        self.bias, self.bias_delta = bias, self.bias_delta + bias_delta
+        deltas = self.deltas
+        for i in (i for i, (a, b) in enumerate(zip(w, before)) if a != b):
+            deltas[i] = deltas.get(i, 0) + w[i] - before[i]
         self.messages = len(samples)  # (messages trained on, not steps)
