@@ -37,8 +37,8 @@ bench/README.md).
 
 Classifying adds up the weights of a message's learned tokens in the classifier's pass over
 its tokens (:mod:`.engine`: a token's weight is cached with its probability, so a cached token
-costs no hash). The C extension's ``linear_buckets`` does what :func:`_buckets_py` does
-(tests/test_bayes_speedups.py).
+costs no hash). The C extension's ``linear_buckets`` and ``linear_step`` do what
+:func:`_buckets_py` and :func:`_step_py` do (tests/test_bayes_speedups.py).
 """
 from __future__ import annotations
 
