@@ -509,7 +509,7 @@ static PyObject *unfold(PyObject *Py_UNUSED(self), PyObject *text)
 /* strip_tags(markup): tokenizer._STRIP_RE.sub(" ", markup): each script or style element,
  * comment and tag replaced by one space, found the way the pattern's alternatives are tried at
  * each "<" (see the top of the file). The text between replacements is joined with spaces. */
-static int is_word(Py_UCS4 ch)  /* the pattern module's \w for str: alphanumeric or _ */
+static inline int is_word_char(Py_UCS4 ch)  /* the pattern module's \w for str */
 {
     return ch == '_' || Py_UNICODE_ISALNUM(ch);
 }
@@ -548,7 +548,7 @@ static Py_ssize_t strip_match(PyObject *text, int kind, const void *data, Py_ssi
         if (m < n)
             continue;
         Py_ssize_t p = i + 1 + n;
-        if (p < len && is_word(PyUnicode_READ(kind, data, p)))
+        if (p < len && is_word_char(PyUnicode_READ(kind, data, p)))
             break;  /* no \b after the name: the other name cannot match either */
         for (Py_ssize_t k = p; k + 1 < len; k++) {
             if (PyUnicode_READ(kind, data, k) != '<' || PyUnicode_READ(kind, data, k + 1) != '/')
@@ -662,7 +662,7 @@ static PyObject *tag_parts(PyObject *Py_UNUSED(self), PyObject *text)
                 break;
             p++;
         }
-        if (p == name || (p < len && is_word(PyUnicode_READ(kind, data, p))))
+        if (p == name || (p < len && is_word_char(PyUnicode_READ(kind, data, p))))
             continue;  /* no name, or no \b after its first 16 characters */
         Py_ssize_t gt = PyUnicode_FindChar(text, '>', p, len < p + 2001 ? len : p + 2001, 1);
         if (gt == -2)
@@ -1148,11 +1148,6 @@ static PyObject *attr_names(PyObject *Py_UNUSED(self), PyObject *arg)
         return NULL;
     }
     return out;
-}
-
-static inline int is_word_char(Py_UCS4 ch)  /* the pattern module's \w for str */
-{
-    return ch == '_' || Py_UNICODE_ISALNUM(ch);
 }
 
 static inline int is_local_char(Py_UCS4 ch)  /* [\w.+'=-] */
@@ -1916,7 +1911,7 @@ enum {
 };
 
 /* The strings the header tokens are made of, interned once. */
-static PyObject *S_LOWER, *S_UPPER, *S_STRIP, *S_ENC_MARK, *S_BANGS, *S_BY, *S_SEMI,
+static PyObject *S_UPPER, *S_STRIP, *S_ENC_MARK, *S_BANGS, *S_BY, *S_SEMI,
     *S_STRIP_MID, *S_STRIP_LOCAL, *S_EMPTY, *S_COLON, *S_FROM, *S_SENDER, *S_TO, *S_RT, *S_ET,
     *S_RP, *S_SUBJ, *S_MAILER, *S_MID_DOM, *S_MID_SHAPE, *S_DATE_TZ, *S_DATE_SHAPE, *S_CTYPE,
     *S_CHARSET, *S_CTE, *T_ALLCAPS, *T_BANGS, *T_FROM_NOADDR, *T_SENDER_NOADDR, *T_RP_EMPTY,
@@ -1925,7 +1920,7 @@ static PyObject *S_LOWER, *S_UPPER, *S_STRIP, *S_ENC_MARK, *S_BANGS, *S_BY, *S_S
 static int init_header_strings(void)
 {
     struct { PyObject **p; const char *s; } all[] = {
-        {&S_LOWER, "lower"}, {&S_UPPER, "upper"}, {&S_STRIP, "strip"},
+        {&S_UPPER, "upper"}, {&S_STRIP, "strip"},
         {&S_ENC_MARK, "=?"}, {&S_BANGS, "!!"}, {&S_BY, " by "}, {&S_SEMI, ";"},
         {&S_STRIP_MID, " <>"}, {&S_STRIP_LOCAL, " <"}, {&S_EMPTY, ""}, {&S_COLON, ":"},
         {&S_FROM, "from:"}, {&S_SENDER, "sender:"}, {&S_TO, "to:"}, {&S_RT, "rt:"},
@@ -1958,10 +1953,19 @@ static int add_cut(PyObject *out, PyObject *prefix, PyObject *text, Py_ssize_t m
     return rc;
 }
 
-/* text.<method>() (lower, upper, strip) */
+/* text.<method>() (upper, strip) */
 static PyObject *call0(PyObject *text, PyObject *method)
 {
     return PyObject_CallMethodNoArgs(text, method);
+}
+
+/* *p = lower(*p) (str.lower), the old one released; -1 on error (*p NULL). */
+static int to_lower(PyObject **p)
+{
+    PyObject *v = lower(*p);
+    Py_DECREF(*p);
+    *p = v;
+    return v ? 0 : -1;
 }
 
 /* *p = (*p).<method>() or (*p).<method>(arg), the old one released; -1 on error (*p NULL). */
@@ -1989,7 +1993,7 @@ static int address_tokens(PyObject *value, PyObject *prefix, PyObject *out, int 
     int n = 0;
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(pairs); k++) {
         PyObject *pair = PyList_GET_ITEM(pairs, k);
-        PyObject *dom = call0(PyTuple_GET_ITEM(pair, 1), S_LOWER), *tok = NULL, *local = NULL;
+        PyObject *dom = lower(PyTuple_GET_ITEM(pair, 1)), *tok = NULL, *local = NULL;
         int rc = -1;
         if (dom == NULL)
             goto next;
@@ -1999,7 +2003,7 @@ static int address_tokens(PyObject *value, PyObject *prefix, PyObject *out, int 
             goto next;
         Py_CLEAR(tok);
         if (with_local) {
-            if ((local = call0(PyTuple_GET_ITEM(pair, 0), S_LOWER)) == NULL
+            if ((local = lower(PyTuple_GET_ITEM(pair, 0))) == NULL
                 || (tok = PyUnicode_FromFormat("%Uaddr:%U@%U", prefix, local, dom)) == NULL
                 || PySet_Add(out, tok) < 0)
                 goto next;
@@ -2039,8 +2043,8 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         }
         for (Py_ssize_t k = 0; k < PyList_GET_SIZE(a) && k < 10; k++) {
             PyObject *pair = PyList_GET_ITEM(a, k);
-            PyObject *cs = call0(PyTuple_GET_ITEM(pair, 0), S_LOWER);
-            PyObject *en = cs ? call0(PyTuple_GET_ITEM(pair, 1), S_LOWER) : NULL;
+            PyObject *cs = lower(PyTuple_GET_ITEM(pair, 0));
+            PyObject *en = cs ? lower(PyTuple_GET_ITEM(pair, 1)) : NULL;
             PyObject *tok = en ? PyUnicode_FromFormat("enc:%U:%U:%U", lname, cs, en) : NULL;
             int r = tok ? PySet_Add(out, tok) : -1;
             Py_XDECREF(cs);
@@ -2054,7 +2058,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
     if (code == H_RECEIVED) {
         if (++*received > 6)
             return 0;
-        if ((a = call0(raw, S_LOWER)) == NULL)
+        if ((a = lower(raw)) == NULL)
             goto done;
         Py_ssize_t n = PyUnicode_GET_LENGTH(a);
         Py_ssize_t cut = PyUnicode_Find(a, S_BY, 0, n, 1);
@@ -2152,7 +2156,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         if ((a = at >= 0 ? PyUnicode_Substring(value, 0, at) : Py_NewRef(S_EMPTY)) == NULL
             || (b = at >= 0 ? PyUnicode_Substring(value, at + 1, n) : Py_NewRef(value)) == NULL)
             goto done;
-        if (apply_method(&b, S_STRIP, S_STRIP_MID) < 0 || apply_method(&b, S_LOWER, NULL) < 0)
+        if (apply_method(&b, S_STRIP, S_STRIP_MID) < 0 || to_lower(&b) < 0)
             goto done;
         if (PyUnicode_GET_LENGTH(b) > 0) {
             if ((c = PyObject_CallOneArg(regdomain, b)) == NULL)
@@ -2199,13 +2203,18 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
             goto done;
         if ((a = semi >= 0 ? PyUnicode_Substring(value, 0, semi) : Py_NewRef(value)) == NULL)
             goto done;
-        if (apply_method(&a, S_STRIP, NULL) < 0 || apply_method(&a, S_LOWER, NULL) < 0
+        if (apply_method(&a, S_STRIP, NULL) < 0 || to_lower(&a) < 0
             || add_cut(out, S_CTYPE, a, 60) < 0)
             goto done;
         if ((b = PyObject_CallOneArg(charset, value)) == NULL)
             goto done;
         if (b != Py_None) {
-            if ((c = call0(b, S_LOWER)) == NULL || add_cut(out, S_CHARSET, c, -1) < 0)
+            if (!PyUnicode_Check(b)) {
+                PyErr_SetString(PyExc_TypeError, "header_tokens: charset must return str "
+                                "or None");
+                goto done;
+            }
+            if ((c = lower(b)) == NULL || add_cut(out, S_CHARSET, c, -1) < 0)
                 goto done;
         }
         break;
@@ -2216,7 +2225,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
             goto done;
         break;
     case H_CTE:
-        if ((a = call0(value, S_STRIP)) == NULL || apply_method(&a, S_LOWER, NULL) < 0
+        if ((a = call0(value, S_STRIP)) == NULL || to_lower(&a) < 0
             || add_cut(out, S_CTE, a, 30) < 0)
             goto done;
         break;
