@@ -1953,26 +1953,26 @@ static int add_cut(PyObject *out, PyObject *prefix, PyObject *text, Py_ssize_t m
     return rc;
 }
 
-/* text.<method>() (upper, strip) */
-static PyObject *call0(PyObject *text, PyObject *method)
+/* text[start:end].strip(), the blanks found by strip_bounds. */
+static PyObject *stripped(PyObject *text, Py_ssize_t start, Py_ssize_t end)
 {
-    return PyObject_CallMethodNoArgs(text, method);
+    strip_bounds(PyUnicode_KIND(text), PyUnicode_DATA(text), &start, &end);
+    return PyUnicode_Substring(text, start, end);
+}
+
+/* *p = (*p).strip(chars), the old one released; -1 on error (*p NULL). */
+static int strip_chars(PyObject **p, PyObject *chars)
+{
+    PyObject *v = PyObject_CallMethodOneArg(*p, S_STRIP, chars);
+    Py_DECREF(*p);
+    *p = v;
+    return v ? 0 : -1;
 }
 
 /* *p = lower(*p) (str.lower), the old one released; -1 on error (*p NULL). */
 static int to_lower(PyObject **p)
 {
     PyObject *v = lower(*p);
-    Py_DECREF(*p);
-    *p = v;
-    return v ? 0 : -1;
-}
-
-/* *p = (*p).<method>() or (*p).<method>(arg), the old one released; -1 on error (*p NULL). */
-static int apply_method(PyObject **p, PyObject *method, PyObject *arg)
-{
-    PyObject *v = arg ? PyObject_CallMethodOneArg(*p, method, arg)
-                      : PyObject_CallMethodNoArgs(*p, method);
     Py_DECREF(*p);
     *p = v;
     return v ? 0 : -1;
@@ -2091,7 +2091,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         if ((a = PyObject_CallFunctionObjArgs(words, value, S_SUBJ, out, Py_True, NULL)) == NULL)
             goto done;
         if (n > 0) {
-            if ((b = call0(value, S_UPPER)) == NULL)
+            if ((b = PyObject_CallMethodNoArgs(value, S_UPPER)) == NULL)
                 goto done;
             int same = PyUnicode_Compare(b, value) == 0;
             if (same) {
@@ -2156,7 +2156,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         if ((a = at >= 0 ? PyUnicode_Substring(value, 0, at) : Py_NewRef(S_EMPTY)) == NULL
             || (b = at >= 0 ? PyUnicode_Substring(value, at + 1, n) : Py_NewRef(value)) == NULL)
             goto done;
-        if (apply_method(&b, S_STRIP, S_STRIP_MID) < 0 || to_lower(&b) < 0)
+        if (strip_chars(&b, S_STRIP_MID) < 0 || to_lower(&b) < 0)
             goto done;
         if (PyUnicode_GET_LENGTH(b) > 0) {
             if ((c = PyObject_CallOneArg(regdomain, b)) == NULL)
@@ -2171,16 +2171,16 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
             goto done;
         }
         Py_CLEAR(c);
-        if (apply_method(&a, S_STRIP, S_STRIP_LOCAL) < 0 || (c = shape(NULL, a)) == NULL
+        if (strip_chars(&a, S_STRIP_LOCAL) < 0 || (c = shape(NULL, a)) == NULL
             || add_cut(out, S_MID_SHAPE, c, 30) < 0)
             goto done;
         break;
     }
     case H_DATE: {
         *seen_date = 1;
-        if ((a = call0(value, S_STRIP)) == NULL)
-            goto done;
-        if (PyUnicode_GET_LENGTH(a) > 0) {
+        Py_ssize_t start = 0, end = n;
+        strip_bounds(PyUnicode_KIND(value), PyUnicode_DATA(value), &start, &end);
+        if (end > start) {  /* value.strip() */
             /* (str.rsplit gives a list, not empty for a text with more than blanks) */
             if ((b = PyObject_CallMethod(value, "rsplit", "On", Py_None, (Py_ssize_t)1)) == NULL)
                 goto done;
@@ -2201,9 +2201,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
         Py_ssize_t semi = PyUnicode_FindChar(value, ';', 0, n, 1);
         if (semi < -1)
             goto done;
-        if ((a = semi >= 0 ? PyUnicode_Substring(value, 0, semi) : Py_NewRef(value)) == NULL)
-            goto done;
-        if (apply_method(&a, S_STRIP, NULL) < 0 || to_lower(&a) < 0
+        if ((a = stripped(value, 0, semi >= 0 ? semi : n)) == NULL || to_lower(&a) < 0
             || add_cut(out, S_CTYPE, a, 60) < 0)
             goto done;
         if ((b = PyObject_CallOneArg(charset, value)) == NULL)
@@ -2225,7 +2223,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
             goto done;
         break;
     case H_CTE:
-        if ((a = call0(value, S_STRIP)) == NULL || to_lower(&a) < 0
+        if ((a = stripped(value, 0, n)) == NULL || to_lower(&a) < 0
             || add_cut(out, S_CTE, a, 30) < 0)
             goto done;
         break;
