@@ -1274,14 +1274,15 @@ static int token_bucket(PyObject *tok, uint32_t *out)
     return 0;
 }
 
-/* The linear weights buffer of an argument (LINEAR_BUCKETS int32s) into *view, or view->buf
-   NULL for None; -1 with an exception set on error. Release with release_weights. */
-static int get_weights(PyObject *o, Py_buffer *view, const char *who)
+/* The linear weights buffer of an argument (LINEAR_BUCKETS int32s) into *view (flags:
+   PyBUF_SIMPLE, or PyBUF_WRITABLE to change them), or view->buf NULL for None; -1 with an
+   exception set on error. Release with release_weights. */
+static int get_weights(PyObject *o, Py_buffer *view, const char *who, int flags)
 {
     view->buf = NULL;
     if (o == Py_None)
         return 0;
-    if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(o, view, flags) < 0)
         return -1;
     if (view->len != (Py_ssize_t)sizeof(int32_t) * LINEAR_BUCKETS) {
         PyBuffer_Release(view);
@@ -1422,7 +1423,7 @@ static PyObject *token_logs(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     if (PyErr_Occurred())
         return NULL;
     Py_buffer view;
-    if (get_weights(args[9], &view, "token_logs") < 0)
+    if (get_weights(args[9], &view, "token_logs", PyBUF_SIMPLE) < 0)
         return NULL;
     const int32_t *weights = (const int32_t *)view.buf;
     long long wsum = 0;
@@ -1815,18 +1816,13 @@ static PyObject *presence_filter(PyObject *Py_UNUSED(self), PyObject *const *arg
    dw added to each bucket's weight in place (saturating at the int32 limits). */
 static PyObject *linear_step(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
+    if (nargs != 5 || args[0] == Py_None) {
         PyErr_SetString(PyExc_TypeError, "linear_step(weights, buckets, bias, spam, c)");
         return NULL;
     }
     Py_buffer wv, bv;
-    if (PyObject_GetBuffer(args[0], &wv, PyBUF_WRITABLE) < 0)
+    if (get_weights(args[0], &wv, "linear_step", PyBUF_WRITABLE) < 0)
         return NULL;
-    if (wv.len != (Py_ssize_t)sizeof(int32_t) * LINEAR_BUCKETS) {
-        PyBuffer_Release(&wv);
-        PyErr_SetString(PyExc_ValueError, "linear_step: weights must hold linear.BUCKETS int32s");
-        return NULL;
-    }
     if (PyObject_GetBuffer(args[1], &bv, PyBUF_FORMAT) < 0) {
         PyBuffer_Release(&wv);
         return NULL;
