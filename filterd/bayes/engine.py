@@ -78,14 +78,13 @@ def _token_logs_py(cache: dict, missing: list, packed: dict, nspam: int, nham: i
     found = list(packed)
     ws = (list(map(weights.__getitem__, linear.buckets(found))) if weights is not None
           else [0] * len(found))
-    cache.update(zip(found, ws))
+    cache.update(zip(found, ws))  # (the weight alone, replaced below where there is evidence)
     params = Params(robs=robs, robx=robx, min_dev=min_dev, min_count=min_count)
     probs = probabilities(((t, v >> SHIFT, v & MASK) for t, v in packed.items()),
                           nspam, nham, params)
-    w = dict(zip(found, ws))
     logs = []
     for t, (f, log_f, log_1f) in probs.items():
-        cache[t] = ENTRY.pack(f, log_f, log_1f, w[t])
+        cache[t] = ENTRY.pack(f, log_f, log_1f, cache[t])
         logs.append(_PAIR.pack(log_f, log_1f))
     return b"".join(logs), sum(ws)
 
@@ -169,12 +168,10 @@ class Bayes:
                    min_dev=float(options.get("min_dev", d.min_dev)),
                    max_tokens=int(options.get("max_tokens", d.max_tokens)),
                    n_eff=int(options.get("n_eff", d.n_eff)))
-        on = options.get("linear", True)
-        if isinstance(on, str):
-            on = on.strip().lower() not in ("false", "no", "off", "0")
         return cls(store, options.get("namespace", "bayes:"), p,
                    cache_drift=float(options.get("cache_drift", CACHE_DRIFT)),
-                   cache_age=float(options.get("cache_age", CACHE_AGE)), linear=bool(on))
+                   cache_age=float(options.get("cache_age", CACHE_AGE)),
+                   linear=bool(options.get("linear", True)))
 
     async def classify(self, message: Message | bytes, explain: int = 0,
                        state: tuple[int, int, int] | None = None) -> Result:
@@ -286,7 +283,7 @@ class Bayes:
             stats += await self._flush(pending, spam, collect)
         return stats
 
-    async def fit_linear(self, samples: list[tuple[list[int], bool]],
+    async def fit_linear(self, samples: list[tuple[array, bool]],
                          passes: int = linear.PASSES) -> linear.Trainer:
         """Bulk training of the linear model: ``passes`` passes over the ``(buckets, spam)``
         samples :meth:`learn` collected, ham and spam shuffled together, from the weights in
