@@ -45,8 +45,10 @@ from __future__ import annotations
 import math
 import random
 from array import array
+from itertools import repeat
 from typing import Iterable
 
+from ..store import add_counters
 from .tokenizer import _c
 
 BUCKETS = 1 << 18
@@ -58,9 +60,6 @@ PASSES = 5  # passes of bulk training (one pass measured clearly worse)
 SEED = 1  # the order of bulk training's passes
 FISHER_SCALE = 0.2  # logit(f) * FISHER_SCALE + LINEAR_SCALE * z
 LINEAR_SCALE = 2.0
-_LIMIT = (1 << 31) - 1
-
-
 _M64 = (1 << 64) - 1
 
 
@@ -123,9 +122,7 @@ def _step_py(weights: array, bkts: array, bias: int, spam: bool, c: float) -> tu
     n = len(bkts)
     dw, db = step(margin(sum(map(weights.__getitem__, bkts)), bias, n), spam, n, c)
     if dw:
-        for b in bkts:
-            v = weights[b] + dw
-            weights[b] = _LIMIT if v > _LIMIT else -_LIMIT - 1 if v < -_LIMIT - 1 else v
+        add_counters(weights, bkts, repeat(dw))
     return dw, db
 
 
