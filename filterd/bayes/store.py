@@ -205,10 +205,11 @@ class TokenStore:
             bits = presence.positions(deltas, known)
         if deltas:
             items[self.k_tokens] = deltas
-        lin = trainer or linear.Trainer(None, 0)
+        lbias, lmsgs, weights = ((trainer.bias_delta, trainer.messages,
+                                  {b: d for b, d in trainer.deltas.items() if d})
+                                 if trainer else (0, 0, {}))
         meta = {k: v for k, v in (("nspam", nspam), ("nham", nham), (FORMAT_FIELD, learned),
-                                  ("lbias", lin.bias_delta), ("lmsgs", lin.messages)) if v}
-        weights = {b: d for b, d in lin.deltas.items() if d}
+                                  ("lbias", lbias), ("lmsgs", lmsgs)) if v}
         if deltas or meta or seen_deltas or weights:
             meta["gen"] = 1  # every change is seen by every node's token cache (cache_drift)
             items[self.k_meta] = meta

@@ -397,15 +397,16 @@ async def cmd_stats(args) -> int:
         await db.close()
     tokens_db = db.bayes.tokens
     lmsgs, ready = tokens_db.linear_messages, tokens_db.linear_ready(nspam, nham)
+    fill, fpr = (presence.fill(bitmap), presence.false_positive_rate(bitmap)) if bitmap else (
+        None, None)
     only_spam = sum(1 for s, h in toks.values() if s and not h)
     only_ham = sum(1 for s, h in toks.values() if h and not s)
     d = {"database": db.where, "namespace": db.bayes.tokens.ns, "spam_messages": nspam,
          "ham_messages": nham, "tokens": len(toks), "tokens_only_in_spam": only_spam,
          "tokens_only_in_ham": only_ham, "token_format": TOKEN_FORMAT,
          "messages_learned_with_older_format": old,
-         "presence_filter_fill": round(presence.fill(bitmap), 4) if bitmap else None,
-         "presence_filter_false_positive_rate":
-             presence.false_positive_rate(bitmap) if bitmap else None,
+         "presence_filter_fill": round(fill, 4) if bitmap else None,
+         "presence_filter_false_positive_rate": fpr,
          "trained": nspam >= int(db.options.get("min_spam", 100))
          and nham >= int(db.options.get("min_ham", 100)),
          "linear_model": {"enabled": db.bayes.linear, "messages": lmsgs, "used": ready,
@@ -422,7 +423,6 @@ async def cmd_stats(args) -> int:
     if bitmap is None:
         filt = "not built yet (the next learn builds it; until then every token is looked up)"
     else:
-        fill, fpr = presence.fill(bitmap), presence.false_positive_rate(bitmap)
         filt = (f"{fill:.1%} of its bits set (about 1 in {max(1, round(1 / fpr)):,} "
                 "never-learned tokens is looked up anyway)" if fpr else "empty")
     if args.top:
