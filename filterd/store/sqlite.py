@@ -9,6 +9,7 @@ each plus a log of recent small writes (see ``_LOG_FOLD``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -138,8 +139,7 @@ class SQLiteStore(Store):
         if key in self._own:
             return
         table = "h_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-        self._x("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self._x(f"CREATE TABLE IF NOT EXISTS {table} (f TEXT PRIMARY KEY, n INTEGER) "
                     "WITHOUT ROWID")
             # (rows written under the shared table before: moved, once)
@@ -147,14 +147,22 @@ class SQLiteStore(Store):
                     "ON CONFLICT(f) DO UPDATE SET n=n+excluded.n", (key,))
             moved = self._x("DELETE FROM hash WHERE k=?", (key,)).rowcount
             self._x("INSERT OR IGNORE INTO own_tables VALUES (?,?)", (key, table))
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
         if moved:
             log.info("store %s: the %d fields of %s moved to a table of their own (%s; once)",
                      self.path, moved, key, table)
         self._load_own_tables()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction (BEGIN IMMEDIATE): committed at the end of the block, rolled
+        back when it raises."""
+        self._x("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._x("COMMIT")
+        except BaseException:
+            self._x("ROLLBACK")
+            raise
 
     def _x(self, sql: str, args=()):
         try:
@@ -198,8 +206,7 @@ class SQLiteStore(Store):
 
     async def incr(self, key, amount=1, ttl=None):
         now = time.time()
-        self._x("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             row = self._x("SELECT v, exp FROM kv WHERE k=?", (key,)).fetchone()
             cur, exp = 0, None
             if row is not None and (row[1] is None or row[1] >= now):
@@ -207,10 +214,6 @@ class SQLiteStore(Store):
             new = cur + amount
             exp = self._exp(ttl) if ttl else exp
             self._x("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (key, str(new).encode(), exp))
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
         return new
 
     # hashes
@@ -226,8 +229,7 @@ class SQLiteStore(Store):
         await self.mhincr({key: counts}, ttl)
 
     async def mhincr(self, items, ttl=None, bitmaps=None, counters=None):
-        self._x("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             for key, positions in (bitmaps or {}).items():
                 self._bitmap_set(key, positions)
             for key, deltas in (counters or {}).items():
@@ -246,10 +248,6 @@ class SQLiteStore(Store):
                     [(key, f, int(n)) for f, n in counts.items()])
                 if ttl:
                     self._x("INSERT OR REPLACE INTO hexp VALUES (?,?)", (key, self._exp(ttl)))
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
 
     def data_version(self):
         # PRAGMA data_version changes when another connection (another process) commits; this
@@ -337,18 +335,9 @@ class SQLiteStore(Store):
             _set_bits(into, packed, grow)
         return into
 
-    def _in_write(self, fn, *args) -> None:
-        """``fn(*args)`` in a write transaction of its own."""
-        self._x("BEGIN IMMEDIATE")
-        try:
-            fn(*args)
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
-
     async def bitmap_set(self, key, positions):
-        self._in_write(self._bitmap_set, key, positions)
+        with self._write():
+            self._bitmap_set(key, positions)
 
     def _bitmap_set(self, key, positions) -> None:
         """:meth:`bitmap_set` inside the caller's write transaction."""
@@ -381,7 +370,8 @@ class SQLiteStore(Store):
         return out
 
     async def counters_add(self, key, deltas):
-        self._in_write(self._counters_add, key, deltas)
+        with self._write():
+            self._counters_add(key, deltas)
 
     def _counters_add(self, key, deltas) -> None:
         """:meth:`counters_add` inside the caller's write transaction."""
@@ -444,15 +434,10 @@ class SQLiteStore(Store):
 
     # windows
     async def window_hit(self, key, window, now, cost=1):
-        self._x("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self._x("DELETE FROM win WHERE k=? AND t<=?", (key, now - window))
             self._x("INSERT INTO win VALUES (?,?,?)", (key, now, cost))
             (n,) = self._x("SELECT COALESCE(SUM(n),0) FROM win WHERE k=?", (key,)).fetchone()
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
         return int(n)
 
     async def window_count(self, key, window, now):
@@ -461,18 +446,13 @@ class SQLiteStore(Store):
         return int(n)
 
     async def window_check(self, key, window, now, limit, cost=1):
-        self._x("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self._x("DELETE FROM win WHERE k=? AND t<=?", (key, now - window))
             (n,) = self._x("SELECT COALESCE(SUM(n),0) FROM win WHERE k=?", (key,)).fetchone()
             ok = n + cost <= limit
             if ok:
                 self._x("INSERT INTO win VALUES (?,?,?)", (key, now, cost))
                 n += cost
-            self._x("COMMIT")
-        except BaseException:
-            self._x("ROLLBACK")
-            raise
         self._maybe_purge()
         return int(n), ok
 
