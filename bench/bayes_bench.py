@@ -61,6 +61,16 @@ def _default_corpus() -> Path:
 DEFAULT_CORPUS = _default_corpus()
 
 
+def corpus_dir(value: str) -> Path:
+    """The corpus argument of the Bayes benchmarks (argparse's type: a missing folder is a
+    usage error, exit status 2)."""
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"corpus {path} not found (give its path as the first argument)")
+    return path
+
+
 # -- corpus -------------------------------------------------------------------------------------
 def load_corpus(path: Path) -> tuple[list[Path], list[Path]]:
     ham, spam = [], []
@@ -264,7 +274,7 @@ def figures(ham_scores, spam_scores):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("corpus", nargs="?", default=str(DEFAULT_CORPUS))
+    ap.add_argument("corpus", nargs="?", type=corpus_dir, default=str(DEFAULT_CORPUS))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--test-fraction", type=float, default=0.3)
     ap.add_argument("--folds", type=int, default=0, help="K-fold cross-validation (K >= 2)")
@@ -280,10 +290,7 @@ def main(argv=None) -> int:
                     help="classifier parameter (robs, robx, min_dev, max_tokens, n_eff), "
                          "for tuning")
     args = ap.parse_args(argv)
-    corpus = Path(args.corpus)
-    if not corpus.is_dir():
-        print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
-        return 2
+    corpus = args.corpus
     ham, spam = load_corpus(corpus)
     params = Params()
     for item in args.param:

@@ -94,7 +94,7 @@ def run(ham, spam, toks, split, folds, seed, epochs, c, mixes, buckets=0):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("corpus", nargs="?", default=str(bb.DEFAULT_CORPUS))
+    ap.add_argument("corpus", nargs="?", type=bb.corpus_dir, default=str(bb.DEFAULT_CORPUS))
     ap.add_argument("--epochs", default="5", help="comma-separated: passes over the training part")
     ap.add_argument("--C", dest="c", default="1", help="comma-separated: PA-I's largest step")
     ap.add_argument("--mix", default="10", help="comma-separated K of logit(fisher)/K + margin")
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
                          "token's CRC-32 (0: a weight per token)")
     ap.add_argument("--seeds", default="1", help="comma-separated split seeds (and PA's order)")
     args = ap.parse_args(argv)
-    corpus = Path(args.corpus)
-    if not corpus.is_dir():
-        print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
-        return 2
+    corpus = args.corpus
     ham, spam, toks = bt.corpus_tokens(corpus)
     mixes = [float(k) for k in args.mix.split(",")]
     print(f"{'split':8s} {'seed':>4s} {'epochs':>6s} {'C':>5s}  {'scores':10s} "

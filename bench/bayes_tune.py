@@ -101,16 +101,13 @@ def scores(ham, spam, toks, split: str, folds: int, params: C.Params, mix: bool 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("corpus", nargs="?", default=str(bb.DEFAULT_CORPUS))
+    ap.add_argument("corpus", nargs="?", type=bb.corpus_dir, default=str(bb.DEFAULT_CORPUS))
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="K=V,K=V",
                     help="a setting of filterd.bayes.classifier.Params (the defaults always run)")
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--no-linear", action="store_true", help="Fisher's score alone")
     args = ap.parse_args(argv)
-    corpus = Path(args.corpus)
-    if not corpus.is_dir():
-        print(f"corpus {corpus} not found (give its path as the first argument)", file=sys.stderr)
-        return 2
+    corpus = args.corpus
     ham, spam, toks = corpus_tokens(corpus, not args.no_cache)
     settings = [("defaults", C.Params())]
     for t in args.tries:

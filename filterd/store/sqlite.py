@@ -4,8 +4,8 @@ Calls run synchronously on the event loop thread: each is a single indexed state
 file (microseconds with ``synchronous=NORMAL`` in WAL mode), cheaper than a thread hop.
 Expired rows are ignored on read and purged lazily. Hashes share one table keyed by (hash,
 field), except those given a table of their own (:meth:`SQLiteStore.own_table`, the Bayes
-tokens), which the ``own_tables`` table lists for every process on the file. Bitmaps are a BLOB
-each plus a log of recent small writes (see ``_LOG_FOLD``).
+tokens), which the ``own_tables`` table lists for every process on the file. Bitmaps and counter
+arrays are a BLOB each plus a log of recent small writes (see ``_LOG_FOLD``, ``_COUNTERS_FOLD``).
 """
 from __future__ import annotations
 
