@@ -36,16 +36,16 @@ ALPHABET = (list("abcXYZ019_'$%.@-  \t\n\r\x0b\x0c!?,;:()<>/\\\"#+=~`^*&|{}[]")
 
 
 def both(text: str):
-    """Both paths' (words, sorted long words, lower-cased words, cs: tokens) for ``text``."""
+    """Both paths' (words, sorted long words, lower-cased words and cs: tokens) for ``text``."""
     c_words, c_long, c_cjk = tk._split_words_c(text)
     py_words, py_long, _ = tk._split_words_py(text)
     # the C path says exactly whether a character of the tokenizer's CJK class is there (the
     # Python one: maybe)
     assert c_cjk == (CJK_CHAR.search(text) is not None)
-    c_low, c_cs = tk._cased_words_c("p:cs:", c_words)
-    py_low, py_cs = tk._cased_words_py("p:cs:", py_words)
-    return ((c_words, sorted(c_long), c_low, sorted(c_cs)),
-            (py_words, sorted(py_long), py_low, sorted(py_cs)))
+    c_cased, py_cased = set(), set()
+    tk._cased_into_c("p:", "p:cs:", c_words, c_cased)
+    tk._cased_into_py("p:", "p:cs:", py_words, py_cased)
+    return ((c_words, sorted(c_long), c_cased), (py_words, sorted(py_long), py_cased))
 
 
 def test_the_c_splitter_is_built_where_a_compiler_is():
@@ -68,12 +68,12 @@ def test_filterd_pure_python_turns_the_c_splitter_off():
 def test_words_written_with_capitals_are_found_the_same_way():
     words = {"Abc", "abc", "ABC", "Straße", "STRASSE", "İstanbul", "ΟΔΟΣ", "οδος", "ǅungla",
              "lower", "MiXeD123", "123", "ﬁne", "ÉLAN", "élan"}
-    c_low, c_cs = tk._cased_words_c("subj:cs:", words)
-    py_low, py_cs = tk._cased_words_py("subj:cs:", words)
-    assert c_low == py_low
-    assert sorted(c_cs) == sorted(py_cs)
-    assert "subj:cs:ABC" in c_cs and "subj:cs:abc" not in c_cs and "abc" in c_low
-    # the one pass the tokenizer uses adds the same tokens as the two steps
+    c, py = set(), set()
+    tk._cased_into_c("subj:", "subj:cs:", words, c)
+    tk._cased_into_py("subj:", "subj:cs:", words, py)
+    assert c == py
+    assert "subj:cs:ABC" in c and "subj:cs:abc" not in c and "subj:abc" in c
+    # the C pass adds the same tokens as the Python path's two steps, for any prefix
     rng = random.Random(20261130)
     letters = "aAbBzZßẞİıσςΣǅǆǄﬁÉéΟοДдĲĳ1_'"
     for prefix in ("", "subj:", "from:name:"):
@@ -360,7 +360,7 @@ def _all_tokens(raw: bytes, path: str) -> set[str]:
     """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
     capitals check and its Received clause, URL, header shape, header line, HTML attribute and
     address passes."""
-    names = ("_split_words", "_cased_words", "_cased_into", "_received_words", "_url_words",
+    names = ("_split_words", "_cased_into", "_received_words", "_url_words",
              "_shape", "_unfold", "_strip_tags", "_tag_parts", "_header_lines", "_attr_names",
              "_addresses", "_header_tokens")
     saved = [getattr(tk, n) for n in names]

@@ -1,7 +1,8 @@
 /* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words (and
- * cased_words), the classifier's pass over a message's tokens (cached_logs, token_logs,
- * fisher) and the presence filter of learned tokens (presence_positions,
- * presence_filter).
+ * cased_into), the tokenizer's other passes, the classifier's pass over a message's tokens
+ * (cached_logs, token_logs, fisher), the presence filter of learned tokens
+ * (presence_positions, presence_filter) and the linear model's buckets and step
+ * (linear_buckets, linear_step).
  *
  * It does exactly what the pure-Python path of filterd/bayes/tokenizer.py (_split_words_py)
  * does, in one pass over the text instead of a chain of copies (encode, translate, decode,
@@ -21,20 +22,18 @@
  *   cjk: whether the text holds a character of the tokenizer's CJK ranges (_CJK_RE): when
  *   not, its search for CJK runs can be skipped.
  *
- * cased_words(prefix, words) -> (low, written)
- *   low: the set of the words in lower case (str.lower()); written: prefix + word for every
- *   word that is not in low (written with capitals), the `cs:` tokens.
- *
  * cased_into(prefix, prefix_cs, words, out) -> None
- *   What the tokenizer does with cased_words' result, in one pass: prefix + each word of low,
- *   and the written tokens (prefix_cs + word), added to out. The same as
+ *   Every word in lower case (str.lower()) behind prefix, and prefix_cs + the word as written
+ *   for every word written with capitals (the `cs:` tokens), added to out. The same as
  *   tokenizer._cased_into_py.
  *
- * cached_logs(cache, tokens) -> (missing, logs_f, logs_1f)
+ * cached_logs(cache, tokens) -> (missing, logs, weights)
  *   The classifier's one pass over a message's tokens (filterd/bayes/engine.py): cache maps a
- *   token to (f, ln f, ln(1 - f)) or to None (no evidence). missing: the tokens not in cache
- *   (to be looked up); logs_f, logs_1f: ln f and ln(1 - f) of the cached tokens with
- *   evidence, in the order met. The same as engine._cached_logs_py.
+ *   token to an entry (engine.ENTRY: f, ln f, ln(1 - f) and its linear weight, packed), to its
+ *   weight alone (learned, no evidence) or to None (never learned). missing: the tokens not in
+ *   cache (to be looked up); logs: the (ln f, ln(1 - f)) pairs of the cached tokens with
+ *   evidence as packed doubles, in the order met; weights: the sum of the cached tokens'
+ *   weights. The same as engine._cached_logs_py.
  *
  * received_words(sld, low, out) -> None
  *   The tokenizer's look at the from clause of one Received header (low: lower-cased, cut
@@ -97,22 +96,30 @@
  *   mask 0x80 >> (n & 7), as Redis numbers them. The same as presence._positions_py and
  *   _filter_py.
  *
- * fisher(lgamma, logs_f, logs_1f, n_eff) -> (probability, spam_evidence, ham_evidence, n)
- *   Fisher's combination of the logarithms the two passes above collected:
- *   classifier.combine_logs(math.fsum(logs_f), math.fsum(logs_1f), len(logs_f), n_eff), as
- *   a tuple. The sums are exact (Shewchuk's partials, as math.fsum: a correctly rounded sum
+ * fisher(lgamma, parts, n_eff) -> (probability, spam_evidence, ham_evidence, n)
+ *   Fisher's combination of the (ln f, ln(1 - f)) pairs the two passes collected (parts:
+ *   their packed doubles): classifier.combine_logs(math.fsum of the ln f, math.fsum of the
+ *   ln(1 - f), the number of pairs, n_eff), as a tuple. The sums are exact (Shewchuk's partials, as math.fsum: a correctly rounded sum
  *   is one number, so both give the same bits) and the chi-square tail is
  *   classifier._chi2q_log operation for operation, with lgamma the Python math.lgamma (whose
  *   own bits the C library's need not match). The same as engine._fisher_py.
  *
  * token_logs(cache, missing, packed, nspam, nham, robs, robx, min_dev, min_count,
- *            logs_f, logs_1f) -> None
+ *            weights) -> (logs, weights)
  *   The rest of that pass, for the tokens that were looked up: every token of missing goes
- *   into cache as None (no evidence), then every learned one of them (packed: token -> counts
- *   packed as spam << 32 | ham) that says something as (f, ln f, ln(1 - f)), its logarithms
- *   appended to logs_f and logs_1f. f is Robinson's f(w), computed in the same operations and
- *   order as classifier.probabilities, so that both give the same bits. The same as
- *   engine._token_logs_py.
+ *   into cache as None (never learned), then every learned one of them (packed: token ->
+ *   counts packed as spam << 32 | ham) as its entry when it says something, else as its
+ *   weight alone (weights: the linear model's array, or None: 0); returns the entries' (ln f,
+ *   ln(1 - f)) pairs as packed doubles and the sum of the learned tokens' weights. f is
+ *   Robinson's f(w), computed in the same operations and order as classifier.probabilities,
+ *   so that both give the same bits. The same as engine._token_logs_py.
+ *
+ * header_tokens(codes, helpers, headers, out) -> None
+ *   The tokens of the selected header fields, the same as tokenizer._header_tokens_py.
+ *
+ * linear_buckets(tokens) -> list; linear_step(weights, buckets, bias, spam, c) -> (dw, db)
+ *   The linear model's bucket of each token and one PA-I step (filterd/bayes/linear.py), the
+ *   same as linear._buckets_py and linear._step_py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -347,60 +354,11 @@ static PyObject *lower(PyObject *w)
     return out;
 }
 
-static PyObject *cased_words(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyAnySet_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "cased_words(prefix: str, words: set)");
-        return NULL;
-    }
-    PyObject *prefix = args[0], *words = args[1];
-    PyObject *low = PySet_New(NULL), *written = PyList_New(0), *it = NULL, *w;
-    if (low == NULL || written == NULL)
-        goto fail;
-    if ((it = PyObject_GetIter(words)) == NULL)
-        goto fail;
-    while ((w = PyIter_Next(it)) != NULL) {
-        PyObject *lw = PyUnicode_Check(w) ? lower(w) : NULL;
-        if (lw == NULL && !PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "words must be strings");
-        Py_DECREF(w);
-        if (lw == NULL)
-            goto fail;
-        int rc = PySet_Add(low, lw);
-        Py_DECREF(lw);
-        if (rc < 0)
-            goto fail;
-    }
-    Py_CLEAR(it);
-    if (PyErr_Occurred() || (it = PyObject_GetIter(words)) == NULL)
-        goto fail;
-    while ((w = PyIter_Next(it)) != NULL) {
-        int found = PySet_Contains(low, w);
-        if (found == 0) {
-            PyObject *tok = PyUnicode_Concat(prefix, w);
-            found = tok == NULL ? -1 : PyList_Append(written, tok);
-            Py_XDECREF(tok);
-        }
-        Py_DECREF(w);
-        if (found < 0)
-            goto fail;
-    }
-    Py_CLEAR(it);
-    if (PyErr_Occurred())
-        goto fail;
-    return Py_BuildValue("(NN)", low, written);
-
-fail:
-    Py_XDECREF(it);
-    Py_XDECREF(low);
-    Py_XDECREF(written);
-    return NULL;
-}
-
-/* cased_into(prefix, prefix_cs, words, out): what _words does with cased_words' result, in
- * one pass: every word in lower case, behind prefix, into out, and prefix_cs + the word as
- * written for every word not all in lower case. (A word is in cased_words' low set exactly when
- * it equals its own lower case, str.lower being idempotent: tests/test_bayes_speedups.py.) */
+/* cased_into(prefix, prefix_cs, words, out): every word in lower case, behind prefix, into
+ * out, and prefix_cs + the word as written for every word not all in lower case. (The Python
+ * path takes a word as written with capitals when it is not among the lower-cased words: that
+ * is exactly when it differs from its own lower case, str.lower being idempotent:
+ * tests/test_bayes_speedups.py.) */
 static PyObject *cased_into(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])
@@ -2288,9 +2246,6 @@ static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
      "word split (see filterd/bayes/tokenizer.py)"},
-    {"cased_words", (PyCFunction)(void (*)(void))cased_words, METH_FASTCALL,
-     "cased_words(prefix, words) -> (low: set, written: list): the words in lower case, and "
-     "prefix + each word written with capitals"},
     {"cased_into", (PyCFunction)(void (*)(void))cased_into, METH_FASTCALL,
      "cased_into(prefix, prefix_cs, words, out) -> None: the words in lower case and those "
      "written with capitals, as tokens into out (see tokenizer._words)"},

@@ -182,7 +182,7 @@ def _cased_words_py(prefix: str, words: set[str]) -> tuple[set[str], list[str]]:
 def _cased_into_py(prefix: str, prefix_cs: str, words: set[str], out: set) -> None:
     """The words in lower case (behind ``prefix``) and ``prefix_cs`` + each word written with
     capitals, into ``out``. The C extension's ``cased_into`` does the same in one pass."""
-    low, written = _cased_words(prefix_cs, words)
+    low, written = _cased_words_py(prefix_cs, words)
     out.update(written)
     out.update({prefix + w for w in low} if prefix else low)
 
@@ -205,9 +205,7 @@ def _speedups():
 _c = _speedups()
 SPEEDUPS = _c is not None
 _split_words_c = functools.partial(_c.split_words, _WORD_RE.findall) if _c else None
-_cased_words_c = _c.cased_words if _c else None
 _split_words = _split_words_c or _split_words_py
-_cased_words = _cased_words_c or _cased_words_py
 _cased_into_c = _c.cased_into if _c else None
 _cased_into = _cased_into_c or _cased_into_py
 
