@@ -93,11 +93,14 @@ _ADDR_RE = re.compile(r"([\w.+'=-]{1,64})@([\w-]{1,63}(?:\.[\w-]{1,63}){0,8})")
 # approximation of the public suffix list, good enough to group URL hosts into domains.
 _SLD = {"co", "com", "net", "org", "gov", "edu", "ac", "or", "ne", "go", "gob", "mil", "nom"}
 
-_SELECTED = {"subject", "from", "to", "cc", "reply-to", "return-path", "message-id", "date",
-             "x-mailer", "user-agent", "received", "content-type", "sender", "errors-to",
-             "list-id", "organization", "x-priority", "importance", "precedence",
-             "content-transfer-encoding"}
-
+# The header fields the tokenizer reads, and what each gives: the branch of _header_tokens_py,
+# numbered for the C extension's header_tokens (its H_* codes)
+_HEADER_CODES = {"subject": 1, "from": 2, "sender": 3, "to": 4, "cc": 5, "reply-to": 6,
+                 "errors-to": 7, "return-path": 8, "message-id": 9, "date": 10, "x-mailer": 11,
+                 "user-agent": 11, "received": 12, "content-type": 13, "list-id": 14,
+                 "organization": 14, "precedence": 14, "x-priority": 14, "importance": 14,
+                 "content-transfer-encoding": 15}
+_SELECTED = frozenset(_HEADER_CODES)
 
 assert not any(h.startswith(IGNORED_HEADER_PREFIXES) for h in _SELECTED)
 
@@ -674,14 +677,6 @@ def _charset_of(value: str) -> str | None:
     return m.group(1) if m else None
 
 
-# What each selected header gives, for the C extension's header_tokens (its H_* codes): the
-# branches of _header_tokens_py
-_HEADER_CODES = {"subject": 1, "from": 2, "sender": 3, "to": 4, "cc": 5, "reply-to": 6,
-                 "errors-to": 7, "return-path": 8, "message-id": 9, "date": 10, "x-mailer": 11,
-                 "user-agent": 11, "received": 12, "content-type": 13, "list-id": 14,
-                 "organization": 14, "precedence": 14, "x-priority": 14, "importance": 14,
-                 "content-transfer-encoding": 15}
-assert set(_HEADER_CODES) == _SELECTED
 _header_tokens_c = (functools.partial(
     _c.header_tokens, _HEADER_CODES, (_words, decode_header_value, _ENCWORD_RE.findall,
                                       registrable_domain, _charset_of, _SLD))
