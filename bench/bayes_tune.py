@@ -23,7 +23,6 @@ import os
 import pickle
 import sys
 import tempfile
-from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -82,8 +81,9 @@ def scores(ham, spam, toks, split: str, folds: int, params: C.Params, mix: bool 
         sc, hc = counted(trh, trs, toks)
         model = linear.Trainer(linear.zeros(), 0)
         if mix:  # (the order bayes_bench.py collects them in: spam, then ham)
-            model.fit([(array("I", linear.buckets(toks[str(p)])), True) for p in trs]
-                      + [(array("I", linear.buckets(toks[str(p)])), False) for p in trh])
+            samples = ([(linear.hashes(toks[str(p)]), True) for p in trs]
+                       + [(linear.hashes(toks[str(p)]), False) for p in trh])
+            model.fit(samples, offsets=linear.fold_offsets(samples, params))
         weights = model.weights
         for files, out in ((teh, hs), (tes, ss)):
             for p in files:

@@ -323,8 +323,10 @@ def test_header_tokens_are_the_same_either_way():
 @needs_c
 def test_linear_steps_are_the_same_either_way():
     """A PA-I step in C gives the Python one's changes and leaves the same weights: margins
-    short of 1 and past it, no tokens, steps capped by C, rounding half to even, weights near
-    the 32-bit limits (saturating); wrong arguments are errors."""
+    short of 1 and past it, with Fisher's offset or without, no tokens, steps capped by C,
+    rounding half to even, weights near the 32-bit limits (saturating), tokens given as
+    buckets or as 32-bit hashes (a hash steps its low bits' bucket); wrong arguments are
+    errors."""
     from array import array
 
     from filterd.bayes import linear
@@ -335,25 +337,32 @@ def test_linear_steps_are_the_same_either_way():
         weights[i] = rng.randrange(-3000, 3000)
     weights[7] = (1 << 31) - 10
     weights[8] = -(1 << 31) + 10
-    cases = [(array("I"), 0, True, 1.0), (array("I", [7, 8, 7]), 0, True, 1.0),
-             (array("I", [7, 8]), 0, False, 1.0)]
+    cases = [(array("I"), 0, True, 1.0, 0.0), (array("I", [7, 8, 7]), 0, True, 1.0, 0.5),
+             (array("I", [7, 8]), 0, False, 1.0, 0.0)]
     for _ in range(3000):
         n = rng.choice([1, 2, 3, 50, 200, 1000])
-        bk = array("I", (rng.randrange(linear.BUCKETS) for _ in range(n)))
+        top = rng.choice([linear.BUCKETS, 1 << 32])
+        bk = array("I", (rng.randrange(top) for _ in range(n)))
         cases.append((bk, rng.randrange(-3_000_000, 3_000_000), rng.random() < 0.5,
-                      rng.choice([1.0, 0.5, 0.01, 1e-7])))
+                      rng.choice([1.0, 0.5, 0.01, 1e-7]),
+                      rng.choice([0.0, 0.0, rng.uniform(-1, 1), 1.0, -1.0])))
     c_w, py_w = array("i", weights), array("i", weights)
-    for bk, bias, spam, c in cases:
-        got = linear._c.linear_step(c_w, bk, bias, spam, c)
-        want = linear._step_py(py_w, bk, bias, spam, c)
-        assert got == want, (len(bk), bias, spam, c)
+    for bk, bias, spam, c, off in cases:
+        got = linear._c.linear_step(c_w, bk, bias, spam, c, off)
+        want = linear._step_py(py_w, bk, bias, spam, c, off)
+        assert got == want, (len(bk), bias, spam, c, off)
     assert c_w == py_w and c_w != weights  # (steps were taken)
+    # without an offset: 0; a hash steps the bucket of its low bits
+    w1, w2 = linear.zeros(), linear.zeros()
+    assert linear._c.linear_step(w1, array("I", [5 + linear.BUCKETS * 7]), 0, True, 1.0) \
+        == linear._c.linear_step(w2, array("I", [5]), 0, True, 1.0, 0.0)
+    assert w1 == w2 and w1[5] > 0
     with pytest.raises(TypeError):
         linear._c.linear_step(c_w, [1, 2], 0, True, 1.0)  # not an array('I')
     with pytest.raises(ValueError):
         linear._c.linear_step(array("i", [0]), array("I", [0]), 0, True, 1.0)
-    with pytest.raises(ValueError):
-        linear._c.linear_step(c_w, array("I", [linear.BUCKETS]), 0, True, 1.0)
+    with pytest.raises(TypeError):
+        linear._c.linear_step(c_w, array("I", [1]), 0, True, 1.0, "offset")
 
 
 def _all_tokens(raw: bytes, path: str) -> set[str]:
@@ -493,8 +502,16 @@ def test_linear_buckets_are_the_same_either_way():
     assert got == linear._buckets_py(toks)
     assert all(0 <= b < linear.BUCKETS for b in got)
     assert len(set(got)) > 0.9 * len(set(toks))  # spread over the buckets
+    # the 32-bit hashes bulk training keeps: the same either way, their low bits the buckets
+    hashes = linear.buckets(toks, linear.HASH_MASK)
+    assert hashes == linear._buckets_py(toks, linear.HASH_MASK)
+    assert list(linear.hashes(toks)) == hashes
+    assert [h & linear.MASK for h in hashes] == got
+    assert max(hashes) >= 1 << 31 and len(set(hashes)) == len(set(toks))
     with pytest.raises(TypeError):
         linear.buckets([b"bytes"])
+    with pytest.raises(ValueError):
+        linear.buckets(["a"], 1 << 32)
 
 
 @needs_c

@@ -431,7 +431,8 @@ async def test_the_linear_model_tells_a_newsletter_that_reads_like_spam_from_spa
         tmp_path, redis_store, backend):
     """Fisher's method is unsure about a ham full of spam words (its tokens' counts say spam);
     the linear model, trained on its mistakes, learned the newsletter's own tokens, and the mix
-    calls it ham while spam stays spam."""
+    calls it ham while spam stays spam (Fisher's method is sure of it, and the model, which
+    had little to correct there, agrees)."""
     store = SQLiteStore(tmp_path / "t.sqlite") if backend == "sqlite" else redis_store
     bayes = Bayes(store)
     await bulk_train(bayes, [synth("spam", i) for i in range(40)],
@@ -444,7 +445,7 @@ async def test_the_linear_model_tells_a_newsletter_that_reads_like_spam_from_spa
         assert news.probability < 0.2  # BAYES_HAM
         assert news.probability == linear.mix(news.fisher, news.margin)
         spam = await bayes.classify(synth("spam", i, seed=9))
-        assert spam.probability > 0.99 and spam.margin > 0.5
+        assert spam.probability > 0.99 and spam.fisher > 0.99 and spam.margin > -0.5
     plain = await Bayes(store, linear=False).classify(newsletter(104, seed=9))  # [bayes] linear
     assert plain.fisher is None and plain.probability == news.fisher  # = false: Fisher's alone
 
@@ -470,7 +471,8 @@ async def test_a_database_without_the_linear_model_keeps_fishers_score_until_tra
         await bulk_train(fresh, spam, ham)  # "already" learned: only the model learns
         assert await fresh.tokens.totals() == (31, 30)
         res = await fresh.classify(probe)  # (at once, on the classifier that was in use)
-        assert res.fisher == pytest.approx(fisher, abs=0.01) and res.margin > 0
+        assert res.fisher == pytest.approx(fisher, abs=0.01) and res.margin is not None
+        assert res.probability == linear.mix(res.fisher, res.margin) > 0.99
     finally:
         await store.close()
 
@@ -493,14 +495,22 @@ async def test_learning_steps_the_model_and_its_copy_follows_its_own_writes(tmp_
         await bayes.learn([m], spam=True)  # relearned as spam
         assert bayes._weights == await bayes.tokens.linear_weights()
         assert (await Bayes(store).classify(m)).margin > after
+        # a spam Fisher's method is already sure of (before it is learned) needs no step
+        weights = await bayes.tokens.linear_weights()
+        sure = synth("spam", 200, seed=4)
+        assert (await Bayes(store).classify(sure)).fisher > 0.9999
+        await bayes.learn([sure], spam=True)
+        assert await bayes.tokens.linear_weights() == weights
+        assert await bayes.tokens.totals() == (12, 10)  # (counted all the same)
     finally:
         await store.close()
 
 
 def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
-    """PA-I: a message short of margin 1 on its side is moved exactly to it (within the
-    weights' rounding) when C allows, by at most C otherwise; a message past the margin, or
-    without tokens, is left alone; bulk training is reproducible."""
+    """PA-I: a message short of margin 1 on its side (Fisher's say, the offset, counted) is
+    moved exactly to it (within the weights' rounding) when C allows, by at most C otherwise;
+    a message past the margin, or without tokens, is left alone; the bias is not learned;
+    bulk training is reproducible."""
     w = linear.zeros()
     t = linear.Trainer(w, 0)
     bk = array("I", linear.buckets([f"tok{i}" for i in range(100)]))
@@ -512,12 +522,22 @@ def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
     assert z() == pytest.approx(1.0, abs=1e-4)
     t.learn(bk, True)  # already at the margin: no step
     assert z() == pytest.approx(1.0, abs=1e-4) and t.messages == 2
-    t.learn(bk, False)
+    t.learn(bk, False)  # a loss of 2: C = 1 takes it half way
+    assert z() == pytest.approx(0.0, abs=1e-4)
+    t.learn(bk, False, linear.offset(0.5))  # (Fisher unsure: no say)
     assert z() == pytest.approx(-1.0, abs=1e-4)
-    assert linear.step(-5.0, True, 100, c=0.5) == (round(0.5 / 10 / linear.UNIT),
-                                                   round(0.5 / linear.UNIT))
+    t.learn(bk, True, linear.offset(1.0))  # Fisher sure (1): the model is taken to 1 - 1
+    assert z() == pytest.approx(0.0, abs=1e-4)
+    t.learn(bk, True, linear.offset(1.0))  # at the margin with Fisher's say: no step
+    assert z() == pytest.approx(0.0, abs=1e-4) and t.messages == 6
+    t.learn(bk, True, 0.75)  # to 1 - 0.75
+    assert z() == pytest.approx(0.25, abs=1e-4)
+    assert linear.offset(1.0) == linear.STEP_LIMIT and linear.offset(0.0) == -linear.STEP_LIMIT
+    assert linear.offset(1.0, linear.MIX_LIMIT) == linear.MIX_LIMIT
+    assert linear.offset(0.99) == pytest.approx(0.1 * math.log(99))
+    assert linear.step(-5.0, True, 100, c=0.5) == (round(0.5 / 10 / linear.UNIT), 0)
     assert linear.step(2.0, True, 100) == (0, 0) and linear.step(0.0, True, 0) == (0, 0)
-    assert t.deltas == {b: w[b] for b in set(bk)} and t.bias_delta == t.bias
+    assert t.deltas == {b: w[b] for b in set(bk)} and t.bias_delta == t.bias == 0
     samples = [(array("I", linear.buckets([f"s{i}", "x"])), True) for i in range(20)] + [
         (array("I", linear.buckets([f"h{i}", "x"])), False) for i in range(20)]
     a, b = linear.Trainer(linear.zeros(), 0), linear.Trainer(linear.zeros(), 0)
@@ -526,3 +546,43 @@ def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
     assert a.weights == b.weights and a.bias == b.bias and a.messages == 40
     assert linear.mix(0.5, 0.0) == 0.5 and linear.mix(1.0, 50.0) == 1.0
     assert linear.mix(0.0, -400.0) == 0.0
+    # Fisher's method alone, sure: within the top band, not past it
+    assert 0.99 < linear.mix(1.0, 0.0) < 0.996 and 0.004 < linear.mix(0.0, 0.0) < 0.01
+
+
+def test_bulk_training_counts_fishers_say_from_the_other_folds():
+    """Bulk training's offsets: each message's is Fisher's probability for it from the
+    counts of the other folds (classify(), bit for bit), within ±STEP_LIMIT; a message whose
+    tokens are its own alone, or a corpus of one class, gets 0 (Fisher's method has no say).
+    Fisher's method gets this easy corpus right out of fold, but for the newsletters."""
+    import random
+    from collections import Counter
+
+    from filterd.bayes.tokenizer import tokenize
+
+    msgs = ([(synth("spam", i), True) for i in range(12)]
+            + [(synth("ham", i), False) for i in range(12)]
+            + [(newsletter(i), False) for i in range(3)])
+    samples = [(linear.hashes(tokenize(m)), spam) for m, spam in msgs]
+    params = Params()
+    got = linear.fold_offsets(samples, params)
+    order = list(range(len(samples)))
+    random.Random(linear.SEED).shuffle(order)
+    for k in range(linear.FOLDS):  # the same by hand, fold by fold
+        fold = set(order[k::linear.FOLDS])
+        sc, hc = Counter(), Counter()
+        for i, (bk, spam) in enumerate(samples):
+            if i not in fold:
+                (sc if spam else hc).update(bk)
+        nspam = sum(1 for i, (_, spam) in enumerate(samples) if i not in fold and spam)
+        nham = len(samples) - len(fold) - nspam
+        for i in fold:
+            counts = {t: (sc[t], hc[t]) for t in samples[i][0] if sc[t] or hc[t]}
+            assert got[i] == linear.offset(classify(counts, nspam, nham, params).probability)
+    assert all(o == linear.STEP_LIMIT for o in got[:12])  # spam: sure, and right
+    assert all(o == -linear.STEP_LIMIT for o in got[12:24])  # ham: the same
+    assert all(o > -0.5 for o in got[24:])  # newsletters: unsure, or wrong
+    lone = [(linear.hashes({f"only-{i}"}), i % 2 == 0) for i in range(10)]
+    assert linear.fold_offsets(lone, params) == [0.0] * 10
+    assert linear.fold_offsets(samples[:12], params) == [0.0] * 12  # spam alone
+    assert linear.fold_offsets([], params) == []

@@ -117,9 +117,10 @@
  * header_tokens(codes, helpers, headers, out) -> None
  *   The tokens of the selected header fields, the same as tokenizer._header_tokens_py.
  *
- * linear_buckets(tokens) -> list; linear_step(weights, buckets, bias, spam, c) -> (dw, db)
- *   The linear model's bucket of each token and one PA-I step (filterd/bayes/linear.py), the
- *   same as linear._buckets_py and linear._step_py.
+ * linear_buckets(tokens, mask) -> list; linear_step(weights, buckets, bias, spam, c, offset)
+ *   -> (dw, db)
+ *   The linear model's bucket (or 32-bit hash) of each token and one PA-I step
+ *   (filterd/bayes/linear.py), the same as linear._buckets_py and linear._step_py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1208,7 +1209,7 @@ static int token_utf8(PyObject *tok, const unsigned char **b, Py_ssize_t *n,
 /* A token's bucket (linear._bucket_py): its UTF-8 bytes read as little-endian 64-bit words
    (the last one zero-padded), each mixed in with a multiply, then a final mix (MurmurHash3's
    fmix64); -1 with an exception set on error. */
-static int token_bucket(PyObject *tok, uint32_t *out)
+static int token_hash(PyObject *tok, uint32_t *out, uint32_t mask)
 {
     PyObject *encoded;
     const unsigned char *b;
@@ -1228,8 +1229,14 @@ static int token_bucket(PyObject *tok, uint32_t *out)
     h ^= h >> 33;
     h *= 0xC4CEB9FE1A85EC53ull;
     h ^= h >> 33;
-    *out = (uint32_t)(h & (LINEAR_BUCKETS - 1));
+    *out = (uint32_t)h & mask;
     return 0;
+}
+
+/* A token's bucket: the low bits of its hash. */
+static int token_bucket(PyObject *tok, uint32_t *out)
+{
+    return token_hash(tok, out, LINEAR_BUCKETS - 1);
 }
 
 /* The linear weights buffer of an argument (LINEAR_BUCKETS int32s) into *view (flags:
@@ -1774,8 +1781,9 @@ static PyObject *presence_filter(PyObject *Py_UNUSED(self), PyObject *const *arg
    dw added to each bucket's weight in place (saturating at the int32 limits). */
 static PyObject *linear_step(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || args[0] == Py_None) {
-        PyErr_SetString(PyExc_TypeError, "linear_step(weights, buckets, bias, spam, c)");
+    if ((nargs != 5 && nargs != 6) || args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError,
+                        "linear_step(weights, buckets, bias, spam, c, offset=0.0)");
         return NULL;
     }
     Py_buffer wv, bv;
@@ -1794,36 +1802,36 @@ static PyObject *linear_step(PyObject *Py_UNUSED(self), PyObject *const *args, P
     long long bias = PyLong_AsLongLong(args[2]);
     int spam = PyObject_IsTrue(args[3]);
     double c = PyFloat_AsDouble(args[4]);
-    if ((bias == -1 || c == -1.0) && PyErr_Occurred())
+    double offset = nargs == 6 ? PyFloat_AsDouble(args[5]) : 0.0;
+    if ((bias == -1 || c == -1.0 || offset == -1.0) && PyErr_Occurred())
         goto done;
     if (spam < 0)
         goto done;
     int32_t *w = (int32_t *)wv.buf;
     const uint32_t *bk = (const uint32_t *)bv.buf;
     Py_ssize_t n = bv.len / 4;
+    const uint32_t mask = LINEAR_BUCKETS - 1;  /* (a token's hash: its bucket is its low bits) */
     long long total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (bk[i] >= LINEAR_BUCKETS) {
-            PyErr_SetString(PyExc_ValueError, "linear_step: a bucket past linear.BUCKETS");
-            goto done;
-        }
-        total += w[bk[i]];
-    }
-    /* margin(): UNIT * (bias + total / sqrt(n)), or UNIT * bias without tokens */
+    for (Py_ssize_t i = 0; i < n; i++)
+        total += w[bk[i] & mask];
+    /* offset + margin(): UNIT * (bias + total / sqrt(n)), or UNIT * bias without tokens */
     const double unit = 1e-6;
-    double z = n ? unit * ((double)bias + (double)total / sqrt((double)n)) : unit * (double)bias;
+    double z = offset + (n ? unit * ((double)bias + (double)total / sqrt((double)n))
+                         : unit * (double)bias);
     double y = spam ? 1.0 : -1.0, loss = 1.0 - y * z;
     if (loss <= 0.0 || n <= 0) {
         result = Py_BuildValue("(ii)", 0, 0);
         goto done;
     }
-    double tau = loss / 2.0 < c ? loss / 2.0 : c;  /* min(c, loss / 2) */
-    long long dw = (long long)nearbyint(tau * y / sqrt((double)n) / unit);  /* round(): */
-    long long db = (long long)nearbyint(tau * y / unit);                   /* half to even */
+    double tau = loss < c ? loss : c;  /* min(c, loss) */
+    long long dw = (long long)nearbyint(tau * y / sqrt((double)n) / unit);  /* round(): half
+                                                                               to even */
+    long long db = 0;  /* (the bias is not learned: linear.step) */
     if (dw)
         for (Py_ssize_t i = 0; i < n; i++) {
-            long long v = (long long)w[bk[i]] + dw;
-            w[bk[i]] = v > INT32_MAX ? INT32_MAX : v < INT32_MIN ? INT32_MIN : (int32_t)v;
+            int32_t *x = &w[bk[i] & mask];
+            long long v = (long long)*x + dw;
+            *x = v > INT32_MAX ? INT32_MAX : v < INT32_MIN ? INT32_MIN : (int32_t)v;
         }
     result = Py_BuildValue("(LL)", dw, db);
 done:
@@ -1832,15 +1840,31 @@ done:
     return result;
 }
 
-/* linear_buckets(tokens) -> list[int]: each token's bucket, in the order given. */
-static PyObject *linear_buckets(PyObject *Py_UNUSED(self), PyObject *tokens)
+/* linear_buckets(tokens, mask=linear.MASK) -> list[int]: each token's bucket (its hash's low
+   bits), in the order given; with mask linear.HASH_MASK its 32-bit hash. */
+static PyObject *linear_buckets(PyObject *Py_UNUSED(self), PyObject *const *args,
+                                Py_ssize_t nargs)
 {
-    PyObject *it = PyObject_GetIter(tokens), *tok, *out = PyList_New(0);
+    uint32_t mask = LINEAR_BUCKETS - 1;
+    if (nargs == 2) {
+        unsigned long m = PyLong_AsUnsignedLong(args[1]);
+        if (m == (unsigned long)-1 && PyErr_Occurred())
+            return NULL;
+        if (m > 0xFFFFFFFFul) {
+            PyErr_SetString(PyExc_ValueError, "linear_buckets: the mask is 32 bits at most");
+            return NULL;
+        }
+        mask = (uint32_t)m;
+    } else if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "linear_buckets(tokens, mask=linear.MASK)");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(args[0]), *tok, *out = PyList_New(0);
     if (it == NULL || out == NULL)
         goto error;
     uint32_t h;
     while ((tok = PyIter_Next(it)) != NULL) {
-        int rc = token_bucket(tok, &h);
+        int rc = token_hash(tok, &h, mask);
         Py_DECREF(tok);
         if (rc < 0)
             goto error;
@@ -2295,10 +2319,11 @@ static PyMethodDef methods[] = {
      "header_tokens(codes, helpers, headers, out) -> None: the header fields' tokens (see "
      "tokenizer._header_tokens_py)"},
     {"linear_step", (PyCFunction)(void (*)(void))linear_step, METH_FASTCALL,
-     "linear_step(weights, buckets, bias, spam, c) -> (dw, db): one PA-I step of the linear "
-     "model, applied to weights (see filterd/bayes/linear.py)"},
-    {"linear_buckets", (PyCFunction)linear_buckets, METH_O,
-     "linear_buckets(tokens) -> list: each token's bucket (see filterd/bayes/linear.py)"},
+     "linear_step(weights, buckets, bias, spam, c, offset=0.0) -> (dw, db): one PA-I step of "
+     "the linear model, applied to weights (see filterd/bayes/linear.py)"},
+    {"linear_buckets", (PyCFunction)(void (*)(void))linear_buckets, METH_FASTCALL,
+     "linear_buckets(tokens, mask=linear.MASK) -> list: each token's bucket, or hash (see "
+     "filterd/bayes/linear.py)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -179,7 +179,11 @@ class Bayes:
         caller has just read it (saves a read); token probabilities are cached while it holds,
         so a message costs one store query for the tokens not seen since (one ``HMGET`` on
         Redis, one ``IN`` query on SQLite)."""
-        toks = tokenize(message)
+        return await self._score(tokenize(message), explain, state)
+
+    async def _score(self, toks: set[str], explain: int = 0,
+                     state: tuple[int, int, int] | None = None) -> Result:
+        """:meth:`classify` for a message's tokens."""
         state = state or await self.tokens.state()
         nspam, nham = state[0], state[1]
         if nspam <= 0 or nham <= 0:
@@ -263,7 +267,8 @@ class Bayes:
                     batch: int = 500, progress=None, collect: list | None = None) -> LearnStats:
         """Learn many messages as one class, in batches of ``batch`` (one store round trip per
         batch). ``progress(n)`` is called after each message. The linear model makes a step
-        for each message; with ``collect`` (bulk training) the message's ``(buckets, spam)``
+        for each message, counting Fisher's probability for it before it is learned; with
+        ``collect`` (bulk training) the message's ``(hashes, spam)`` (:func:`.linear.hashes`)
         is appended to it instead, for :meth:`fit_linear` once every class is counted."""
         stats = LearnStats()
         pending: list[tuple[str, set[str]]] = []
@@ -285,12 +290,14 @@ class Bayes:
 
     async def fit_linear(self, samples: list[tuple[array, bool]],
                          passes: int = linear.PASSES) -> linear.Trainer:
-        """Bulk training of the linear model: ``passes`` passes over the ``(buckets, spam)``
+        """Bulk training of the linear model: ``passes`` passes over the ``(hashes, spam)``
         samples :meth:`learn` collected, ham and spam shuffled together, from the weights in
-        the store; the changes are written at the end, in one batch."""
+        the store, each step counting Fisher's probability for its message from the other
+        folds' counts (:func:`.linear.fold_offsets`); the changes are written at the end, in
+        one batch."""
         await self.tokens.state()
         trainer = linear.Trainer(await self.tokens.linear_weights(), self.tokens.linear_bias)
-        trainer.fit(samples, passes)
+        trainer.fit(samples, passes, offsets=linear.fold_offsets(samples, self.params))
         # (every weight may have moved: the cache, whose entries hold them, starts afresh and
         # reads them again)
         self._weights, self._fstate = None, None
@@ -312,7 +319,13 @@ class Bayes:
         known = self._presence if self._presence_epoch == self.tokens.presence_epoch else None
         seen = await self.tokens.seen([d for d, _ in pending])
         trainer = None
+        offsets: list[float] = []
         if self.linear and collect is None:
+            # each step counts Fisher's say on the message before it is learned (read first:
+            # a score may read the weights again)
+            for _, toks in pending:
+                r = await self._score(toks)
+                offsets.append(linear.offset(r.probability if r.fisher is None else r.fisher))
             # (this object's copy of the weights when it has one: its own steps are in it,
             # other writers' since its last read are not, which only changes a step's size)
             if self._weights is None:
@@ -321,11 +334,11 @@ class Bayes:
         deltas: dict[str, int] = {}
         seen_d: dict[str, int] = {}
         nspam = nham = 0
-        for dig, toks in pending:
+        for i, (dig, toks) in enumerate(pending):
             if self.linear:  # (every message, also one learned before: a step if it needs it)
-                bkts = array("I", linear.buckets(toks))  # (kept by bulk training: 4 bytes
-                if trainer is not None:                   # a token, not an int object)
-                    trainer.learn(bkts, spam)
+                bkts = linear.hashes(toks)  # (kept by bulk training: 4 bytes a token)
+                if trainer is not None:
+                    trainer.learn(bkts, spam, offsets[i])
                 else:
                     collect.append((bkts, spam))
             prev = seen.get(dig, 0)
