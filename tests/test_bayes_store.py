@@ -579,6 +579,13 @@ def test_bulk_training_counts_fishers_say_from_the_other_folds():
         for i in fold:
             counts = {t: (sc[t], hc[t]) for t in samples[i][0] if sc[t] or hc[t]}
             assert got[i] == linear.offset(classify(counts, nspam, nham, params).probability)
+    from filterd.bayes import engine
+
+    with pytest.MonkeyPatch.context() as mp:  # the classify path's passes in Python: the same
+        mp.setattr(engine, "_cached_logs", engine._cached_logs_py)
+        mp.setattr(engine, "_token_logs", engine._token_logs_py)
+        mp.setattr(engine, "_fisher", engine._fisher_py)
+        assert linear.fold_offsets(samples, params) == got
     assert all(o == linear.STEP_LIMIT for o in got[:12])  # spam: sure, and right
     assert all(o == -linear.STEP_LIMIT for o in got[12:24])  # ham: the same
     assert all(o > -0.5 for o in got[24:])  # newsletters: unsure, or wrong

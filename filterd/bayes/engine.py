@@ -48,13 +48,15 @@ def entry_f(entry) -> float | None:
     return ENTRY.unpack(entry)[0] if entry.__class__ is bytes else None
 
 
-def _cached_logs_py(cache: dict, tokens: set) -> tuple[list, bytes, int]:
-    """The classifier's pass over a message's tokens: (the tokens not in ``cache``, the
+def _cached_logs_py(cache: dict, tokens: Iterable) -> tuple[list, bytes, int]:
+    """The classifier's pass over a message's tokens (a set; bulk training passes arrays of
+    hashes): (the tokens not in ``cache``, the
     ``(ln f, ln(1 - f))`` pairs of the cached tokens with evidence as packed doubles, the sum of
     the cached tokens' linear weights). ``cache`` maps a token to an :data:`ENTRY`, to its
     weight alone (learned, but no evidence) or to None (never learned). The C extension's
     ``cached_logs`` does the same in one pass over the tokens (tests/test_bayes_speedups.py)."""
-    missing = list(tokens.difference(cache))
+    missing = (list(tokens.difference(cache)) if isinstance(tokens, (set, frozenset))
+               else [t for t in tokens if t not in cache])
     found = [v for v in map(cache.get, tokens) if v is not None]
     entries = [ENTRY.unpack(v) for v in found if v.__class__ is bytes]
     weights = sum(v for v in found if v.__class__ is int) + sum(e[3] for e in entries)

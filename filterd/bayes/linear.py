@@ -223,45 +223,44 @@ def fold_offsets(samples: list[tuple[array, bool]], params, folds: int = FOLDS,
     to correct what Fisher's method gets wrong on unseen mail, not on mail it has learned
     (there it is nearly always right, and sure). ``params``: the classifier's
     :class:`~.classifier.Params`. The counts are of these samples alone, by 32-bit hash (two
-    tokens whose hashes collide share counts here, nowhere else). The probabilities are
-    :func:`~.classifier.classify`'s, bit for bit (tests/test_bayes_store.py), each token's
-    f(w) computed once per fold."""
+    tokens whose hashes collide share counts here, nowhere else). The probabilities are the
+    classify path's (:mod:`.engine`'s passes, in C where built): :func:`~.classifier.classify`'s,
+    bit for bit (tests/test_bayes_store.py), each token's f(w) computed once per fold."""
     from collections import Counter
+    from operator import lshift, or_, sub
 
-    from .classifier import combine_logs, probabilities
+    from .engine import SHIFT, _cached_logs, _fisher, _token_logs
 
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
-    members: list[list[int]] = [order[k::folds] for k in range(folds)]
     counts = [Counter(), Counter()]  # [ham, spam] over all samples
     for bkts, spam in samples:
         counts[spam].update(bkts)
-    ham_all, spam_all = counts
+    hg, sg = counts[0].get, counts[1].get
     nham_all = sum(1 for _, spam in samples if not spam)
     nspam_all = len(samples) - nham_all
     out = [0.0] * len(samples)
-    fsum, n_eff = math.fsum, params.n_eff
-    for fold in members:
+    p = params
+    for fold in (order[k::folds] for k in range(folds)):
         fh, fs = Counter(), Counter()  # the fold's own counts
-        nspam = 0
         for i in fold:
             bkts, spam = samples[i]
             (fs if spam else fh).update(bkts)
-            nspam += bool(spam)
-        nham = len(fold) - nspam
-        if nspam_all - nspam <= 0 or nham_all - nham <= 0:
+        nspam = sum(1 for i in fold if samples[i][1])
+        nspam, nham = nspam_all - nspam, nham_all - (len(fold) - nspam)
+        if nspam <= 0 or nham <= 0:
             continue  # (the other folds hold one class only: Fisher's method has no say)
-        # f(w) of the fold's tokens from the other folds' counts (tokens only the fold has
-        # get none: probabilities() skips a count of 0)
-        sg, hg, fsg, fhg = spam_all.get, ham_all.get, fs.get, fh.get
-        probs = probabilities(((t, sg(t, 0) - fsg(t, 0), hg(t, 0) - fhg(t, 0))
-                               for t in fs.keys() | fh.keys()),
-                              nspam_all - nspam, nham_all - nham, params)
-        log_f = {t: e[1] for t, e in probs.items()}  # (never 0: f is below 1 - 1e-9)
-        log_1f = {t: e[2] for t, e in probs.items()}
+        # the fold's tokens' counts in the other folds, packed as the store packs them
+        # (spam << SHIFT | ham; by maps of C functions, no bytecode per token), and their
+        # entries (f(w) and its logarithms) in a cache of the fold's own, made as the classify
+        # path makes them (a count of 0: no evidence)
+        toks = list(fs.keys() | fh.keys())
+        spam_n = map(sub, map(sg, toks, repeat(0)), map(fs.get, toks, repeat(0)))
+        ham_n = map(sub, map(hg, toks, repeat(0)), map(fh.get, toks, repeat(0)))
+        packed = dict(zip(toks, map(or_, map(lshift, spam_n, repeat(SHIFT)), ham_n)))
+        cache: dict = {}
+        _token_logs(cache, [], packed, nspam, nham, p.robs, p.robx, p.min_dev, p.min_count,
+                    None)
         for i in fold:
-            bkts = samples[i][0]
-            a = list(filter(None, map(log_f.get, bkts)))
-            r = combine_logs(fsum(a), fsum(filter(None, map(log_1f.get, bkts))), len(a), n_eff)
-            out[i] = offset(r.probability)
+            out[i] = offset(_fisher([_cached_logs(cache, samples[i][0])[1]], p.n_eff)[0])
     return out
