@@ -311,7 +311,8 @@ class Bayes:
         cls = SPAM if spam else HAM
         other = HAM if spam else SPAM
         stats = LearnStats()
-        gen = (await self.tokens.state())[2]
+        state = await self.tokens.state()
+        gen = state[2]
         if not self.tokens.presence_complete:
             n = await self.tokens.build_presence()
             if n:
@@ -326,7 +327,7 @@ class Bayes:
             # each step counts Fisher's say on the message before it is learned (read first:
             # a score may read the weights again)
             for _, toks in pending:
-                r = await self._score(toks)
+                r = await self._score(toks, state=state)
                 offsets.append(linear.offset(r.probability if r.fisher is None else r.fisher))
             # (this object's copy of the weights when it has one: its own steps are in it,
             # other writers' since its last read are not, which only changes a step's size)
