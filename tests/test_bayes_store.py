@@ -544,6 +544,8 @@ def test_a_passive_aggressive_step_reaches_the_margin_and_no_further():
     a.fit(samples)
     b.fit(samples)
     assert a.weights == b.weights and a.bias == b.bias and a.messages == 40
+    with pytest.raises(ValueError):
+        a.fit(samples, offsets=[0.0])  # (an offset for each sample, or none)
     assert linear.mix(0.5, 0.0) == 0.5 and linear.mix(1.0, 50.0) == 1.0
     assert linear.mix(0.0, -400.0) == 0.0
     # Fisher's method alone, sure: within the top band, not past it

@@ -196,6 +196,8 @@ class Trainer:
         """``passes`` passes over ``(buckets or hashes, spam)`` samples, shuffled before each,
         each sample's step counting its ``offsets`` entry (:func:`fold_offsets`; None: 0); the
         changes to write are the weights' differences at the end."""
+        if offsets is not None and len(offsets) != len(samples):
+            raise ValueError(f"{len(offsets)} offsets for {len(samples)} samples")
         w = self.weights
         before = array("i", w)
         order = [(b, spam, o) for (b, spam), o in zip(samples, offsets or repeat(0.0))]
