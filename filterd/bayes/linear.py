@@ -265,4 +265,5 @@ def fold_offsets(samples: list[tuple[array, bool]], params, folds: int = FOLDS,
                     None)
         for i in fold:
             out[i] = offset(_fisher([_cached_logs(cache, samples[i][0])[1]], p.n_eff)[0])
+        del fh, fs, toks, packed, cache  # (before the next fold's: one fold's at a time)
     return out
