@@ -235,21 +235,21 @@ def fold_offsets(samples: list[tuple[array, bool]], params, folds: int = FOLDS,
 
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
-    counts = [Counter(), Counter()]  # [ham, spam] over all samples
+    counts, messages = [Counter(), Counter()], [0, 0]  # [ham, spam], over all samples
     for bkts, spam in samples:
         counts[spam].update(bkts)
+        messages[spam] += 1
     hg, sg = counts[0].get, counts[1].get
-    nham_all = sum(1 for _, spam in samples if not spam)
-    nspam_all = len(samples) - nham_all
     out = [0.0] * len(samples)
     p = params
     for fold in (order[k::folds] for k in range(folds)):
-        fh, fs = Counter(), Counter()  # the fold's own counts
+        own, own_messages = [Counter(), Counter()], [0, 0]  # the fold's own: [ham, spam]
         for i in fold:
             bkts, spam = samples[i]
-            (fs if spam else fh).update(bkts)
-        nspam = sum(1 for i in fold if samples[i][1])
-        nspam, nham = nspam_all - nspam, nham_all - (len(fold) - nspam)
+            own[spam].update(bkts)
+            own_messages[spam] += 1
+        fh, fs = own
+        nham, nspam = messages[0] - own_messages[0], messages[1] - own_messages[1]
         if nspam <= 0 or nham <= 0:
             continue  # (the other folds hold one class only: Fisher's method has no say)
         # the fold's tokens' counts in the other folds, packed as the store packs them
@@ -265,5 +265,5 @@ def fold_offsets(samples: list[tuple[array, bool]], params, folds: int = FOLDS,
                     None)
         for i in fold:
             out[i] = offset(_fisher([_cached_logs(cache, samples[i][0])[1]], p.n_eff)[0])
-        del fh, fs, toks, packed, cache  # (before the next fold's: one fold's at a time)
+        del own, fh, fs, toks, packed, cache  # (before the next fold's: one fold at a time)
     return out
