@@ -1776,9 +1776,10 @@ static PyObject *presence_filter(PyObject *Py_UNUSED(self), PyObject *const *arg
     return out;
 }
 
-/* linear_step(weights, buckets, bias, spam, c) -> (dw, db): linear._step_py, operation for
-   operation: the margin of the message whose tokens' buckets are given, PA-I's step for it,
-   dw added to each bucket's weight in place (saturating at the int32 limits). */
+/* linear_step(weights, buckets, bias, spam, c, offset=0.0) -> (dw, db): linear._step_py,
+   operation for operation: the margin of the message whose tokens' buckets (or 32-bit hashes:
+   a bucket is a hash's low bits) are given, plus offset (Fisher's say), PA-I's step for it,
+   dw added to each bucket's weight in place (saturating at the int32 limits); db is 0. */
 static PyObject *linear_step(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
     if ((nargs != 5 && nargs != 6) || args[0] == Py_None) {
