@@ -154,18 +154,27 @@ class TXTPrefetch:
 _psl = None
 
 
-@functools.lru_cache(maxsize=8192)  # the same few domains come in message after message
-def org_domain(domain: str) -> str:
+def public_suffix_list():
+    """The Public Suffix List, loaded once per process and shared by every plugin that needs
+    it (DMARC's organizational domains, the DNSBL plugin's registered domains). Loading it
+    takes about a quarter of a second, so the plugins that use it call this from their
+    ``startup`` hook: the first message after a start or reload does not wait for it."""
     global _psl
     if _psl is None:
         from publicsuffixlist import PublicSuffixList
 
         _psl = PublicSuffixList()  # the list shipped inside the package: no download
+    return _psl
+
+
+@functools.lru_cache(maxsize=8192)  # the same few domains come in message after message
+def org_domain(domain: str) -> str:
+    psl = _psl or public_suffix_list()
     domain = domain.lower().rstrip(".")
     if not domain:
         return ""
     try:
-        od = _psl.privatesuffix(domain)
+        od = psl.privatesuffix(domain)
     except Exception:  # noqa: BLE001 - odd labels: treat the name as its own org domain
         od = None
     return od or domain

@@ -10,7 +10,7 @@ import random
 import re
 import time
 
-from filterd.auth import DMARCResult, is_outbound, org_domain
+from filterd.auth import DMARCResult, is_outbound, org_domain, public_suffix_list
 from filterd.dns import DNSError
 from filterd.hookspecs import hookimpl
 from filterd.verdict import Verdict
@@ -154,6 +154,10 @@ class Plugin:
     def __init__(self, options, services):
         self.options = options
         self.services = services
+
+    @hookimpl
+    def startup(self, options, services):
+        public_suffix_list()  # loaded now, not on the first message (see its docstring)
 
     @hookimpl(tryfirst=True)  # before the plugins that use auth results (reputation ...)
     async def data(self, ctx, message, options):

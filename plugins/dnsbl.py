@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 
+from filterd.auth import public_suffix_list
 from filterd.dns import DNSError
 from filterd.hookspecs import hookimpl
 from filterd.reputation import active, guarded, ip_in, parse_ip, sender_domain
@@ -107,18 +108,18 @@ class Plugin:
     def __init__(self, options, services):
         self.options = options
         self.services = services
-        self._psl = None
 
     def idle_hooks(self) -> set[str]:
         o = self.options
         return set() if (o["ip_zones"] or o["rhsbl_zones"] or o["uribl_zones"]) else {"data"}
 
-    def registered_domain(self, host: str) -> str:
-        if self._psl is None:
-            from publicsuffixlist import PublicSuffixList
+    @hookimpl
+    def startup(self, options, services):
+        if options["uribl_zones"]:  # (the only look-ups by registered domain)
+            public_suffix_list()  # loaded now, not on the first message
 
-            self._psl = PublicSuffixList()
-        return self._psl.privatesuffix(host.lower().rstrip(".")) or ""
+    def registered_domain(self, host: str) -> str:
+        return public_suffix_list().privatesuffix(host.lower().rstrip(".")) or ""
 
     async def _lookup(self, ctx, zone: str, query: str) -> list[str] | None:
         """Answers for query.zone (A records), cached in the store; None on DNS failure."""

@@ -172,6 +172,27 @@ def test_org_domain_uses_public_suffix_list():
     assert org_domain("example.com") == "example.com"
 
 
+async def test_public_suffix_list_loads_at_startup_once_for_every_plugin(pipeline_factory,
+                                                                         monkeypatch, tmp_path):
+    # the list takes a quarter of a second to load: a pipeline's start-up loads it, not the
+    # first message, and the DNSBL plugin's URL look-ups use the same copy as DMARC
+    from filterd import auth
+
+    monkeypatch.setattr(auth, "_psl", None)
+    await pipeline_factory()  # the default plugins: DMARC loads it
+    psl = auth._psl
+    assert psl is not None
+    conf = tmp_path / "uribl.toml"
+    conf.write_text('[dnsbl.uribl_zones."uribl.test"]\n"&2" = "TEST_URIBL_BLACK"\n')
+    pipe = await pipeline_factory(config=str(conf))  # a second pipeline loads nothing
+    assert auth._psl is psl and auth.public_suffix_list() is psl
+    dnsbl = pipe.host.pm.get_plugin("dnsbl")
+    assert dnsbl.registered_domain("www.Example.co.uk.") == "example.co.uk"
+    monkeypatch.setattr(auth, "_psl", None)
+    await pipeline_factory("plugins.disabled=[\"dmarc\"]", config=str(conf))
+    assert auth._psl is not None  # DNSBL with URL zones loads it too, without DMARC
+
+
 async def test_trusted_arc_sealer_overrides_dmarc_failure(pipeline_factory, tmp_path):
     """A list at lists.example.org checks the author's mail (DKIM pass, DMARC pass), tags the
     subject (breaking the DKIM signature) and seals. The receiver sees DMARC fail; it enforces
