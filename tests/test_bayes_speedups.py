@@ -36,16 +36,13 @@ ALPHABET = (list("abcXYZ019_'$%.@-  \t\n\r\x0b\x0c!?,;:()<>/\\\"#+=~`^*&|{}[]")
 
 
 def both(text: str):
-    """Both paths' (words, sorted long words, lower-cased words and cs: tokens) for ``text``."""
+    """Both paths' (words, sorted long words) for ``text``."""
     c_words, c_long, c_cjk = tk._split_words_c(text)
     py_words, py_long, _ = tk._split_words_py(text)
     # the C path says exactly whether a character of the tokenizer's CJK class is there (the
     # Python one: maybe)
     assert c_cjk == (CJK_CHAR.search(text) is not None)
-    c_cased, py_cased = set(), set()
-    tk._cased_into_c("p:", "p:cs:", c_words, c_cased)
-    tk._cased_into_py("p:", "p:cs:", py_words, py_cased)
-    return ((c_words, sorted(c_long), c_cased), (py_words, sorted(py_long), py_cased))
+    return ((c_words, sorted(c_long)), (py_words, sorted(py_long)))
 
 
 def test_the_c_splitter_is_built_where_a_compiler_is():
@@ -62,31 +59,6 @@ def test_filterd_pure_python_turns_the_c_splitter_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FILTERD_PURE_PYTHON": "1"}).stdout.split()
     assert out == ["False", "_split_words_py"]
-
-
-@needs_c
-def test_words_written_with_capitals_are_found_the_same_way():
-    words = {"Abc", "abc", "ABC", "Straße", "STRASSE", "İstanbul", "ΟΔΟΣ", "οδος", "ǅungla",
-             "lower", "MiXeD123", "123", "ﬁne", "ÉLAN", "élan"}
-    c, py = set(), set()
-    tk._cased_into_c("subj:", "subj:cs:", words, c)
-    tk._cased_into_py("subj:", "subj:cs:", words, py)
-    assert c == py
-    assert "subj:cs:ABC" in c and "subj:cs:abc" not in c and "subj:abc" in c
-    # the C pass adds the same tokens as the Python path's two steps, for any prefix
-    rng = random.Random(20261130)
-    letters = "aAbBzZßẞİıσςΣǅǆǄﬁÉéΟοДдĲĳ1_'"
-    for prefix in ("", "subj:", "from:name:"):
-        for sample in [words] + [{"".join(rng.choice(letters) for _ in range(rng.randint(1, 8)))
-                                  for _ in range(rng.randint(1, 40))} for _ in range(300)]:
-            c, py = {"kept"}, {"kept"}
-            tk._cased_into_c(prefix, prefix + "cs:", sample, c)
-            tk._cased_into_py(prefix, prefix + "cs:", sample, py)
-            assert c == py, (prefix, sample)
-    with pytest.raises(TypeError):
-        tk._cased_into_c("", "cs:", {"a", 1}, set())
-    with pytest.raises(TypeError):
-        tk._cased_into_c("", "cs:", {"a"}, frozenset())
 
 
 @needs_c
@@ -366,10 +338,9 @@ def test_linear_steps_are_the_same_either_way():
 
 
 def _all_tokens(raw: bytes, path: str) -> set[str]:
-    """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter,
-    capitals check and its Received clause, URL, header shape, header line, HTML attribute and
-    address passes."""
-    names = ("_split_words", "_cased_into", "_received_words", "_url_words",
+    """tokenize(raw) with the C (``path="c"``) or the Python (``"py"``) word splitter and its
+    Received clause, URL, header shape, header line, HTML attribute and address passes."""
+    names = ("_split_words", "_received_words", "_url_words",
              "_shape", "_unfold", "_strip_tags", "_tag_parts", "_header_lines", "_attr_names",
              "_addresses", "_header_tokens")
     saved = [getattr(tk, n) for n in names]

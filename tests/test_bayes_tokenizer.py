@@ -157,19 +157,22 @@ def test_fast_word_split_finds_the_same_words_as_the_word_pattern():
     assert out == expected
 
 
-def test_words_written_in_capitals_also_count_as_written():
+def test_a_word_written_with_capitals_is_the_same_token_as_in_lower_case():
+    # one token per word, whatever its case: a capitalised word counted as itself and as its
+    # lower case outweighed the others (token format 3)
     raw = msg("Subject: FREE Offer inside\nContent-Type: text/plain",
               "Dear Friend, this is ABSOLUTELY free and plain words stay lower")
     toks = tokenize(raw)
-    assert {"cs:ABSOLUTELY", "cs:Dear", "cs:Friend", "absolutely", "dear", "free"} <= toks
-    assert {"subj:cs:FREE", "subj:cs:Offer", "subj:free", "subj:offer", "subj:inside"} <= toks
-    assert not any(t in toks for t in ("cs:free", "cs:plain", "subj:cs:inside"))
+    assert {"absolutely", "dear", "friend", "free", "plain"} <= toks
+    assert {"subj:free", "subj:offer", "subj:inside"} <= toks
+    assert not any(":cs:" in t or t.startswith("cs:") for t in toks)
+    assert tokenize(raw.replace(b"ABSOLUTELY", b"absolutely")) == toks
 
 
 def test_capitals_in_html_text_count_but_markup_does_not():
     html = '<HTML><BODY><P STYLE="x">Order NOW</P><SCRIPT>HiddenCode()</SCRIPT></BODY></HTML>'
     toks = tokenize(msg("Content-Type: text/html", html))
-    assert {"cs:Order", "cs:NOW", "order", "now", "tag:p", "tag:body", "attr:style"} <= toks
+    assert {"order", "now", "tag:p", "tag:body", "attr:style"} <= toks
     assert not any("hiddencode" in t.lower() for t in toks)
 
 

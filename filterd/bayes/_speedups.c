@@ -1,5 +1,5 @@
-/* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words (and
- * cased_into), the tokenizer's other passes, the classifier's pass over a message's tokens
+/* The Bayes tokenizer's word splitter in C: filterd.bayes._speedups.split_words, the
+ * tokenizer's other passes, the classifier's pass over a message's tokens
  * (cached_logs, token_logs, fisher), the presence filter of learned tokens
  * (presence_positions, presence_filter) and the linear model's buckets and step
  * (linear_buckets, linear_step).
@@ -21,11 +21,6 @@
  *   other characters: findall(chunk) (the tokenizer's word pattern, applied in Python).
  *   cjk: whether the text holds a character of the tokenizer's CJK ranges (_CJK_RE): when
  *   not, its search for CJK runs can be skipped.
- *
- * cased_into(prefix, prefix_cs, words, out) -> None
- *   Every word in lower case (str.lower()) behind prefix, and prefix_cs + the word as written
- *   for every word written with capitals (the `cs:` tokens), added to out. The same as
- *   tokenizer._cased_into_py.
  *
  * cached_logs(cache, tokens) -> (missing, logs, weights)
  *   The classifier's one pass over a message's tokens (filterd/bayes/engine.py): cache maps a
@@ -353,65 +348,6 @@ static PyObject *lower(PyObject *w)
     for (Py_ssize_t j = 0; j < n; j++)
         dst[j] = (src[j] >= 'A' && src[j] <= 'Z') ? src[j] + 32 : src[j];
     return out;
-}
-
-/* cased_into(prefix, prefix_cs, words, out): every word in lower case, behind prefix, into
- * out, and prefix_cs + the word as written for every word not all in lower case. (The Python
- * path takes a word as written with capitals when it is not among the lower-cased words: that
- * is exactly when it differs from its own lower case, str.lower being idempotent:
- * tests/test_bayes_speedups.py.) */
-static PyObject *cased_into(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])
-        || !PyAnySet_Check(args[2]) || !PySet_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "cased_into(prefix: str, prefix_cs: str, words: set, out: set)");
-        return NULL;
-    }
-    PyObject *prefix = args[0], *prefix_cs = args[1], *out = args[3], *w;
-    int plain = PyUnicode_GET_LENGTH(prefix) == 0;
-    PyObject *it = PyObject_GetIter(args[2]);
-    if (it == NULL)
-        return NULL;
-    while ((w = PyIter_Next(it)) != NULL) {
-        PyObject *lw = PyUnicode_Check(w) ? lower(w) : NULL, *tok = NULL, *cs = NULL;
-        int rc = -1;
-        if (lw == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "words must be strings");
-            goto next;
-        }
-        int same = lw == w;
-        if (!same) {
-            same = PyUnicode_Compare(lw, w) == 0;
-            if (PyErr_Occurred())
-                goto next;
-        }
-        if (plain) {
-            tok = lw;
-            Py_INCREF(tok);
-        } else if ((tok = PyUnicode_Concat(prefix, lw)) == NULL) {
-            goto next;
-        }
-        rc = PySet_Add(out, tok);
-        if (rc == 0 && !same) {
-            cs = PyUnicode_Concat(prefix_cs, w);
-            rc = cs == NULL ? -1 : PySet_Add(out, cs);
-        }
-    next:
-        Py_XDECREF(cs);
-        Py_XDECREF(tok);
-        Py_XDECREF(lw);
-        Py_DECREF(w);
-        if (rc < 0) {
-            Py_DECREF(it);
-            return NULL;
-        }
-    }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
 }
 
 /* The text argument of a one-argument pass: its kind, data and length; -1 with a TypeError
@@ -2067,7 +2003,7 @@ static int one_header(long code, PyObject *lname, PyObject *raw, PyObject *out,
     Py_ssize_t n = PyUnicode_GET_LENGTH(value);
     switch (code) {
     case H_SUBJECT: {
-        if ((a = PyObject_CallFunctionObjArgs(words, value, S_SUBJ, out, Py_True, NULL)) == NULL)
+        if ((a = PyObject_CallFunctionObjArgs(words, value, S_SUBJ, out, NULL)) == NULL)
             goto done;
         if (n > 0) {
             if ((b = PyObject_CallMethodNoArgs(value, S_UPPER)) == NULL)
@@ -2271,9 +2207,6 @@ static PyMethodDef methods[] = {
     {"split_words", (PyCFunction)(void (*)(void))split_words, METH_FASTCALL,
      "split_words(findall, text) -> (words: set, long: list, cjk: bool): the tokenizer's "
      "word split (see filterd/bayes/tokenizer.py)"},
-    {"cased_into", (PyCFunction)(void (*)(void))cased_into, METH_FASTCALL,
-     "cased_into(prefix, prefix_cs, words, out) -> None: the words in lower case and those "
-     "written with capitals, as tokens into out (see tokenizer._words)"},
     {"unfold", (PyCFunction)unfold, METH_O,
      "unfold(text) -> str: each line break followed by blanks as one space (see "
      "tokenizer.raw_headers)"},
