@@ -115,7 +115,7 @@ def registrable_domain(host: str) -> str:
     return ".".join(labels[-2:])
 
 
-def _words(text: str, prefix: str, out: set) -> None:
+def _words(text: str, prefix: str, out: set, lowered: bool = False) -> None:
     """Lower-cased words of ``text`` (prefixed); long words become ``skip:`` summaries.
 
     A word starts with a letter or digit, ends with one (or ``$ % € £``) and may hold
@@ -123,8 +123,10 @@ def _words(text: str, prefix: str, out: set) -> None:
     at every character that cannot be in a word, and only the few distinct chunks that are not
     plain letters/digits of a usable length are looked at one by one: in one C pass when the
     extension ``filterd/bayes/_speedups.c`` is built (:data:`SPEEDUPS`), else with a few
-    C-speed string operations (:func:`_split_words_py`); both give the same words."""
-    text = text.lower()
+    C-speed string operations (:func:`_split_words_py`); both give the same words.
+    ``lowered``: the caller has lower-cased ``text`` already."""
+    if not lowered:
+        text = text.lower()
     words, long, cjk = _split_words(text)
     if prefix:
         out.update({prefix + w for w in words})
@@ -696,13 +698,12 @@ def tokenize(message: Message | bytes) -> set[str]:
             text = text[:budget]
             out.add("body:truncated")
         budget -= len(text)
-        if len(urls) < MAX_URLS:
-            low = text.lower()
-            # (every URL holds "://" or "www.": a search for those is much cheaper than the
-            # pattern's scan, which stops at every h, f and w)
-            if "://" in low or "www." in low:
-                urls.extend(find_urls(low, MAX_URLS))
-        _words(text, "", out)
+        low = text.lower()
+        # (every URL holds "://" or "www.": a search for those is much cheaper than the
+        # pattern's scan, which stops at every h, f and w)
+        if len(urls) < MAX_URLS and ("://" in low or "www." in low):
+            urls.extend(find_urls(low, MAX_URLS))
+        _words(low, "", out, lowered=True)
     for u in set(urls[:MAX_URLS]):
         _url_tokens(u, out)
     if len(out) > MAX_TOKENS:
