@@ -169,7 +169,7 @@ def public_suffix_list():
 
 @functools.lru_cache(maxsize=8192)  # the same few domains come in message after message
 def org_domain(domain: str) -> str:
-    psl = _psl or public_suffix_list()
+    psl = public_suffix_list()
     domain = domain.lower().rstrip(".")
     if not domain:
         return ""
